@@ -1,0 +1,1 @@
+"""Types, errors, configuration and async helpers used by every other layer."""

@@ -1,0 +1,246 @@
+"""Typed settings: one YAML file, ``DEPOT_*`` environment variables, then flags.
+
+Later sources override earlier ones. Nested keys come from the environment with a double
+underscore (``DEPOT_CACHE__PAGE_SIZE=8MiB``); ``DEPOT_ENDPOINT`` is a short form of
+``DEPOT_CLIENT__ENDPOINT``. Unknown keys are errors, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from depot.core.errors import ConfigError
+from depot.core.types import parse_duration, parse_size
+
+DEFAULT_PORT = 7070
+DEFAULT_PAGE_SIZE = 4 * 1024 * 1024
+ENV_PREFIX = "DEPOT_"
+ENV_ALIASES = {"DEPOT_ENDPOINT": ("client", "endpoint")}
+CONFIG_ENV = "DEPOT_CONFIG"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _size(value: Any) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _duration(value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class CacheDir(_Model):
+    """One local directory of the page store and the bytes it may hold."""
+
+    path: Path
+    size: int = Field(default=10 * 1024**3, gt=0)
+
+    _parse_size = field_validator("size", mode="before")(_size)
+
+
+class CacheConfig(_Model):
+    dirs: list[CacheDir] = Field(default_factory=lambda: [CacheDir(path=Path(".depot/cache"))])
+    page_size: int = Field(default=DEFAULT_PAGE_SIZE, ge=4096, le=256 * 1024 * 1024)
+    eviction: Literal["lru", "lfu"] = "lru"
+    metadata_dir: Path | None = None
+
+    _parse_size = field_validator("page_size", mode="before")(_size)
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size_aligned(cls, value: int) -> int:
+        if value % 4096:
+            raise ValueError("page_size must be a multiple of 4 KiB")
+        return value
+
+    @field_validator("dirs")
+    @classmethod
+    def _dirs_present(cls, value: list[CacheDir]) -> list[CacheDir]:
+        if not value:
+            raise ValueError("at least one cache dir is required")
+        return value
+
+    @property
+    def capacity(self) -> int:
+        return sum(d.size for d in self.dirs)
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.metadata_dir or self.dirs[0].path.parent / "meta"
+
+
+class MountConfig(_Model):
+    """A namespace entry: depot ``path`` shows the objects under ``ufs``."""
+
+    path: str
+    ufs: str
+    read_only: bool = False
+    metadata: str = "max-age=60s"
+    options: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+        return value
+
+
+class WorkerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    s3_port: int | None = Field(default=None, ge=0, le=65535)
+    max_request_bytes: int = Field(default=64 * 1024**3, gt=0)
+    ufs_concurrency: int = Field(default=16, ge=1, le=1024)
+
+    _parse_size = field_validator("max_request_bytes", mode="before")(_size)
+
+
+class ClientConfig(_Model):
+    endpoint: str | None = None
+    ufs_fallback: bool = True
+    read_ahead: int = Field(default=16 * 1024 * 1024, ge=0)
+    parallelism: int = Field(default=8, ge=1, le=256)
+    timeout: float = Field(default=30.0, gt=0)
+    connect_timeout: float = Field(default=2.0, gt=0)
+
+    _parse_size = field_validator("read_ahead", mode="before")(_size)
+    _parse_duration = field_validator("timeout", "connect_timeout", mode="before")(_duration)
+
+
+class UfsConfig(_Model):
+    """How under stores are called: retries and their backoff."""
+
+    retries: int = Field(default=5, ge=0, le=50)
+    backoff_base: float = Field(default=0.05, ge=0)
+    backoff_max: float = Field(default=5.0, ge=0)
+    timeout: float = Field(default=60.0, gt=0)
+
+    _parse_duration = field_validator("backoff_base", "backoff_max", "timeout", mode="before")(
+        _duration
+    )
+
+
+class DepotConfig(_Model):
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    mounts: list[MountConfig] = Field(default_factory=list)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    ufs: UfsConfig = Field(default_factory=UfsConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _unique_mounts(self) -> DepotConfig:
+        seen: set[str] = set()
+        for mount in self.mounts:
+            key = mount.path.rstrip("/") or "/"
+            if key in seen:
+                raise ValueError(f"mount path {mount.path!r} is defined twice")
+            seen.add(key)
+        return self
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The effective config with secrets masked, for ``depot config show``."""
+        data = self.model_dump(mode="json")
+        for mount in data.get("mounts", []):
+            for key in list(mount.get("options", {})):
+                if any(s in key.lower() for s in ("secret", "key", "token", "password", "sas")) and (
+                    key.lower() not in ("access_key_id", "account_name")
+                ):
+                    mount["options"][key] = "***"
+        return data
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``DEPOT_SECTION__KEY=value`` variables into a nested dict."""
+    result: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        if name in ENV_ALIASES:
+            parts: tuple[str, ...] = ENV_ALIASES[name]
+        elif "__" in name:
+            parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        else:
+            continue  # other DEPOT_* names belong to other features (S3 keys, tests)
+        node = result
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return result
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("config file not found", str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file ({exc.strerror})", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file is not valid YAML{where}", str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config file must hold a mapping at the top level", str(path))
+    return data
+
+
+def _format_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> DepotConfig:
+    """Build the effective config from file, environment and flag overrides (in that order)."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    file_path = Path(path) if path else (Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None)
+    if file_path is None and Path("depot.yaml").is_file():
+        file_path = Path("depot.yaml")
+    if file_path is not None:
+        data = read_config_file(file_path)
+    data = _merge(data, env_overrides(env))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return DepotConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc)) from None

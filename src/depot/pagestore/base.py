@@ -1,0 +1,80 @@
+"""The page-store interface: fixed-size pages of file versions on local disks.
+
+A page is identified by ``PageId(file_key, index)``; ``file_key`` already includes the file's
+version, so pages of two versions never mix. Every byte returned has passed its checksum; a page
+that fails is dropped and reported as a miss. Implementations run ``depot.testing.pagestore_contract``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from depot.core.types import PageId
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class PageStoreStats:
+    pages: int = 0
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    corrupt_dropped: int = 0
+    rejected: int = 0
+
+
+class PageStore(abc.ABC):
+    """Fixed-size pages on local storage with a quota, eviction and verified reads."""
+
+    page_size: int
+
+    @abc.abstractmethod
+    async def read_into(self, page: PageId, offset: int, out: memoryview) -> bool:
+        """Fill ``out`` with ``len(out)`` bytes of ``page`` starting at ``offset``.
+
+        Returns False on a miss (absent, or present but corrupt, in which case it is dropped).
+        Raises ``InvalidRange`` if the request runs past the page's length.
+        """
+
+    async def get(self, page: PageId) -> bytes | None:
+        """The whole page, or None on a miss."""
+        size = self.page_length(page)
+        if size is None:
+            return None
+        buf = bytearray(size)
+        if not await self.read_into(page, 0, memoryview(buf)):
+            return None
+        return bytes(buf)
+
+    @abc.abstractmethod
+    async def put(self, page: PageId, data: Buffer) -> bool:
+        """Store ``data`` (at most ``page_size`` bytes) as ``page``, atomically.
+
+        Evicts other pages to stay within the quota. Returns False if the page cannot be
+        admitted (larger than the quota). Replaces an existing page with the same id.
+        """
+
+    @abc.abstractmethod
+    def page_length(self, page: PageId) -> int | None:
+        """Length of the stored page, or None if absent. Cheap: no disk access."""
+
+    def contains(self, page: PageId) -> bool:
+        return self.page_length(page) is not None
+
+    @abc.abstractmethod
+    async def delete(self, page: PageId) -> bool:
+        """Remove one page; True if it was there."""
+
+    @abc.abstractmethod
+    async def delete_file(self, file_key: str) -> int:
+        """Remove every page of one file version; returns how many were removed."""
+
+    @abc.abstractmethod
+    def stats(self) -> PageStoreStats:
+        """Counters and usage."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release resources."""

@@ -1,0 +1,92 @@
+"""The under-store (UFS) interface: the source of truth behind the cache.
+
+Keys are relative to the store's root URI and use ``/`` separators with no leading slash.
+Every implementation raises the typed errors of ``depot.core.errors`` (``NotFound``,
+``PermissionDenied``, ``Throttled``, ``Unavailable``, ``StaleVersion``...), never library errors,
+and runs ``depot.testing.ufs_contract``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+
+# Anything exposing the buffer protocol: bytes, memoryview, obstore.Bytes.
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """Status of one object (or, with ``is_dir``, a common prefix) of an under store."""
+
+    key: str
+    size: int
+    mtime: float
+    etag: str | None = None
+    version: str | None = None
+    is_dir: bool = False
+
+
+@dataclass(slots=True)
+class ListPage:
+    """One page of a listing: objects, common prefixes (with a delimiter) and a continuation."""
+
+    objects: list[ObjectInfo] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+    next_token: str | None = None
+
+
+class UnderStore(abc.ABC):
+    """A small async object-store interface that every backend implements."""
+
+    #: The root URI this store was opened with, e.g. ``s3://bucket/prefix``.
+    uri: str
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo:
+        """Status of the object ``key``; ``NotFound`` if there is none."""
+
+    @abc.abstractmethod
+    async def get_range(
+        self, key: str, start: int, end: int, *, etag: str | None = None
+    ) -> Buffer:
+        """Bytes ``[start, end)`` of ``key`` (clipped at the end of the object).
+
+        With ``etag``, raise ``StaleVersion`` instead of returning bytes of another version.
+        """
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> Buffer:
+        """The whole object."""
+
+    @abc.abstractmethod
+    async def list(
+        self,
+        prefix: str = "",
+        *,
+        delimiter: str | None = "/",
+        token: str | None = None,
+        limit: int = 1000,
+    ) -> ListPage:
+        """Objects under ``prefix``; with ``delimiter``, one level plus common prefixes.
+
+        Prefixes end with the delimiter. Pass ``next_token`` back to get the next page.
+        """
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: Buffer) -> ObjectInfo:
+        """Write a whole object, replacing any previous one."""
+
+    @abc.abstractmethod
+    async def put_multipart(
+        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+    ) -> ObjectInfo:
+        """Write an object from a stream of chunks without holding it all in memory."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
