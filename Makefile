@@ -1,0 +1,54 @@
+# The two commands of the quick start: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+SAMPLE := sample-data
+PORT   ?= 7070
+
+.PHONY: run test lint typecheck unit bench clean sample
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.run-installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --quiet -e '.[sample]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.run-installed
+
+$(SAMPLE)/.done: scripts/make_sample.py | $(VENV)/.run-installed
+	$(PY) scripts/make_sample.py $(SAMPLE)
+	touch $@
+
+sample: $(SAMPLE)/.done
+
+## make run: install, build a small sample dataset, start an embedded node on it
+run: $(VENV)/.run-installed $(SAMPLE)/.done
+	$(VENV)/bin/depot up --ufs $(SAMPLE) --port $(PORT)
+
+## make test: install what the tests need, then lint, type-check and run the whole suite
+test: $(VENV)/.dev-installed
+	bash scripts/install-test-deps.sh
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts || true
+
+typecheck: $(VENV)/.dev-installed
+	$(VENV)/bin/mypy
+
+unit: $(VENV)/.dev-installed
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
+
+bench: $(VENV)/.dev-installed
+	$(PY) bench/read_bench.py
+
+clean:
+	rm -rf $(VENV) $(SAMPLE) .depot .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,192 @@
+"""HTTP routes of the worker: maps requests onto the read-through service and errors onto codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs
+
+from depot import __version__
+from depot.core.errors import DepotError, InvalidArgument, RequestTooLarge, StaleVersion
+from depot.core.types import ByteRange
+from depot.worker.http import Request, ResponseWriter
+from depot.worker.service import ReadThroughService, mount_summary
+
+log = logging.getLogger(__name__)
+
+JSON = (("Content-Type", "application/json"),)
+
+
+class MethodNotAllowed(InvalidArgument):
+    http_status = 405
+
+
+class RouteNotFound(DepotError):
+    code = "NotFound"
+    http_status = 404
+    errno_value = 2
+
+
+def _json(writer: ResponseWriter, data: Any, status: int = 200) -> None:
+    writer.send(status, json.dumps(data, separators=(",", ":")).encode(), JSON)
+
+
+def query_params(request: Request) -> dict[str, str]:
+    """Decode the query string exactly once; duplicates and bad encodings are 400s."""
+    if not request.query:
+        return {}
+    try:
+        parsed = parse_qs(
+            request.query, keep_blank_values=True, strict_parsing=True, errors="strict",
+            max_num_fields=32,
+        )
+    except UnicodeDecodeError:
+        raise InvalidArgument("query string is not valid UTF-8") from None
+    except ValueError as exc:
+        raise InvalidArgument(f"malformed query string: {exc}") from None
+    out: dict[str, str] = {}
+    for key, values in parsed.items():
+        if len(values) != 1:
+            raise InvalidArgument(f"query parameter {key!r} given more than once")
+        out[key] = values[0]
+    return out
+
+
+def _require_path(params: dict[str, str]) -> str:
+    path = params.get("path")
+    if path is None:
+        raise InvalidArgument("missing query parameter 'path'")
+    return path
+
+
+def _etag_value(header: str | None) -> str | None:
+    if header is None:
+        return None
+    value = header.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return value
+
+
+class WorkerApp:
+    """Routes one request; every error becomes a JSON body with the right status."""
+
+    def __init__(
+        self,
+        service: ReadThroughService,
+        *,
+        worker_id: str,
+        max_request_bytes: int,
+    ) -> None:
+        self.service = service
+        self.worker_id = worker_id
+        self.max_request_bytes = max_request_bytes
+        self._scratch_pool: list[bytearray] = []
+        self._routes: dict[str, Callable[[Request, ResponseWriter], Any]] = {
+            "/api/v1/read": self.read,
+            "/api/v1/stat": self.stat,
+            "/api/v1/list": self.list,
+            "/api/v1/info": self.info,
+            "/api/v1/cache/stats": self.cache_stats,
+            "/healthz": self.health,
+            "/openapi.json": self.openapi,
+        }
+        self._openapi: bytes | None = None
+
+    async def __call__(self, request: Request, writer: ResponseWriter) -> None:
+        route = self._routes.get(request.path)
+        if route is None:
+            raise RouteNotFound("no such endpoint", request.path)
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"method {request.method} is not allowed here", request.path)
+        await route(request, writer)
+
+    async def health(self, request: Request, writer: ResponseWriter) -> None:
+        _json(writer, {"status": "ok"})
+
+    async def info(self, request: Request, writer: ResponseWriter) -> None:
+        _json(
+            writer,
+            {
+                "version": __version__,
+                "worker_id": self.worker_id,
+                "page_size": self.service.pages.page_size,
+                "mounts": mount_summary(self.service.mounts),
+            },
+        )
+
+    async def openapi(self, request: Request, writer: ResponseWriter) -> None:
+        if self._openapi is None:
+            self._openapi = resources.files("depot.worker").joinpath("openapi.json").read_bytes()
+        writer.send(200, self._openapi, JSON)
+
+    async def cache_stats(self, request: Request, writer: ResponseWriter) -> None:
+        _json(writer, self.service.cache_stats())
+
+    async def stat(self, request: Request, writer: ResponseWriter) -> None:
+        status = await self.service.stat(_require_path(query_params(request)))
+        _json(writer, status.to_dict())
+
+    async def list(self, request: Request, writer: ResponseWriter) -> None:
+        params = query_params(request)
+        path = _require_path(params)
+        entries = await self.service.list(path)
+        _json(writer, {"path": self.service.resolve(path).path, "entries": [e.to_dict() for e in entries]})
+
+    async def read(self, request: Request, writer: ResponseWriter) -> None:
+        params = query_params(request)
+        opened = await self.service.open(
+            _require_path(params), _etag_value(request.header("if-match"))
+        )
+        size = opened.status.size
+        range_header = request.header("range")
+        if range_header is not None and size == 0:
+            rng = None  # a range over an empty file: answer with the (empty) whole file
+        else:
+            rng = ByteRange.parse_http(range_header, size)
+        status = 206 if rng is not None else 200
+        if rng is None:
+            rng = ByteRange(0, size)
+        if rng.length > self.max_request_bytes:
+            raise RequestTooLarge(
+                f"range of {rng.length} bytes is over the limit of {self.max_request_bytes}"
+            )
+        plan = self.service.plan(opened, rng)
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("ETag", f'"{opened.status.version_tag}"'),
+            ("X-Depot-Size", str(size)),
+            ("X-Depot-Cache", plan.cache_state),
+            ("Accept-Ranges", "bytes"),
+        ]
+        if status == 206:
+            headers.append(("Content-Range", f"bytes {rng.start}-{rng.end - 1}/{size}"))
+        if writer.head_only or rng.length == 0:
+            writer.start(status, headers, rng.length)
+            return
+        scratch = self._scratch_pool.pop() if self._scratch_pool else bytearray(
+            self.service.pages.page_size
+        )
+        chunks = self.service.read_chunks(opened, rng, scratch)
+        try:
+            # The first chunk is read before the head goes out, so a dead UFS or a changed
+            # object still gets a proper status code rather than a cut connection.
+            first = await chunks.__anext__()
+            writer.start(status, headers, rng.length)
+            writer.write(first)
+            await writer.drain()
+            async for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+        except StaleVersion:
+            await self.service.handle_stale(opened)
+            raise
+        finally:
+            await chunks.aclose()
+            if len(self._scratch_pool) < 16:
+                self._scratch_pool.append(scratch)

@@ -1,0 +1,118 @@
+"""The worker process: builds the page store, metadata cache, mounts and HTTP server from config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+
+from depot.core.config import DepotConfig
+from depot.core.errors import ConfigError
+from depot.metastore import MetadataStore
+from depot.namespace.mounts import Mount, MountTable
+from depot.pagestore.local import LocalPageStore
+from depot.ufs.base import UnderStore
+from depot.ufs.registry import open_under_store
+from depot.worker.app import WorkerApp
+from depot.worker.http import HttpServer
+from depot.worker.service import ReadThroughService
+
+log = logging.getLogger(__name__)
+
+
+def load_worker_id(cache_root: Path) -> str:
+    """The worker's identity, kept in its cache dir so a restart keeps its place and its cache."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    id_file = cache_root / "worker-id"
+    try:
+        text = id_file.read_text().strip()
+        return str(uuid.UUID(text))
+    except (FileNotFoundError, ValueError):
+        worker_id = str(uuid.uuid4())
+        tmp = id_file.with_suffix(".tmp")
+        tmp.write_text(worker_id + "\n")
+        tmp.replace(id_file)
+        return worker_id
+
+
+class Worker:
+    """One depot worker: start it, read ``endpoint``, stop it."""
+
+    def __init__(self, config: DepotConfig) -> None:
+        if not config.mounts:
+            raise ConfigError("no mounts configured: give --ufs URI or a 'mounts:' section")
+        self.config = config
+        self.mounts = MountTable.from_config(config.mounts)
+        self.server: HttpServer | None = None
+        self.service: ReadThroughService | None = None
+        self.port: int | None = None
+        self.worker_id = ""
+        self._pages: LocalPageStore | None = None
+        self._metadata: MetadataStore | None = None
+
+    @property
+    def endpoint(self) -> str:
+        if self.port is None:
+            raise RuntimeError("worker not started")
+        host = self.config.worker.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def _open_store(self, mount: Mount) -> UnderStore:
+        return open_under_store(mount.ufs_uri, mount.options, self.config.ufs)
+
+    async def start(self) -> None:
+        cfg = self.config
+        cache_root = cfg.cache.dirs[0].path
+        self.worker_id = load_worker_id(cache_root)
+        self._pages = await LocalPageStore.open_from_config(cfg.cache)
+        try:
+            self._metadata = MetadataStore(cfg.cache.metadata_path)
+            # Fail fast on bad mount options/URIs rather than on the first read.
+            for mount in self.mounts.mounts:
+                self._open_store(mount)
+            self.service = ReadThroughService(
+                self.mounts,
+                self._pages,
+                self._metadata,
+                self._open_store,
+                ufs_concurrency=cfg.worker.ufs_concurrency,
+            )
+            app = WorkerApp(
+                self.service,
+                worker_id=self.worker_id,
+                max_request_bytes=cfg.worker.max_request_bytes,
+            )
+            self.server = HttpServer(app)
+            self.port = await self.server.start(cfg.worker.host, cfg.worker.port)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("worker %s listening on %s", self.worker_id, self.endpoint)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self.service is not None:
+            await self.service.close()
+            self.service = None
+        if self._pages is not None:
+            await self._pages.close()
+            self._pages = None
+        if self._metadata is not None:
+            self._metadata.close()
+            self._metadata = None
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.stop())

@@ -1,0 +1,416 @@
+"""Read-through service: namespace → metadata (cached per policy) → pages (cached) → UFS.
+
+This is the worker's core, independent of HTTP so that every front end (HTTP API, S3 gateway,
+tests) drives the same logic. Its guarantees:
+
+- a page is keyed by the file *version*, and a revalidation that finds a new version drops the
+  old version's pages, so stale bytes are never served;
+- bytes filled from the UFS are fetched with the version's ETag as a precondition, so a page can
+  never hold bytes of another version;
+- concurrent misses on one page share a single UFS read (single flight);
+- a read streams pages in order while fetching the missing ones ahead in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from depot.core.config import UfsConfig
+from depot.core.errors import (
+    DepotError,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+    StaleVersion,
+)
+from depot.core.singleflight import SingleFlight
+from depot.core.types import ByteRange, FileId, FileStatus, PageId
+from depot.metastore import MetadataStore
+from depot.namespace.mounts import Mount, MountTable, Resolved
+from depot.namespace.paths import join_path, normalize_path
+from depot.pagestore.base import PageStore
+from depot.ufs.base import Buffer, ObjectInfo, UnderStore
+
+log = logging.getLogger(__name__)
+
+StoreFactory = Callable[[Mount], UnderStore]
+
+
+@dataclass(slots=True)
+class ReadStats:
+    """Counters of the read path (pages and bytes by source)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_ufs: int = 0
+    ufs_reads: int = 0
+    ufs_read_shared: int = 0
+    stale_dropped_files: int = 0
+    metadata_hits: int = 0
+    metadata_misses: int = 0
+    revalidations: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        total = self.hits + self.misses
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_ratio": (self.hits / total) if total else 0.0,
+            "bytes_from_cache": self.bytes_from_cache,
+            "bytes_from_ufs": self.bytes_from_ufs,
+            "ufs_reads": self.ufs_reads,
+            "ufs_read_shared": self.ufs_read_shared,
+            "stale_dropped_files": self.stale_dropped_files,
+            "metadata": {
+                "hits": self.metadata_hits,
+                "misses": self.metadata_misses,
+                "revalidations": self.revalidations,
+            },
+        }
+
+
+@dataclass(slots=True)
+class OpenedFile:
+    """A file resolved for reading: its status and the identity its pages are keyed by."""
+
+    resolved: Resolved
+    status: FileStatus
+    file_id: FileId
+    store: UnderStore
+
+
+@dataclass(slots=True)
+class PagePlan:
+    """Which pages a read touches and which of them are cached right now."""
+
+    pages: list[int]
+    cached: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cache_state(self) -> str:
+        if not self.pages or self.cached == len(self.pages):
+            return "hit"
+        return "miss" if self.cached == 0 else "partial"
+
+
+def _status_from_info(path: str, info: ObjectInfo) -> FileStatus:
+    return FileStatus(
+        path=path,
+        size=info.size,
+        mtime=info.mtime,
+        is_dir=info.is_dir,
+        etag=info.etag,
+        version=info.version,
+    )
+
+
+class ReadThroughService:
+    """Serves stat, list and byte ranges of the namespace through the page store."""
+
+    def __init__(
+        self,
+        mounts: MountTable,
+        pages: PageStore,
+        metadata: MetadataStore,
+        store_factory: StoreFactory,
+        *,
+        ufs_concurrency: int = 16,
+        read_window: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.mounts = mounts
+        self.pages = pages
+        self.metadata = metadata
+        self._store_factory = store_factory
+        self._stores: dict[str, UnderStore] = {}
+        self._clock = clock
+        self._ufs_slots = asyncio.Semaphore(ufs_concurrency)
+        self._read_window = max(1, read_window)
+        self._page_flight: SingleFlight[Buffer] = SingleFlight()
+        self._meta_flight: SingleFlight[FileStatus | None] = SingleFlight()
+        self._list_flight: SingleFlight[list[FileStatus]] = SingleFlight()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.stats = ReadStats()
+
+    # under stores ----------------------------------------------------------------------------
+    def store_for(self, mount: Mount) -> UnderStore:
+        store = self._stores.get(mount.path)
+        if store is None:
+            store = self._store_factory(mount)
+            self._stores[mount.path] = store
+        return store
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for store in self._stores.values():
+            with contextlib.suppress(Exception):
+                await store.close()
+        self._stores.clear()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # metadata --------------------------------------------------------------------------------
+    def resolve(self, path: str) -> Resolved:
+        return self.mounts.resolve(normalize_path(path))
+
+    async def stat(self, path: str) -> FileStatus:
+        resolved = self.resolve(path)
+        status = await self._status(resolved)
+        if status is None:
+            raise NotFound("no such file or directory", resolved.path)
+        return status
+
+    async def _status(self, resolved: Resolved) -> FileStatus | None:
+        mount = resolved.mount
+        if resolved.key == "":
+            return FileStatus(path=resolved.path, size=0, mtime=0.0, is_dir=True)
+        cache_key = mount.object_uri(resolved.key)
+        cached = self.metadata.get_status(cache_key)
+        if cached is not None and mount.policy.is_fresh(cached.fetched_at, self._clock()):
+            self.stats.metadata_hits += 1
+            if cached.status is None or cached.status.path == resolved.path:
+                return cached.status
+            return _with_path(cached.status, resolved.path)
+        self.stats.metadata_misses += 1
+        return await self._meta_flight.do(cache_key, lambda: self._revalidate(resolved, cache_key))
+
+    async def _revalidate(self, resolved: Resolved, cache_key: str) -> FileStatus | None:
+        self.stats.revalidations += 1
+        store = self.store_for(resolved.mount)
+        status: FileStatus | None
+        try:
+            async with self._ufs_slots:
+                info = await store.head(resolved.key)
+            status = _status_from_info(resolved.path, info)
+        except NotFound:
+            status = await self._directory_status(resolved, store)
+        self._record_status(cache_key, status)
+        return status
+
+    async def _directory_status(self, resolved: Resolved, store: UnderStore) -> FileStatus | None:
+        if self.mounts.child_mounts(resolved.path):
+            return FileStatus(path=resolved.path, size=0, mtime=0.0, is_dir=True)
+        async with self._ufs_slots:
+            page = await store.list(resolved.key + "/", delimiter="/", limit=1)
+        if page.objects or page.prefixes:
+            return FileStatus(path=resolved.path, size=0, mtime=0.0, is_dir=True)
+        return None
+
+    def _record_status(self, cache_key: str, status: FileStatus | None) -> None:
+        previous = self.metadata.replace_status(cache_key, status, self._clock())
+        if previous is None or previous.is_dir:
+            return
+        if status is None or status.version_tag != previous.version_tag:
+            old = FileId(cache_key, previous.version_tag)
+            self.stats.stale_dropped_files += 1
+            self._spawn(self.pages.delete_file(old.key))
+
+    async def list(self, path: str) -> list[FileStatus]:
+        resolved = self.resolve(path)
+        mount = resolved.mount
+        cache_key = mount.object_uri(resolved.key) + "/"
+        cached = self.metadata.get_listing(cache_key)
+        if cached is not None and mount.policy.is_fresh(cached.fetched_at, self._clock()):
+            self.stats.metadata_hits += 1
+            return cached.entries
+        self.stats.metadata_misses += 1
+        return await self._list_flight.do(cache_key, lambda: self._list_ufs(resolved, cache_key))
+
+    async def _list_ufs(self, resolved: Resolved, cache_key: str) -> list[FileStatus]:
+        store = self.store_for(resolved.mount)
+        prefix = resolved.key + "/" if resolved.key else ""
+        entries: dict[str, FileStatus] = {}
+        token: str | None = None
+        while True:
+            async with self._ufs_slots:
+                page = await store.list(prefix, delimiter="/", token=token, limit=1000)
+            for info in page.objects:
+                name = info.key[len(prefix):].strip("/")
+                if not name or "/" in name:
+                    continue
+                child = join_path(resolved.path, name)
+                status = _status_from_info(child, info)
+                entries[name] = status
+                if not status.is_dir:
+                    self._record_status(resolved.mount.object_uri(info.key), status)
+            for pfx in page.prefixes:
+                name = pfx[len(prefix):].strip("/")
+                if name and "/" not in name and name not in entries:
+                    entries[name] = FileStatus(
+                        path=join_path(resolved.path, name), size=0, mtime=0.0, is_dir=True
+                    )
+            token = page.next_token
+            if not token:
+                break
+        for name in self.mounts.child_mounts(resolved.path):
+            entries[name] = FileStatus(
+                path=join_path(resolved.path, name), size=0, mtime=0.0, is_dir=True
+            )
+        if not entries and resolved.key:
+            status = await self._status(resolved)
+            if status is None:
+                raise NotFound("no such directory", resolved.path)
+            if not status.is_dir:
+                raise NotADirectory("not a directory", resolved.path)
+        result = [entries[name] for name in sorted(entries)]
+        self.metadata.put_listing(cache_key, result, self._clock())
+        return result
+
+    # reads -----------------------------------------------------------------------------------
+    async def open(self, path: str, if_match: str | None = None) -> OpenedFile:
+        """Resolve and stat ``path`` for reading, checking a pinned version if given."""
+        resolved = self.resolve(path)
+        status = await self._status(resolved)
+        if status is None:
+            raise NotFound("no such file", resolved.path)
+        if status.is_dir:
+            raise IsADirectory("is a directory", resolved.path)
+        if if_match is not None and if_match != status.version_tag:
+            raise StaleVersion(
+                "the file changed since it was opened (version "
+                f"{if_match} is no longer current)",
+                resolved.path,
+            )
+        file_id = FileId(resolved.mount.object_uri(resolved.key), status.version_tag)
+        return OpenedFile(resolved, status, file_id, self.store_for(resolved.mount))
+
+    def plan(self, opened: OpenedFile, rng: ByteRange) -> PagePlan:
+        page_size = self.pages.page_size
+        indexes = list(rng.pages(page_size))
+        key = opened.file_id.key
+        cached = sum(1 for i in indexes if self.pages.contains(PageId(key, i)))
+        return PagePlan(indexes, cached)
+
+    def _page_bounds(self, opened: OpenedFile, index: int) -> tuple[int, int]:
+        start = index * self.pages.page_size
+        return start, min(start + self.pages.page_size, opened.status.size)
+
+    async def read_chunks(
+        self, opened: OpenedFile, rng: ByteRange, scratch: bytearray
+    ) -> AsyncIterator[memoryview]:
+        """Yield the bytes of ``rng`` in order, page by page.
+
+        Cached pages are read (and verified) into ``scratch``; the caller must consume each
+        chunk before asking for the next. Missing pages are fetched ahead, up to the read window,
+        while earlier ones are being sent.
+        """
+        page_size = self.pages.page_size
+        key = opened.file_id.key
+        indexes = list(rng.pages(page_size))
+        ahead: dict[int, asyncio.Future[Buffer]] = {}
+        view = memoryview(scratch)
+        try:
+            for pos, index in enumerate(indexes):
+                self._schedule_ahead(opened, indexes, pos, ahead)
+                page_start, page_end = self._page_bounds(opened, index)
+                lo = max(rng.start, page_start) - page_start
+                hi = min(rng.end, page_end) - page_start
+                fut = ahead.pop(index, None)
+                if fut is None:
+                    out = view[: hi - lo]
+                    if await self.pages.read_into(PageId(key, index), lo, out):
+                        self.stats.hits += 1
+                        self.stats.bytes_from_cache += hi - lo
+                        yield out
+                        continue
+                    fut = asyncio.ensure_future(self._fetch_page(opened, index))
+                data = await fut
+                self.stats.misses += 1
+                self.stats.bytes_from_ufs += hi - lo
+                yield memoryview(data)[lo:hi]
+        finally:
+            for fut in ahead.values():
+                fut.cancel()
+
+    def _schedule_ahead(
+        self,
+        opened: OpenedFile,
+        indexes: list[int],
+        pos: int,
+        ahead: dict[int, asyncio.Future[Buffer]],
+    ) -> None:
+        key = opened.file_id.key
+        for index in indexes[pos : pos + self._read_window]:
+            if index in ahead or self.pages.contains(PageId(key, index)):
+                continue
+            ahead[index] = asyncio.ensure_future(self._fetch_page(opened, index))
+
+    async def _fetch_page(self, opened: OpenedFile, index: int) -> Buffer:
+        page = PageId(opened.file_id.key, index)
+        before = self._page_flight.shared
+        data = await self._page_flight.do(page, lambda: self._fill_page(opened, index, page))
+        if self._page_flight.shared != before:
+            self.stats.ufs_read_shared += 1
+        return data
+
+    async def _fill_page(self, opened: OpenedFile, index: int, page: PageId) -> Buffer:
+        start, end = self._page_bounds(opened, index)
+        status = opened.status
+        try:
+            async with self._ufs_slots:
+                self.stats.ufs_reads += 1
+                data = await opened.store.get_range(
+                    opened.resolved.key, start, end, etag=status.etag if status.etag else None
+                )
+        except StaleVersion:
+            self._forget(opened)
+            raise
+        if len(data) != end - start:
+            # The object is not the version we resolved: refuse to cache or serve it.
+            self._forget(opened)
+            raise StaleVersion("the file changed while it was being read", opened.resolved.path)
+        self._spawn(self._store_page(page, data))
+        return data
+
+    def _forget(self, opened: OpenedFile) -> None:
+        self.metadata.invalidate(opened.file_id.ufs_uri)
+        self._spawn(self.pages.delete_file(opened.file_id.key))
+
+    async def _store_page(self, page: PageId, data: Buffer) -> None:
+        try:
+            await self.pages.put(page, data)
+        except DepotError as exc:
+            log.warning("could not cache page %s: %s", page, exc)
+        except OSError as exc:
+            log.warning("could not cache page %s: %s", page, exc)
+
+    async def handle_stale(self, opened: OpenedFile) -> None:
+        """Forget what we knew of a file after the UFS reported a version mismatch."""
+        self._forget(opened)
+
+    def cache_stats(self) -> dict[str, Any]:
+        out = self.stats.to_dict()
+        store_stats = self.pages.stats()
+        out.update(
+            pages=store_stats.pages,
+            used_bytes=store_stats.used_bytes,
+            capacity_bytes=store_stats.capacity_bytes,
+            evictions=store_stats.evictions,
+            evicted_bytes=store_stats.evicted_bytes,
+            corrupt_dropped=store_stats.corrupt_dropped,
+            rejected_pages=store_stats.rejected,
+        )
+        return out
+
+
+def _with_path(status: FileStatus, path: str) -> FileStatus:
+    return FileStatus(path, status.size, status.mtime, status.is_dir, status.etag, status.version)
+
+
+def mount_summary(mounts: MountTable) -> list[Mapping[str, Any]]:
+    return [
+        {"path": m.path, "ufs": m.ufs_uri, "read_only": m.read_only, "metadata": str(m.policy)}
+        for m in mounts.mounts
+    ]
