@@ -138,6 +138,9 @@ class ReadThroughService:
         self._meta_flight: SingleFlight[FileStatus | None] = SingleFlight()
         self._list_flight: SingleFlight[list[FileStatus]] = SingleFlight()
         self._background: set[asyncio.Task[Any]] = set()
+        # Pages fetched from the UFS but not yet in the page store: readers arriving in that
+        # window take the bytes from here instead of fetching them again.
+        self._filling: dict[PageId, Buffer] = {}
         self.stats = ReadStats()
 
     # under stores ----------------------------------------------------------------------------
@@ -349,6 +352,10 @@ class ReadThroughService:
 
     async def _fetch_page(self, opened: OpenedFile, index: int) -> Buffer:
         page = PageId(opened.file_id.key, index)
+        filling = self._filling.get(page)
+        if filling is not None:
+            self.stats.ufs_read_shared += 1
+            return filling
         before = self._page_flight.shared
         data = await self._page_flight.do(page, lambda: self._fill_page(opened, index, page))
         if self._page_flight.shared != before:
@@ -371,6 +378,7 @@ class ReadThroughService:
             # The object is not the version we resolved: refuse to cache or serve it.
             self._forget(opened)
             raise StaleVersion("the file changed while it was being read", opened.resolved.path)
+        self._filling[page] = data
         self._spawn(self._store_page(page, data))
         return data
 
@@ -381,10 +389,10 @@ class ReadThroughService:
     async def _store_page(self, page: PageId, data: Buffer) -> None:
         try:
             await self.pages.put(page, data)
-        except DepotError as exc:
+        except OSError as exc:  # DepotError included: a full or failing disk costs a miss only
             log.warning("could not cache page %s: %s", page, exc)
-        except OSError as exc:
-            log.warning("could not cache page %s: %s", page, exc)
+        finally:
+            self._filling.pop(page, None)
 
     async def handle_stale(self, opened: OpenedFile) -> None:
         """Forget what we knew of a file after the UFS reported a version mismatch."""

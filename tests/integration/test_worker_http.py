@@ -1,0 +1,259 @@
+"""A real worker over a local directory, driven over HTTP: the read-through guarantees."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pytest
+
+from depot.testing.local import LocalWorker
+
+PAGE = 64 * 1024
+
+
+class Http:
+    """A tiny keep-alive client so these tests do not depend on depot's own client."""
+
+    def __init__(self, endpoint: str) -> None:
+        parts = urlsplit(endpoint)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+
+    def get(self, route: str, path: str | None = None, headers: dict[str, str] | None = None,
+            raw_query: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        query = raw_query if raw_query is not None else (f"path={quote(path, safe='')}" if path is not None else "")
+        conn.request("GET", route + (f"?{query}" if query else ""), headers=headers or {})
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+    def json(self, route: str, path: str | None = None) -> Any:
+        status, _, body = self.get(route, path)
+        assert status == 200, body
+        return json.loads(body)
+
+    def read(self, path: str, rng: str | None = None, **headers: str) -> tuple[int, dict[str, str], bytes]:
+        h = dict(headers)
+        if rng:
+            h["Range"] = rng
+        return self.get("/api/v1/read", path, h)
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.json("/api/v1/cache/stats"))
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "ufs"
+    (root / "dir" / "nested").mkdir(parents=True)
+    (root / "a.bin").write_bytes(os.urandom(5 * PAGE + 123))
+    (root / "dir" / "b.txt").write_text("hello world\n")
+    (root / "dir" / "nested" / "c.txt").write_text("c")
+    (root / "empty").write_bytes(b"")
+    (root / "sp ace é.txt").write_text("unicode")
+    return root
+
+
+@pytest.fixture
+def worker(tmp_path: Path, data_dir: Path) -> Iterator[LocalWorker]:
+    with LocalWorker(data_dir.as_uri(), tmp_path / "cache", page_size=PAGE, cache_size="64MiB",
+                     metadata="always") as w:
+        yield w
+
+
+def test_second_read_is_served_from_cache(worker: LocalWorker, data_dir: Path) -> None:
+    api = Http(worker.endpoint)
+    expected = (data_dir / "a.bin").read_bytes()
+    status, headers, body = api.read("/a.bin")
+    assert status == 200 and body == expected and headers["x-depot-cache"] == "miss"
+    assert headers["x-depot-size"] == str(len(expected))
+    first = api.stats()
+    assert first["misses"] == 6 and first["hits"] == 0 and first["ufs_reads"] == 6
+    status, headers, body = api.read("/a.bin")
+    assert body == expected and headers["x-depot-cache"] == "hit"
+    second = api.stats()
+    assert second["hits"] == 6 and second["ufs_reads"] == 6
+    assert second["bytes_from_cache"] == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("rng", "lo", "hi"),
+    [("bytes=0-0", 0, 1), ("bytes=100-199", 100, 200), (f"bytes={PAGE - 10}-{PAGE + 10}", PAGE - 10, PAGE + 11),
+     ("bytes=-50", -50, None), (f"bytes={3 * PAGE}-", 3 * PAGE, None), ("bytes=0-99999999", 0, None)],
+)
+def test_ranges(worker: LocalWorker, data_dir: Path, rng: str, lo: int, hi: int | None) -> None:
+    expected = (data_dir / "a.bin").read_bytes()[lo:hi]
+    api = Http(worker.endpoint)
+    for _ in range(2):  # cold, then hot
+        status, headers, body = api.read("/a.bin", rng)
+        assert status == 206 and body == expected
+        size = PAGE * 5 + 123
+        start = lo if lo >= 0 else size + lo
+        assert headers["content-range"] == f"bytes {start}-{start + len(expected) - 1}/{size}"
+
+
+def test_empty_file_and_unicode_names(worker: LocalWorker) -> None:
+    api = Http(worker.endpoint)
+    assert api.read("/empty")[2] == b""
+    assert api.read("/empty", "bytes=0-10")[0] == 200
+    assert api.read("/sp ace é.txt")[2] == b"unicode"
+
+
+def test_stat_and_list(worker: LocalWorker) -> None:
+    api = Http(worker.endpoint)
+    st = api.json("/api/v1/stat", "/dir/b.txt")
+    assert st["size"] == 12 and st["type"] == "file" and st["path"] == "/dir/b.txt"
+    assert api.json("/api/v1/stat", "/dir")["type"] == "directory"
+    assert api.json("/api/v1/stat", "/")["type"] == "directory"
+    listing = api.json("/api/v1/list", "/dir")
+    assert [(e["path"], e["type"]) for e in listing["entries"]] == [
+        ("/dir/b.txt", "file"), ("/dir/nested", "directory")]
+    names = [e["path"] for e in api.json("/api/v1/list", "/")["entries"]]
+    assert names == ["/a.bin", "/dir", "/empty", "/sp ace é.txt"]
+
+
+@pytest.mark.parametrize(
+    ("route", "query", "status", "code"),
+    [
+        ("/api/v1/read", "path=%2F..%2Fetc%2Fpasswd", 400, "InvalidPath"),
+        ("/api/v1/read", "path=%2Fdir%2F%252e%252e%2F%252e%252e", 400, "InvalidPath"),
+        ("/api/v1/read", "path=%2Fa%00b", 400, "InvalidPath"),
+        ("/api/v1/read", "path=%2F%EF%BC%8E%EF%BC%8E%2Fx", 400, "InvalidPath"),
+        ("/api/v1/read", "path=%ff", 400, "InvalidArgument"),
+        ("/api/v1/read", "", 400, "InvalidArgument"),
+        ("/api/v1/read", "path=%2Fa.bin&path=%2Fb", 400, "InvalidArgument"),
+        ("/api/v1/read", "path=%2Fnope", 404, "NotFound"),
+        ("/api/v1/read", "path=%2Fdir", 400, "IsADirectory"),
+        ("/api/v1/list", "path=%2Fa.bin", 400, "NotADirectory"),
+        ("/api/v1/list", "path=%2Fnope", 404, "NotFound"),
+        ("/api/v1/stat", "path=%2Fnope", 404, "NotFound"),
+        ("/api/v1/nope", "", 404, "NotFound"),
+    ],
+)
+def test_bad_requests_get_clear_errors(worker: LocalWorker, route: str, query: str, status: int, code: str) -> None:
+    got, headers, body = Http(worker.endpoint).get(route, raw_query=query)
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == code
+
+
+@pytest.mark.parametrize("rng", ["bytes=abc", "bytes=10-5", "bytes=0-1,5-6", "lines=1-2", f"bytes={10 * PAGE}-"])
+def test_bad_ranges_are_416(worker: LocalWorker, rng: str) -> None:
+    status, _, body = Http(worker.endpoint).read("/a.bin", rng)
+    assert status == 416 and json.loads(body)["error"]["code"] == "InvalidRange"
+
+
+def test_if_match_pins_a_version(worker: LocalWorker, data_dir: Path) -> None:
+    api = Http(worker.endpoint)
+    _, headers, _ = api.read("/dir/b.txt")
+    etag = headers["etag"]
+    assert api.read("/dir/b.txt", **{"If-Match": etag})[0] == 200
+    time.sleep(0.01)
+    (data_dir / "dir" / "b.txt").write_text("changed!!!!!\n")
+    status, _, body = api.read("/dir/b.txt", **{"If-Match": etag})
+    assert status == 412 and json.loads(body)["error"]["code"] == "StaleVersion"
+
+
+def test_changed_object_is_never_served_stale(worker: LocalWorker, data_dir: Path) -> None:
+    api = Http(worker.endpoint)
+    path = data_dir / "a.bin"
+    old = path.read_bytes()
+    assert api.read("/a.bin")[2] == old
+    assert api.read("/a.bin")[1]["x-depot-cache"] == "hit"
+    new = os.urandom(len(old))  # same size: only the version tells them apart
+    time.sleep(0.01)
+    path.write_bytes(new)
+    status, headers, body = api.read("/a.bin")
+    assert body == new and headers["x-depot-cache"] == "miss"
+    assert api.stats()["stale_dropped_files"] >= 1
+    assert api.read("/a.bin", "bytes=100-200")[2] == new[100:201]
+
+
+def test_max_age_policy_revalidates_after_expiry(tmp_path: Path, data_dir: Path) -> None:
+    with LocalWorker(data_dir.as_uri(), tmp_path / "c2", page_size=PAGE, metadata="max-age=300ms") as w:
+        api = Http(w.endpoint)
+        assert api.read("/dir/b.txt")[2] == b"hello world\n"
+        (data_dir / "dir" / "b.txt").write_text("HELLO WORLD\n")
+        time.sleep(0.4)
+        assert api.read("/dir/b.txt")[2] == b"HELLO WORLD\n"
+
+
+def test_immutable_policy_trusts_the_cache(tmp_path: Path, data_dir: Path) -> None:
+    with LocalWorker(data_dir.as_uri(), tmp_path / "c3", page_size=PAGE, metadata="immutable") as w:
+        api = Http(w.endpoint)
+        assert api.read("/dir/b.txt")[2] == b"hello world\n"
+        before = api.stats()["metadata"]
+        assert api.read("/dir/b.txt")[2] == b"hello world\n"
+        assert api.stats()["metadata"]["revalidations"] == before["revalidations"]
+
+
+def test_restarted_worker_serves_its_old_cache(tmp_path: Path, data_dir: Path) -> None:
+    cache = tmp_path / "cache-r"
+    expected = (data_dir / "a.bin").read_bytes()
+    with LocalWorker(data_dir.as_uri(), cache, page_size=PAGE, metadata="immutable") as w:
+        assert Http(w.endpoint).read("/a.bin")[2] == expected
+        worker_id = Http(w.endpoint).json("/api/v1/info")["worker_id"]
+    with LocalWorker(data_dir.as_uri(), cache, page_size=PAGE, metadata="immutable") as w:
+        api = Http(w.endpoint)
+        assert api.json("/api/v1/info")["worker_id"] == worker_id
+        status, headers, body = api.read("/a.bin")
+        assert body == expected and headers["x-depot-cache"] == "hit"
+        stats = api.stats()
+        assert stats["ufs_reads"] == 0 and stats["hits"] == 6
+        assert stats["metadata"]["revalidations"] == 0  # status came from RocksDB
+
+
+def test_corrupt_page_is_dropped_and_read_again(worker: LocalWorker, data_dir: Path, tmp_path: Path) -> None:
+    api = Http(worker.endpoint)
+    expected = (data_dir / "a.bin").read_bytes()
+    api.read("/a.bin")
+    page_files = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.stat().st_size >= PAGE)
+    assert page_files
+    for p in page_files:
+        raw = bytearray(p.read_bytes())
+        raw[100] ^= 0xFF
+        p.write_bytes(bytes(raw))
+    status, _, body = api.read("/a.bin")
+    assert status == 200 and body == expected
+    assert api.stats()["corrupt_dropped"] >= 1
+
+
+def test_concurrent_misses_share_one_ufs_read(worker: LocalWorker, data_dir: Path) -> None:
+    api = Http(worker.endpoint)
+    expected = (data_dir / "a.bin").read_bytes()
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(lambda _: api.read("/a.bin")[2], range(8)))
+    assert all(b == expected for b in bodies)
+    stats = api.stats()
+    assert stats["ufs_reads"] == 6, stats  # 6 pages, however many readers
+
+
+def test_dead_ufs_is_503_not_a_hang(tmp_path: Path) -> None:
+    mounts = [{"path": "/", "ufs": "s3://bucket/p", "options": {
+        "endpoint": "http://127.0.0.1:9", "region": "us-east-1", "allow_http": "true",
+        "access_key_id": "x", "secret_access_key": "y"}}]
+    with LocalWorker(None, tmp_path / "c4", mounts=mounts,
+                     extra={"ufs": {"retries": 1, "backoff_base": 0.01, "timeout": 5}}) as w:
+        t0 = time.monotonic()
+        status, headers, body = Http(w.endpoint).read("/x.bin")
+        assert status == 503, body
+        assert json.loads(body)["error"]["code"] in ("Unavailable", "Timeout")
+        assert headers.get("retry-after") == "1"
+        assert time.monotonic() - t0 < 20
+
+
+def test_openapi_lists_every_route(worker: LocalWorker) -> None:
+    spec = Http(worker.endpoint).json("/openapi.json")
+    assert spec["openapi"].startswith("3.")
+    assert set(spec["paths"]) == {"/healthz", "/api/v1/info", "/api/v1/stat", "/api/v1/list",
+                                  "/api/v1/read", "/api/v1/cache/stats", "/openapi.json"}
+    assert Http(worker.endpoint).json("/healthz") == {"status": "ok"}
