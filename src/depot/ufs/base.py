@@ -4,6 +4,19 @@ Keys are relative to the store's root URI and use ``/`` separators with no leadi
 Every implementation raises the typed errors of ``depot.core.errors`` (``NotFound``,
 ``PermissionDenied``, ``Throttled``, ``Unavailable``, ``StaleVersion``...), never library errors,
 and runs ``depot.testing.ufs_contract``.
+
+Semantics every backend shares (and the contract checks):
+
+* Objects only: a "directory" is a prefix with keys under it. ``head`` of such a name raises
+  ``NotFound``; ``list`` shows it as a common prefix ending in ``/``.
+* ``get_range`` clips at the end of the object: a range starting at or past the end returns no
+  bytes; a zero-length range still raises ``NotFound``/``StaleVersion`` as a longer one would.
+  Negative or inverted ranges raise ``InvalidRange``. Bytes may come back as a ``memoryview``
+  over the store's own buffer, not a copy.
+* ``list`` takes a plain string prefix (S3 semantics), returns entries in UTF-8 byte order, and
+  its ``next_token`` is the name of the last entry returned; only ``/`` is a valid delimiter.
+* ``ObjectInfo.mtime`` is in seconds since the epoch; ``etag`` is the store's, in quoted form,
+  and can be passed back to ``get_range``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,290 @@
+"""Under stores on obstore: S3 and S3-compatible, GCS, Azure Blob and local directories.
+
+obstore (Rust ``object_store``) does the HTTP, signing and multipart work off the Python thread;
+this class only adapts it to ``UnderStore``: string prefixes, paged listings, clipped and
+zero-length ranges, ETag-pinned reads and typed errors. Bytes come back as a ``memoryview`` over
+obstore's own buffer, so a range is never copied on its way to the page store.
+
+Store-specific behaviour worth knowing:
+
+* Local directories (``LocalStore``): the ETag is ``"<inode>-<mtime µs>-<size>"`` (hex). Writes
+  through depot replace the file (temp file + rename), so each gets a new inode and ETag. A file
+  rewritten in place by another program keeps its inode; its change is seen only if its size or
+  mtime changes, so two same-size rewrites within one mtime tick (a few ms on Linux) look alike.
+  ``get_range(etag=...)`` checks the ETag on the open file handle and then reads from it, so a
+  concurrent rename never mixes versions; an in-place rewrite during the read can.
+  ``head()`` on a directory raises ``NotFound``: directories are prefixes, see ``list()``.
+* Azure reports ETags quoted from HEAD and bare from LIST; ETags are normalised to the quoted
+  form so that any ``ObjectInfo.etag`` can be passed back to ``get_range``.
+* S3 "directory marker" objects (``dir/``, zero bytes) are reported by ``object_store`` as an
+  object named ``dir``; they appear as such in recursive listings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import TYPE_CHECKING
+
+import obstore as obs
+
+from depot.core.errors import InvalidRange, NotFound, StaleVersion
+from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
+from depot.ufs.errors import map_error
+from depot.ufs.keys import (
+    ListingSnapshots,
+    check_key,
+    check_list_args,
+    check_prefix,
+    check_range,
+    page_from_sorted,
+    paginate,
+    split_prefix,
+)
+
+if TYPE_CHECKING:
+    from obstore import ObjectMeta
+    from obstore.store import ObjectStore
+
+_EMPTY = memoryview(b"")
+_LIST_CHUNK = 1000
+
+
+def normalize_etag(etag: str | None) -> str | None:
+    """ETags in their quoted HTTP form, whichever call reported them."""
+    if not etag:
+        return None
+    if etag.startswith('"') or etag.startswith('W/"'):
+        return etag
+    return f'"{etag}"'
+
+
+def info_from_meta(meta: ObjectMeta) -> ObjectInfo:
+    return ObjectInfo(
+        key=meta["path"],
+        size=int(meta["size"]),
+        mtime=meta["last_modified"].timestamp(),
+        etag=normalize_etag(meta.get("e_tag")),
+        version=meta.get("version") or None,
+    )
+
+
+class ObstoreUnderStore(UnderStore):
+    """``UnderStore`` over any obstore ``ObjectStore``.
+
+    ``ordered_listing`` says whether the store lists keys in byte order (every cloud store does;
+    a local directory walk does not): ordered listings are streamed and cut after one page,
+    unordered ones are read whole, sorted and served page by page from a snapshot.
+    ``min_part_size`` is the smallest multipart part the service accepts (5 MiB on S3).
+    ``upload_store`` (default: ``store``) serves ``put_multipart``: it may be configured with
+    obstore's own retries, which can resend one part where a caller could only restart a stream.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        uri: str,
+        *,
+        ordered_listing: bool = True,
+        min_part_size: int = 0,
+        upload_store: ObjectStore | None = None,
+    ) -> None:
+        self.store = store
+        self.upload_store = upload_store if upload_store is not None else store
+        self.uri = uri
+        self.ordered_listing = ordered_listing
+        self.min_part_size = min_part_size
+        self._snapshots = ListingSnapshots()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+    async def head(self, key: str) -> ObjectInfo:
+        check_key(key)
+        try:
+            meta = await obs.head_async(self.store, key)
+        except Exception as exc:
+            raise map_error(exc, key) from exc
+        return info_from_meta(meta)
+
+    async def get_range(self, key: str, start: int, end: int, *, etag: str | None = None) -> Buffer:
+        check_key(key)
+        check_range(start, end)
+        if start == end:
+            # No store serves an empty range; existence and version still have to be checked.
+            self._check_etag(await self.head(key), etag)
+            return _EMPTY
+        try:
+            if etag is None:
+                data = await obs.get_range_async(self.store, key, start=start, end=end)
+            else:
+                result = await obs.get_async(
+                    self.store,
+                    key,
+                    options={"range": (start, end), "if_match": normalize_etag(etag)},
+                )
+                data = await result.bytes_async()
+        except Exception as exc:
+            err = map_error(exc, key)
+            if isinstance(err, StaleVersion):
+                # Some stores answer If-Match on a deleted object with 412: gone is NotFound.
+                await self.head(key)
+            elif isinstance(err, InvalidRange):
+                # Past the end (or any range of an empty object): clipped to nothing.
+                info = await self.head(key)
+                self._check_etag(info, etag)
+                if start >= info.size:
+                    return _EMPTY
+            raise err from exc
+        return memoryview(data)
+
+    @staticmethod
+    def _check_etag(info: ObjectInfo, etag: str | None) -> None:
+        if etag is not None and normalize_etag(etag) != info.etag:
+            raise StaleVersion(f"object changed: etag {info.etag} is not {etag}", info.key)
+
+    async def get(self, key: str) -> Buffer:
+        check_key(key)
+        try:
+            result = await obs.get_async(self.store, key)
+            data = await result.bytes_async()
+        except Exception as exc:
+            raise map_error(exc, key) from exc
+        return memoryview(data)
+
+    async def list(
+        self,
+        prefix: str = "",
+        *,
+        delimiter: str | None = "/",
+        token: str | None = None,
+        limit: int = 1000,
+    ) -> ListPage:
+        check_prefix(prefix)
+        check_list_args(delimiter, limit)
+        cached = self._snapshots.take(prefix, delimiter, token)
+        if cached is not None:
+            snapshot, position = cached
+            return page_from_sorted(
+                snapshot,
+                start=position,
+                limit=limit,
+                snapshots=self._snapshots,
+                prefix=prefix,
+                delimiter=delimiter,
+            )
+        directory, _ = split_prefix(prefix)
+        # obstore prefixes are whole path segments: list the directory, filter the rest here.
+        store_prefix = directory.rstrip("/") or None
+        try:
+            if delimiter is not None:
+                return await self._list_level(store_prefix, prefix, token, limit)
+            if self.ordered_listing:
+                return await self._list_ordered(store_prefix, prefix, token, limit)
+            return await self._list_unordered(store_prefix, prefix, token, limit)
+        except Exception as exc:
+            raise map_error(exc, prefix or "/") from exc
+
+    async def _list_level(
+        self, store_prefix: str | None, prefix: str, token: str | None, limit: int
+    ) -> ListPage:
+        result = await obs.list_with_delimiter_async(self.store, store_prefix)
+        entries: list[ObjectInfo | str] = []
+        for meta in result["objects"]:
+            if meta["path"].startswith(prefix):
+                entries.append(info_from_meta(meta))
+        for common in result["common_prefixes"]:
+            name = common + "/"
+            if name.startswith(prefix):
+                entries.append(name)
+        return paginate(
+            entries,
+            token=token,
+            limit=limit,
+            snapshots=self._snapshots,
+            prefix=prefix,
+            delimiter="/",
+        )
+
+    async def _list_ordered(
+        self, store_prefix: str | None, prefix: str, token: str | None, limit: int
+    ) -> ListPage:
+        found: list[ObjectInfo | str] = []
+        stream = obs.list(self.store, store_prefix, offset=token, chunk_size=_LIST_CHUNK)
+        async for chunk in stream:
+            for meta in chunk:
+                key = meta["path"]
+                if token is not None and key <= token:
+                    continue  # some stores (Azure) ignore the offset
+                if not key.startswith(prefix):
+                    if key > prefix:
+                        return page_from_sorted(found, start=0, limit=limit)
+                    continue
+                found.append(info_from_meta(meta))
+                if len(found) > limit:
+                    return page_from_sorted(found, start=0, limit=limit)
+        return page_from_sorted(found, start=0, limit=limit)
+
+    async def _list_unordered(
+        self, store_prefix: str | None, prefix: str, token: str | None, limit: int
+    ) -> ListPage:
+        entries: list[ObjectInfo | str] = []
+        stream = obs.list(self.store, store_prefix, offset=token, chunk_size=_LIST_CHUNK)
+        async for chunk in stream:
+            for meta in chunk:
+                if meta["path"].startswith(prefix):
+                    entries.append(info_from_meta(meta))
+        return paginate(
+            entries,
+            token=token,
+            limit=limit,
+            snapshots=self._snapshots,
+            prefix=prefix,
+            delimiter=None,
+        )
+
+    async def put(self, key: str, data: Buffer) -> ObjectInfo:
+        check_key(key)
+        try:
+            await obs.put_async(self.store, key, data)
+        except Exception as exc:
+            raise map_error(exc, key) from exc
+        # The put response lacks size and mtime; one HEAD gives the store's own view.
+        return await self.head(key)
+
+    async def put_multipart(
+        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+    ) -> ObjectInfo:
+        check_key(key)
+        failure: list[Exception] = []
+
+        async def relay() -> AsyncIterator[Buffer]:
+            # Remember the producer's own error: obstore would report it as a store failure.
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except Exception as exc:
+                failure.append(exc)
+                raise
+
+        try:
+            await obs.put_async(
+                self.upload_store,
+                key,
+                relay(),
+                chunk_size=max(part_size, self.min_part_size),
+                use_multipart=True,
+            )
+        except Exception as exc:
+            if failure:
+                raise failure[0] from None
+            raise map_error(exc, key) from exc
+        return await self.head(key)
+
+    async def delete(self, key: str) -> None:
+        check_key(key)
+        try:
+            await obs.delete_async(self.store, key)
+        except Exception as exc:
+            err = map_error(exc, key)
+            if not isinstance(err, NotFound):
+                raise err from exc
