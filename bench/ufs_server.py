@@ -1,8 +1,8 @@
 """A local S3-compatible object server with settable bandwidth and first-byte latency.
 
 Benchmarks need an under store whose speed is known: moto is far too slow, and a plain local
-directory is faster than any real object store. This serves a directory path-style
-(``GET/HEAD /<bucket>/<key>``, one ``Range``), waits ``first_byte_ms`` before each response (the
+directory is faster than any real object store. This serves the subdirectories of a directory
+as buckets, path-style (``GET/HEAD /<bucket>/<key>``, one ``Range``), waits ``first_byte_ms`` before each response (the
 object store's time to first byte) and paces each connection at ``rate_per_conn`` bytes/s (S3
 serves roughly 50-100 MB/s per connection), optionally under a shared ``rate_total`` cap.
 Signatures are not checked: clients use ``skip_signature``.
@@ -63,7 +63,7 @@ class ObjectServer:
         parts = path.lstrip("/").split("/", 1)
         if len(parts) != 2 or ".." in parts[1].split("/"):
             return None
-        file = (self.root / parts[1]).resolve()
+        file = (self.root / parts[0] / parts[1]).resolve()
         if not file.is_relative_to(self.root) or not file.is_file():
             return None
         return file

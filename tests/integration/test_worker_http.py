@@ -257,3 +257,24 @@ def test_openapi_lists_every_route(worker: LocalWorker) -> None:
     assert set(spec["paths"]) == {"/healthz", "/api/v1/info", "/api/v1/stat", "/api/v1/list",
                                   "/api/v1/read", "/api/v1/cache/stats", "/openapi.json"}
     assert Http(worker.endpoint).json("/healthz") == {"status": "ok"}
+
+
+def test_directories_above_mounts_are_virtual(tmp_path: Path, data_dir: Path) -> None:
+    mounts = [{"path": "/a", "ufs": data_dir.as_uri()}, {"path": "/b/c", "ufs": (data_dir / "dir").as_uri()}]
+    with LocalWorker(None, tmp_path / "c5", mounts=mounts) as w:
+        api = Http(w.endpoint)
+        assert api.json("/api/v1/stat", "/")["type"] == "directory"
+        assert [e["path"] for e in api.json("/api/v1/list", "/")["entries"]] == ["/a", "/b"]
+        assert [e["path"] for e in api.json("/api/v1/list", "/b")["entries"]] == ["/b/c"]
+        assert api.read("/b/c/b.txt")[2] == b"hello world\n"
+        assert api.get("/api/v1/stat", "/zzz")[0] == 404
+
+
+def test_416_names_the_size(worker: LocalWorker) -> None:
+    status, headers, _ = Http(worker.endpoint).read("/a.bin", "bytes=99999999-")
+    assert status == 416 and headers["content-range"] == f"bytes */{5 * PAGE + 123}"
+
+
+def test_etag_is_a_valid_entity_tag(worker: LocalWorker) -> None:
+    etag = Http(worker.endpoint).read("/a.bin", "bytes=0-0")[1]["etag"]
+    assert etag.startswith('"') and etag.endswith('"') and '"' not in etag[1:-1]

@@ -29,6 +29,11 @@ class FileStatus:
             return f"e:{self.etag}"
         return f"s:{self.size}:{int(self.mtime * 1_000_000)}"
 
+    @property
+    def entity_tag(self) -> str:
+        """The version as an HTTP entity tag: quoted, with no quotes inside."""
+        return '"' + self.version_tag.replace('"', "").replace("\\", "") + '"'
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,

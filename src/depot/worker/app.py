@@ -10,9 +10,16 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from depot import __version__
-from depot.core.errors import DepotError, InvalidArgument, RequestTooLarge, StaleVersion
+from depot.core.errors import (
+    DepotError,
+    InvalidArgument,
+    InvalidRange,
+    RequestTooLarge,
+    StaleVersion,
+)
 from depot.core.types import ByteRange
-from depot.worker.http import Request, ResponseWriter
+from depot.namespace.paths import normalize_path
+from depot.worker.http import Request, ResponseWriter, error_json
 from depot.worker.service import ReadThroughService, mount_summary
 
 log = logging.getLogger(__name__)
@@ -63,13 +70,12 @@ def _require_path(params: dict[str, str]) -> str:
 
 
 def _etag_value(header: str | None) -> str | None:
+    """The entity tag of an ``If-Match`` header, quoted as the worker sends it."""
     if header is None:
         return None
-    value = header.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        value = value[1:-1]
+    value = header.strip().removeprefix("W/")
+    if not (len(value) >= 2 and value[0] == value[-1] == '"'):
+        value = f'"{value}"'
     return value
 
 
@@ -136,7 +142,7 @@ class WorkerApp:
         params = query_params(request)
         path = _require_path(params)
         entries = await self.service.list(path)
-        _json(writer, {"path": self.service.resolve(path).path, "entries": [e.to_dict() for e in entries]})
+        _json(writer, {"path": normalize_path(path), "entries": [e.to_dict() for e in entries]})
 
     async def read(self, request: Request, writer: ResponseWriter) -> None:
         params = query_params(request)
@@ -148,7 +154,11 @@ class WorkerApp:
         if range_header is not None and size == 0:
             rng = None  # a range over an empty file: answer with the (empty) whole file
         else:
-            rng = ByteRange.parse_http(range_header, size)
+            try:
+                rng = ByteRange.parse_http(range_header, size)
+            except InvalidRange as exc:
+                writer.send(416, error_json(exc), [*JSON, ("Content-Range", f"bytes */{size}")])
+                return
         status = 206 if rng is not None else 200
         if rng is None:
             rng = ByteRange(0, size)
@@ -159,7 +169,7 @@ class WorkerApp:
         plan = self.service.plan(opened, rng)
         headers = [
             ("Content-Type", "application/octet-stream"),
-            ("ETag", f'"{opened.status.version_tag}"'),
+            ("ETag", opened.status.entity_tag),
             ("X-Depot-Size", str(size)),
             ("X-Depot-Cache", plan.cache_state),
             ("Accept-Ranges", "bytes"),

@@ -168,8 +168,21 @@ class ReadThroughService:
     def resolve(self, path: str) -> Resolved:
         return self.mounts.resolve(normalize_path(path))
 
+    def _virtual_dir(self, path: str) -> str | None:
+        """A path no mount covers but under which mounts exist: shown as a directory."""
+        normalized = normalize_path(path)
+        if self.mounts.child_mounts(normalized):
+            return normalized
+        return None
+
     async def stat(self, path: str) -> FileStatus:
-        resolved = self.resolve(path)
+        try:
+            resolved = self.resolve(path)
+        except NotFound:
+            virtual = self._virtual_dir(path)
+            if virtual is None:
+                raise
+            return FileStatus(path=virtual, size=0, mtime=0.0, is_dir=True)
         status = await self._status(resolved)
         if status is None:
             raise NotFound("no such file or directory", resolved.path)
@@ -221,7 +234,16 @@ class ReadThroughService:
             self._spawn(self.pages.delete_file(old.key))
 
     async def list(self, path: str) -> list[FileStatus]:
-        resolved = self.resolve(path)
+        try:
+            resolved = self.resolve(path)
+        except NotFound:
+            virtual = self._virtual_dir(path)
+            if virtual is None:
+                raise
+            return [
+                FileStatus(path=join_path(virtual, name), size=0, mtime=0.0, is_dir=True)
+                for name in self.mounts.child_mounts(virtual)
+            ]
         mount = resolved.mount
         cache_key = mount.object_uri(resolved.key) + "/"
         cached = self.metadata.get_listing(cache_key)
@@ -280,7 +302,7 @@ class ReadThroughService:
             raise NotFound("no such file", resolved.path)
         if status.is_dir:
             raise IsADirectory("is a directory", resolved.path)
-        if if_match is not None and if_match != status.version_tag:
+        if if_match is not None and if_match != status.entity_tag:
             raise StaleVersion(
                 "the file changed since it was opened (version "
                 f"{if_match} is no longer current)",

@@ -1,0 +1,507 @@
+"""``CacheClient``: the async client of the worker API, with a direct-UFS fallback.
+
+It turns the worker's HTTP API into typed calls (``stat``, ``list``, ``read_range``...), splits
+large reads into page-aligned requests fetched in parallel into one buffer, pins one version of a
+file across those requests (``If-Match``), and, when the worker cannot be reached, serves the
+same calls from the under stores named by the mount table so that readers keep going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+from depot.client.buffers import alloc_result, finish_result
+from depot.client.fallback import UfsFallback
+from depot.client.transport import (
+    DEFAULT_ENDPOINT,
+    ConnectionPool,
+    Response,
+    WorkerTimeout,
+    WorkerUnreachable,
+    error_from_response,
+    parse_endpoint,
+    path_query,
+)
+from depot.core.config import DepotConfig, load_config
+from depot.core.errors import DepotError, InvalidArgument, IsADirectory
+from depot.core.types import FileStatus
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+READ = "/api/v1/read"
+STAT = "/api/v1/stat"
+LIST = "/api/v1/list"
+INFO = "/api/v1/info"
+STATS = "/api/v1/cache/stats"
+HEALTH = "/healthz"
+
+# Reads up to this size are one request and never wait for the worker's page size.
+SMALL_READ = 1024 * 1024
+# Large reads are cut at page boundaries into chunks of at least this size.
+MIN_CHUNK = 1024 * 1024
+_UNREACHABLE = (WorkerUnreachable, WorkerTimeout)
+_DOWN_MIN = 1.0
+_DOWN_MAX = 30.0
+
+# (bytes received, version tag) of each chunk of a large read.
+ChunkResults = list[tuple[int, str | None]]
+# [start, end) of each chunk of a large read.
+ChunkBounds = list[tuple[int, int]]
+
+
+def resolve_endpoint(
+    explicit: str | None,
+    config: DepotConfig | None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The worker URL: ``endpoint=``, else ``DEPOT_ENDPOINT``, else the config, else the default."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return explicit
+    if env.get("DEPOT_ENDPOINT"):
+        return env["DEPOT_ENDPOINT"]
+    if config is not None and config.client.endpoint:
+        return config.client.endpoint
+    return DEFAULT_ENDPOINT
+
+
+def version_of(status: FileStatus) -> str:
+    """The entity tag a worker gives this version of a file (what ``If-Match`` expects)."""
+    return status.entity_tag
+
+
+def _content_range_start(value: str | None) -> int | None:
+    """``A`` of ``bytes A-B/N``."""
+    if not value or not value.startswith("bytes "):
+        return None
+    first = value[6:].partition("-")[0]
+    return int(first) if first.isdigit() else None
+
+
+def _total_size(response: Response) -> int | None:
+    size = response.headers.get("x-depot-size")
+    if size is not None and size.isdigit():
+        return int(size)
+    total = response.headers.get("content-range", "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+class CacheClient:
+    """Async client of one worker (any worker's URL will do).
+
+    Not thread-safe: use it from the event loop it was first used on.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        config: DepotConfig | None = None,
+        parallelism: int | None = None,
+        ufs_fallback: bool | None = None,
+        max_connections: int | None = None,
+    ) -> None:
+        self.config = config if config is not None else load_config()
+        settings = self.config.client
+        self.endpoint = parse_endpoint(resolve_endpoint(endpoint, self.config)).url
+        self.parallelism = max(1, parallelism if parallelism is not None else settings.parallelism)
+        self.ufs_fallback = settings.ufs_fallback if ufs_fallback is None else ufs_fallback
+        self._pool = ConnectionPool(
+            parse_endpoint(self.endpoint),
+            max_connections=max_connections or max(32, 2 * self.parallelism),
+            connect_timeout=settings.connect_timeout,
+            timeout=settings.timeout,
+        )
+        self._page_size: int | None = None
+        self._fallback: UfsFallback | None = None
+        self._down_until = 0.0
+        self._down_for = 0.0
+
+    @property
+    def pool(self) -> ConnectionPool:
+        return self._pool
+
+    async def __aenter__(self) -> CacheClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._pool.close()
+        if self._fallback is not None:
+            await self._fallback.close()
+
+    # worker calls ------------------------------------------------------------------------------
+    async def _get_json(self, route: str, path: str | None = None) -> Any:
+        target = route if path is None else path_query(route, path)
+        response = await self._pool.request(target)
+        if response.status >= 300:
+            raise error_from_response(response, path)
+        return response.json()
+
+    async def info(self) -> dict[str, Any]:
+        """Worker identity, page size and mounts (``GET /api/v1/info``)."""
+        data = await self._get_json(INFO)
+        if not isinstance(data, dict) or not isinstance(data.get("page_size"), int):
+            raise WorkerUnreachable(f"worker {self.endpoint} sent a malformed info document")
+        self._page_size = data["page_size"]
+        return data
+
+    async def page_size(self) -> int:
+        """The worker's page size (asked once), which large reads are aligned to."""
+        if self._page_size is None:
+            try:
+                await self.info()
+            except _UNREACHABLE:
+                if not self._can_fall_back():
+                    raise
+                self._page_size = self.config.cache.page_size
+        assert self._page_size is not None
+        return self._page_size
+
+    async def cache_stats(self) -> dict[str, Any]:
+        """The worker's cache counters (``GET /api/v1/cache/stats``)."""
+        data = await self._get_json(STATS)
+        if not isinstance(data, dict):
+            raise WorkerUnreachable(f"worker {self.endpoint} sent malformed cache stats")
+        return data
+
+    async def health(self) -> bool:
+        """Whether the worker answers ``/healthz`` with ``ok``."""
+        try:
+            data = await self._get_json(HEALTH)
+        except _UNREACHABLE:
+            return False
+        return isinstance(data, dict) and data.get("status") == "ok"
+
+    async def stat(self, path: str) -> FileStatus:
+        """Status of a file or directory."""
+
+        async def from_worker() -> FileStatus:
+            data = await self._get_json(STAT, path)
+            try:
+                return FileStatus.from_dict(data)
+            except (KeyError, TypeError, ValueError):
+                raise WorkerUnreachable(
+                    f"worker {self.endpoint} sent a malformed status for {path}"
+                ) from None
+
+        return await self._call(from_worker, lambda fb: fb.stat(path))
+
+    async def list(self, path: str) -> list[FileStatus]:
+        """The entries of a directory, sorted by name."""
+
+        async def from_worker() -> list[FileStatus]:
+            data = await self._get_json(LIST, path)
+            try:
+                return [FileStatus.from_dict(e) for e in data["entries"]]
+            except (KeyError, TypeError, ValueError):
+                raise WorkerUnreachable(
+                    f"worker {self.endpoint} sent a malformed listing for {path}"
+                ) from None
+
+        return await self._call(from_worker, lambda fb: fb.list(path))
+
+    # reads ---------------------------------------------------------------------------------------
+    async def read_range(
+        self,
+        path: str,
+        start: int,
+        end: int | None = None,
+        *,
+        version: str | None = None,
+        size: int | None = None,
+    ) -> bytes:
+        """Bytes ``[start, end)`` of ``path`` (``end=None``: to the end of the file).
+
+        A range past the end of the file is cut short, as files do. ``start < 0`` with
+        ``end=None`` reads the last ``-start`` bytes. ``version`` (an entity tag from
+        ``version_of``) pins the version: if the file changed, ``StaleVersion`` is raised. Without
+        it, the bytes of one call still all come from one version. ``size``, when the caller knows
+        it, saves a round trip on large reads.
+        """
+        if start < 0:
+            if end is not None:
+                raise InvalidArgument("a negative start is only allowed with end=None")
+            return await self._read_suffix(path, -start, version)
+        if size is not None:
+            end = size if end is None else min(end, size)
+        if end is not None:
+            if end <= start:
+                return b""
+            if end - start <= SMALL_READ or size is not None:
+                result, view = alloc_result(end - start)
+                count = await self.read_range_into(path, start, end, view, version=version)
+                return finish_result(result, view, count)
+        # Unknown extent: the first chunk tells the file's size and version; the rest (if any) is
+        # fetched in parallel, pinned to that version.
+        chunk = self._chunk_size(await self.page_size())
+        first_end = (start // chunk + 1) * chunk
+        if end is not None:
+            first_end = min(first_end, end)
+        first, total, tag = await self._first_chunk(path, start, first_end, version)
+        stop = total if end is None else min(end, total)
+        if start + len(first) >= stop:
+            return bytes(first[: max(0, stop - start)])
+        result, view = alloc_result(stop - start)
+        view[: len(first)] = first
+        done = len(first)
+        count = await self.read_range_into(
+            path, start + done, stop, view[done:], version=version or tag
+        )
+        return finish_result(result, view, done + count)
+
+    async def read_range_into(
+        self,
+        path: str,
+        start: int,
+        end: int,
+        out: memoryview,
+        *,
+        version: str | None = None,
+    ) -> int:
+        """Receive bytes ``[start, end)`` into ``out``; returns the count (fewer at EOF).
+
+        Large ranges are cut at page boundaries and fetched over up to ``parallelism``
+        connections at once, each straight into its slice of ``out``.
+        """
+        length = end - start
+        if length <= 0:
+            return 0
+        if len(out) < length:
+            raise InvalidArgument(f"buffer of {len(out)} bytes is too small for {length}")
+        if length <= SMALL_READ:
+            return (await self._read_chunk(path, start, end, out[:length], version))[0]
+        chunk = self._chunk_size(await self.page_size())
+        bounds: ChunkBounds = []
+        pos = start
+        while pos < end:
+            stop = min(end, (pos // chunk + 1) * chunk)
+            bounds.append((pos, stop))
+            pos = stop
+        results = await self._read_chunks(path, start, bounds, out, version)
+        if version is None:
+            tags = {tag for _, tag in results if tag is not None}
+            if len(tags) > 1:
+                # The file changed during this unpinned read: read it again as one version.
+                first_tag = next(tag for _, tag in results if tag is not None)
+                results = await self._read_chunks(path, start, bounds, out, first_tag)
+        total = 0
+        for (lo, hi), (count, _) in zip(bounds, results, strict=True):
+            total += count
+            if count < hi - lo:
+                break
+        return total
+
+    async def _read_chunks(
+        self,
+        path: str,
+        start: int,
+        bounds: ChunkBounds,
+        out: memoryview,
+        version: str | None,
+    ) -> ChunkResults:
+        results: ChunkResults = [(0, None)] * len(bounds)
+        jobs = iter(enumerate(bounds))
+
+        async def run() -> None:
+            for index, (lo, hi) in jobs:
+                dest = out[lo - start : hi - start]
+                results[index] = await self._read_chunk(path, lo, hi, dest, version)
+
+        lanes = min(self.parallelism, len(bounds))
+        if lanes == 1:
+            await run()
+            return results
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(lanes):
+                    group.create_task(run())
+        except BaseExceptionGroup as group_error:
+            # A failed chunk cancels the others (they must stop writing into ``out``); report the
+            # first real error, not the group.
+            raise _first_error(group_error) from None
+        return results
+
+    async def _read_chunk(
+        self, path: str, start: int, end: int, dest: memoryview, version: str | None
+    ) -> tuple[int, str | None]:
+        """One ranged request into ``dest``: (bytes received, the version's tag)."""
+
+        async def from_worker() -> tuple[int, str | None]:
+            headers = [("Range", f"bytes={start}-{end - 1}")]
+            if version is not None:
+                headers.append(("If-Match", version))
+            response = await self._pool.request(path_query(READ, path), headers, dest=dest)
+            status = response.status
+            if status == 416:
+                return 0, None  # at or past the end of the file
+            if status >= 300:
+                raise error_from_response(response, path)
+            if status == 206:
+                if _content_range_start(response.headers.get("content-range")) != start:
+                    raise WorkerUnreachable(
+                        f"worker {self.endpoint} answered a range other than the one asked for"
+                    )
+            elif start != 0:
+                raise WorkerUnreachable(f"worker {self.endpoint} ignored the Range header")
+            return response.length, response.headers.get("etag")
+
+        async def from_ufs(fallback: UfsFallback) -> tuple[int, str | None]:
+            return await fallback.read_into(path, start, end, dest, version), None
+
+        return await self._call(from_worker, from_ufs)
+
+    async def _first_chunk(
+        self, path: str, start: int, end: int, version: str | None
+    ) -> tuple[bytes | bytearray, int, str | None]:
+        """The bytes of ``[start, end)`` with the file's size and version tag."""
+
+        async def from_worker() -> tuple[bytes | bytearray, int, str | None]:
+            headers = [("Range", f"bytes={start}-{end - 1}")]
+            if version is not None:
+                headers.append(("If-Match", version))
+            response = await self._pool.request(path_query(READ, path), headers)
+            if response.status == 416:
+                return b"", _total_size(response) or start, None
+            if response.status >= 300:
+                raise error_from_response(response, path)
+            total = _total_size(response)
+            if total is None:
+                raise WorkerUnreachable(f"worker {self.endpoint} did not say the file's size")
+            if response.status != 206 and start != 0:
+                raise WorkerUnreachable(f"worker {self.endpoint} ignored the Range header")
+            return response.body, total, response.headers.get("etag")
+
+        async def from_ufs(fallback: UfsFallback) -> tuple[bytes | bytearray, int, str | None]:
+            status = await fallback.stat(path)
+            if status.is_dir:
+                raise IsADirectory("is a directory", status.path)
+            tag = version or version_of(status)
+            stop = min(end, status.size)
+            if stop <= start:
+                return b"", status.size, tag
+            buf = bytearray(stop - start)
+            count = await fallback.read_into(path, start, stop, memoryview(buf), tag)
+            del buf[count:]
+            return buf, status.size, tag
+
+        return await self._call(from_worker, from_ufs)
+
+    async def _read_suffix(self, path: str, length: int, version: str | None) -> bytes:
+        if length == 0:
+            return b""
+        if length <= SMALL_READ:
+
+            async def from_worker() -> bytes | None:
+                headers = [("Range", f"bytes=-{length}")]
+                if version is not None:
+                    headers.append(("If-Match", version))
+                response = await self._pool.request(path_query(READ, path), headers)
+                if response.status == 416:
+                    return b""
+                if response.status >= 300:
+                    raise error_from_response(response, path)
+                return bytes(response.body)
+
+            async def from_ufs(fallback: UfsFallback) -> bytes | None:
+                return None  # needs the size: take the general path below
+
+            data = await self._call(from_worker, from_ufs)
+            if data is not None:
+                return data
+        status = await self.stat(path)
+        if status.is_dir:
+            raise IsADirectory("is a directory", status.path)
+        return await self.read_range(
+            path,
+            max(0, status.size - length),
+            status.size,
+            version=version or version_of(status),
+            size=status.size,
+        )
+
+    def _chunk_size(self, page_size: int) -> int:
+        pages = max(1, -(-MIN_CHUNK // page_size))
+        return page_size * pages
+
+    # fallback --------------------------------------------------------------------------------------
+    def _can_fall_back(self) -> bool:
+        return self.ufs_fallback and bool(self.config.mounts)
+
+    def _fallback_for(self, error: DepotError) -> UfsFallback:
+        """The UFS fallback to use after ``error``, or raise ``error`` if there is none."""
+        if not self.ufs_fallback:
+            raise error
+        if not self.config.mounts:
+            raise type(error)(
+                f"{error.message}; no fallback to the under store: no mounts are configured "
+                "for this client (set them in the config file)",
+                error.path,
+            ) from error
+        if self._fallback is None:
+            self._fallback = UfsFallback(self.config.mounts, self.config.ufs)
+        return self._fallback
+
+    async def _call(
+        self,
+        from_worker: Callable[[], Awaitable[T]],
+        from_ufs: Callable[[UfsFallback], Awaitable[T]],
+    ) -> T:
+        """Ask the worker; if it cannot be reached, ask the under store (when allowed)."""
+        if self._down_until and time.monotonic() < self._down_until and self._can_fall_back():
+            return await from_ufs(self._fallback_for(WorkerUnreachable("worker marked down")))
+        try:
+            result = await from_worker()
+        except _UNREACHABLE as error:
+            fallback = self._fallback_for(error)
+            if error.connect_failed:
+                self._mark_down(error)
+            return await from_ufs(fallback)
+        if self._down_until:
+            log.info("worker %s is reachable again", self.endpoint)
+            self._down_until = 0.0
+            self._down_for = 0.0
+        return result
+
+    def _mark_down(self, error: DepotError) -> None:
+        """Skip the worker for a while (growing) so each call does not wait on a dead worker."""
+        now = time.monotonic()
+        if now < self._down_until:
+            return
+        self._down_for = min(_DOWN_MAX, max(_DOWN_MIN, self._down_for * 2))
+        self._down_until = now + self._down_for
+        log.warning(
+            "worker %s unreachable (%s); reading from the under store for %.0fs",
+            self.endpoint,
+            error.message,
+            self._down_for,
+        )
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error of a task group that is not the cancellation of a sibling."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_error(error)
+        if not isinstance(error, asyncio.CancelledError):
+            return error
+    first: BaseException = group.exceptions[0]
+    return first
+
+
+__all__ = ["CacheClient", "resolve_endpoint", "version_of"]

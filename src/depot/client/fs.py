@@ -1,0 +1,642 @@
+"""``depot://``: the fsspec filesystem over the worker API (async core, sync facade).
+
+``fsspec.filesystem("depot", endpoint="http://127.0.0.1:7070")``; paths are namespace paths with
+or without the ``depot://`` prefix. Files open read-only; an open file pins the version it saw at
+open time, so it returns bytes of that version or raises ``StaleVersion``, never a mix. Sequential
+reads are served from read-ahead blocks fetched while the caller consumes the previous ones;
+large single reads are split into page-aligned requests fetched in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import os
+import threading
+import weakref
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fsspec.asyn import AsyncFileSystem, sync
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
+from fsspec.spec import AbstractBufferedFile
+from fsspec.utils import stringify_path
+
+from depot.client.buffers import BufferPool
+from depot.client.client import MIN_CHUNK, CacheClient, resolve_endpoint, version_of
+from depot.core.config import DepotConfig, load_config
+from depot.core.errors import IsADirectory, NotADirectory, StaleVersion, Unsupported
+from depot.core.types import FileStatus, parse_size
+
+T = TypeVar("T")
+
+_READ_ONLY = "depot:// is read-only for now (writes go to the under store directly)"
+
+
+class ReadOnlyFileSystem(Unsupported, NotImplementedError):
+    """A write through ``depot://``: an ``OSError`` (ENOTSUP) that fsspec callers also catch as
+    ``NotImplementedError``, the usual signal of an operation a filesystem does not offer."""
+
+
+def _info(status: FileStatus) -> dict[str, Any]:
+    return {
+        "name": status.path,
+        "size": status.size,
+        "type": "directory" if status.is_dir else "file",
+        "mtime": status.mtime,
+        "etag": status.etag,
+        "version": status.version,
+    }
+
+
+def _status(info: dict[str, Any]) -> FileStatus:
+    return FileStatus(
+        path=info["name"],
+        size=int(info["size"]),
+        mtime=float(info.get("mtime") or 0.0),
+        is_dir=info.get("type") == "directory",
+        etag=info.get("etag"),
+        version=info.get("version"),
+    )
+
+
+class _MemoryBudget:
+    """Bytes of copy buffers that concurrent transfers on one event loop may hold at once."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free = total
+        self._changed = asyncio.Condition()
+
+    async def take(self, amount: int) -> int:
+        amount = min(amount, self.total)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._free >= amount)
+            self._free -= amount
+        return amount
+
+    async def give(self, amount: int) -> None:
+        async with self._changed:
+            self._free += amount
+            self._changed.notify_all()
+
+
+class _LoopState:
+    """What a filesystem keeps per event loop: its client and its transfer budget."""
+
+    def __init__(self, client: CacheClient) -> None:
+        self.client = client
+        self._budget: _MemoryBudget | None = None
+
+    def budget(self, total: int) -> _MemoryBudget:
+        if self._budget is None:
+            self._budget = _MemoryBudget(total)
+        return self._budget
+
+
+class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
+    """The depot namespace as an fsspec filesystem (read-only)."""
+
+    protocol = "depot"
+    root_marker = "/"
+    cachable = True
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        config: DepotConfig | str | os.PathLike[str] | None = None,
+        read_ahead: int | str | None = None,
+        parallelism: int | None = None,
+        ufs_fallback: bool | None = None,
+        *,
+        asynchronous: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+        batch_size: int | None = None,
+        **storage_options: Any,
+    ) -> None:
+        super().__init__(
+            asynchronous=asynchronous, loop=loop, batch_size=batch_size, **storage_options
+        )
+        if config is None:
+            config = load_config()
+        elif not isinstance(config, DepotConfig):
+            config = load_config(Path(config))
+        self.config = config
+        settings = config.client
+        self.endpoint = resolve_endpoint(endpoint, config)
+        self.read_ahead = settings.read_ahead if read_ahead is None else parse_size(read_ahead)
+        self.parallelism = settings.parallelism if parallelism is None else max(1, parallelism)
+        self.ufs_fallback = settings.ufs_fallback if ufs_fallback is None else ufs_fallback
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._block_size: int | None = None
+        self._buffers: BufferPool | None = None
+        self._buffers_lock = threading.Lock()
+
+    # plumbing -----------------------------------------------------------------------------------
+    def _loop_state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            client = CacheClient(
+                self.endpoint,
+                config=self.config,
+                parallelism=self.parallelism,
+                ufs_fallback=self.ufs_fallback,
+            )
+            state = self._loops[loop] = _LoopState(client)
+        return state
+
+    def client(self) -> CacheClient:
+        """The ``CacheClient`` of the running event loop (connections belong to one loop)."""
+        return self._loop_state().client
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        """``depot://models/x``, ``depot:///models/x`` and ``/models/x/`` all give ``/models/x``."""
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]
+        text = stringify_path(path)
+        if text.startswith("depot://"):
+            text = text[8:]
+        elif text.startswith("depot:"):
+            text = text[6:]
+        text = "/" + text.lstrip("/")
+        return text.rstrip("/") or "/"
+
+    def unstrip_protocol(self, name: str) -> str:
+        return "depot://" + str(self._strip_protocol(name))
+
+    async def _close(self) -> None:
+        state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state.client.close()
+
+    def close(self) -> None:
+        """Close this filesystem's connections (it stays usable: new ones open on demand)."""
+        if self.asynchronous or self.loop is None:
+            raise RuntimeError("use 'await fs._close()' on an asynchronous filesystem")
+        self._run(self._close())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the filesystem's loop from a plain thread and wait for it."""
+        loop = self.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise NotImplementedError("blocking depot call from its own event loop")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    def buffers(self, block_size: int) -> BufferPool:
+        """The pool of read-ahead blocks shared by this filesystem's files."""
+        with self._buffers_lock:
+            if self._buffers is None or self._buffers.block_size != block_size:
+                blocks = max(4, 2 * -(-self.read_ahead // block_size))
+                self._buffers = BufferPool(block_size, blocks)
+            return self._buffers
+
+    async def _read_block_size(self) -> int:
+        if self._block_size is None:
+            page = await self.client().page_size()
+            self._block_size = page * max(1, -(-MIN_CHUNK // page))
+        return self._block_size
+
+    # metadata -------------------------------------------------------------------------------------
+    async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        path = self._strip_protocol(path)
+        if path == "/":
+            try:
+                return _info(await self.client().stat(path))
+            except FileNotFoundError:
+                # No mount at "/": the root is still the directory above every mount.
+                return {
+                    "name": "/",
+                    "size": 0,
+                    "type": "directory",
+                    "mtime": 0.0,
+                    "etag": None,
+                    "version": None,
+                }
+        return _info(await self.client().stat(path))
+
+    async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        path = self._strip_protocol(path)
+        client = self.client()
+        try:
+            entries = await client.list(path)
+        except NotADirectory:
+            entries = [await client.stat(path)]
+        if detail:
+            return [_info(e) for e in entries]
+        return [e.path for e in entries]
+
+    async def _cache_stats(self) -> dict[str, Any]:
+        return await self.client().cache_stats()
+
+    def cache_stats(self) -> dict[str, Any]:
+        """The worker's cache counters (hits, misses, bytes from cache and from the UFS...)."""
+        result: dict[str, Any] = sync(self.loop, self._cache_stats)
+        return result
+
+    def modified(self, path: str) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.info(path)["mtime"], tz=datetime.UTC)
+
+    # reads -----------------------------------------------------------------------------------------
+    async def _cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        """Bytes ``[start, end)``; negative values count from the end of the file, as in fsspec."""
+        path = self._strip_protocol(path)
+        client = self.client()
+        start = 0 if start is None else start
+        if start < 0 and end is None:
+            return await client.read_range(path, start)
+        if start < 0 or (end is not None and end < 0):
+            status = await client.stat(path)
+            if status.is_dir:
+                raise IsADirectory("is a directory", status.path)
+            if start < 0:
+                start = max(0, status.size + start)
+            if end is not None and end < 0:
+                end = max(0, status.size + end)
+            return await client.read_range(
+                path, start, end, version=version_of(status), size=status.size
+            )
+        return await client.read_range(path, start, end)
+
+    async def _cat_ranges(
+        self,
+        paths: list[str],
+        starts: Any,
+        ends: Any,
+        max_gap: int | None = None,
+        batch_size: int | None = None,
+        on_error: str = "return",
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Many ranges at once, fetched concurrently (bounded) over the connection pool."""
+        if max_gap is not None:
+            raise NotImplementedError("max_gap: merge ranges before calling cat_ranges")
+        if not isinstance(paths, list):
+            raise TypeError("paths must be a list")
+        if not isinstance(starts, list | tuple):
+            starts = [starts] * len(paths)
+        if not isinstance(ends, list | tuple):
+            ends = [ends] * len(paths)
+        if len(starts) != len(paths) or len(ends) != len(paths):
+            raise ValueError("paths, starts and ends must have the same length")
+        limit = asyncio.Semaphore(batch_size or self.batch_size or 4 * self.parallelism)
+
+        async def one(path: str, start: int | None, end: int | None) -> bytes:
+            async with limit:
+                return await self._cat_file(path, start, end)
+
+        out = await asyncio.gather(
+            *(one(p, s, e) for p, s, e in zip(paths, starts, ends, strict=True)),
+            return_exceptions=True,
+        )
+        if on_error != "return":
+            for item in out:
+                if isinstance(item, BaseException):
+                    raise item
+        return list(out)
+
+    async def _get_file(
+        self, rpath: str, lpath: str, callback: Callback = DEFAULT_CALLBACK, **kwargs: Any
+    ) -> None:
+        """Copy one file to local disk: fetch the next window while the last one is written.
+
+        fsspec runs many of these at once; their buffers come out of one budget per event loop
+        so that a recursive ``get`` of large files cannot hold unbounded memory.
+        """
+        if os.path.isdir(lpath):
+            return
+        rpath = self._strip_protocol(rpath)
+        client = self.client()
+        status = await client.stat(rpath)
+        if status.is_dir:
+            os.makedirs(lpath, exist_ok=True)
+            return
+        version = version_of(status)
+        callback.set_size(status.size)
+        window = await self._read_block_size() * self.parallelism
+        budget = self._loop_state().budget(4 * window)
+        count_buffers = 1 if status.size <= window else 2
+        need = await budget.take(min(window, status.size) * count_buffers)
+        try:
+            with open(lpath, "wb") as out:
+                await self._copy_out(client, rpath, version, status.size, window, out, callback)
+        finally:
+            await budget.give(need)
+
+    async def _copy_out(
+        self,
+        client: CacheClient,
+        rpath: str,
+        version: str,
+        size: int,
+        window: int,
+        out: Any,
+        callback: Callback,
+    ) -> None:
+        buffers = [bytearray(min(window, size)) for _ in range(1 if size <= window else 2)]
+        pending: asyncio.Future[Any] | None = None
+        pos = 0
+        turn = 0
+        try:
+            while pos < size:
+                stop = min(size, pos + window)
+                view = memoryview(buffers[turn])[: stop - pos]
+                count = await client.read_range_into(rpath, pos, stop, view, version=version)
+                if count != stop - pos:
+                    raise StaleVersion("the file is shorter than when it was opened", rpath)
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(asyncio.to_thread(out.write, view))
+                callback.relative_update(count)
+                pos = stop
+                turn = (turn + 1) % len(buffers)
+        finally:
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
+        if pending is not None:
+            await pending
+
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: int | str | None = None,
+        autocommit: bool = True,
+        cache_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> DepotFile:
+        if mode != "rb":
+            raise ReadOnlyFileSystem(f"{_READ_ONLY}: cannot open in mode {mode!r}", path)
+        return DepotFile(
+            self,
+            self._strip_protocol(path),
+            block_size=block_size,
+            cache_options=cache_options,
+            **kwargs,
+        )
+
+    # writes are not served yet: say so clearly ---------------------------------------------------
+    async def _pipe_file(self, path: str, value: Any, mode: str = "overwrite", **kw: Any) -> None:
+        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path))
+
+    async def _put_file(self, lpath: str, rpath: str, mode: str = "overwrite", **kw: Any) -> None:
+        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(rpath))
+
+    async def _rm_file(self, path: str, **kwargs: Any) -> None:
+        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path))
+
+    async def _rm(self, path: Any, recursive: bool = False, **kwargs: Any) -> None:
+        raise ReadOnlyFileSystem(_READ_ONLY, str(path))
+
+    async def _cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path2))
+
+    async def _mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path))
+
+    async def _makedirs(self, path: str, exist_ok: bool = False) -> None:
+        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path))
+
+
+class _Block:
+    """One read-ahead block: a pooled buffer being filled with ``[start, end)`` on the IO loop.
+
+    The buffer goes back to the pool exactly once, by whichever of the fetch (finishing) and the
+    file (dropping the block) comes second, so a buffer is never reused while still being written.
+    """
+
+    __slots__ = ("_dropped", "_finished", "_lock", "buf", "end", "future", "pool", "start")
+
+    def __init__(self, start: int, end: int, pool: BufferPool) -> None:
+        self.start = start
+        self.end = end
+        self.pool = pool
+        self.buf = pool.take()
+        self.future: concurrent.futures.Future[int] | None = None
+        self._lock = threading.Lock()
+        self._finished = False
+        self._dropped = False
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.buf)[: self.end - self.start]
+
+    def finished(self) -> None:
+        with self._lock:
+            self._finished = True
+            give = self._dropped
+        if give:
+            self.pool.give(self.buf)
+
+    def drop(self) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.cancel()
+        with self._lock:
+            self._dropped = True
+            give = self._finished
+        if give:
+            self.pool.give(self.buf)
+
+
+class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
+    """A read-only file of the namespace, pinned to the version seen at open."""
+
+    def __init__(
+        self,
+        fs: DepotFileSystem,
+        path: str,
+        mode: str = "rb",
+        block_size: int | str | None = None,
+        cache_options: dict[str, Any] | None = None,
+        size: int | None = None,
+        read_ahead: int | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if fs.loop is None:
+            raise NotImplementedError("open files need a filesystem with a running loop thread")
+        kwargs.pop("cache_type", None)
+        kwargs.pop("autocommit", None)
+        info = fs.info(path)
+        if info["type"] == "directory":
+            raise IsADirectory("is a directory", info["name"])
+        super().__init__(
+            fs,
+            info["name"],
+            mode="rb",
+            block_size=block_size or "default",
+            cache_type="none",
+            cache_options=cache_options,
+            size=info["size"],
+            **kwargs,
+        )
+        self.details = info
+        self.fs: DepotFileSystem = fs
+        self.status = _status(info)
+        #: The entity tag every read of this file sends as ``If-Match``.
+        self.version = version_of(self.status)
+        options = cache_options or {}
+        ahead = options.get("read_ahead", read_ahead)
+        self.read_ahead = fs.read_ahead if ahead is None else parse_size(ahead)
+        self._blocks: dict[int, _Block] = {}
+        self._block_size = 0
+        self._last_start = -1
+        self._last_end = -1
+
+    # reading ---------------------------------------------------------------------------------------
+    def read(self, length: int | None = -1) -> bytes:
+        """Up to ``length`` bytes from the current position (all remaining bytes by default)."""
+        self._check_readable()
+        start = self.loc
+        stop = self.size if length is None or length < 0 else min(self.size, start + length)
+        if stop <= start:
+            return b""
+        data = self._read(start, stop, None)
+        assert isinstance(data, bytes)
+        self.loc += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        """Read into ``buffer`` (large reads land there directly, without a copy)."""
+        self._check_readable()
+        out = memoryview(buffer).cast("B")
+        start = self.loc
+        stop = min(self.size, start + out.nbytes)
+        if stop <= start:
+            return 0
+        count = self._read(start, stop, out)
+        assert isinstance(count, int)
+        self.loc += count
+        return count
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return self.fs._run(self._fetch(start, end))
+
+    async def _fetch(self, start: int, end: int) -> bytes:
+        return await self.fs.client().read_range(
+            self.path, start, end, version=self.version, size=self.size
+        )
+
+    async def _fetch_into(self, start: int, end: int, out: memoryview) -> int:
+        return await self.fs.client().read_range_into(
+            self.path, start, end, out, version=self.version
+        )
+
+    def _check_readable(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+
+    def _read(self, start: int, stop: int, out: memoryview | None) -> bytes | int:
+        sequential = self._last_start <= start <= self._last_end
+        self._last_start, self._last_end = start, stop
+        if self._blocks:
+            # Blocks wholly before this read are consumed; after a jump, so are far-away ones.
+            horizon = stop + self.read_ahead
+            self._drop_blocks(lambda b: b.end <= start or (not sequential and b.start >= horizon))
+        if sequential and self.read_ahead > 0:
+            self._read_ahead(start, stop)
+        pieces: list[bytes | memoryview] = []
+        filled = 0
+        pos = start
+        while pos < stop:
+            block = self._blocks.get(pos // self._block_size) if self._blocks else None
+            if block is not None:
+                count = self._wait(block)
+                hi = min(stop, block.start + count)
+                if hi <= pos:
+                    break  # the file ended early
+                piece: bytes | memoryview = block.view[pos - block.start : hi - block.start]
+            else:
+                hi = self._direct_end(pos, stop)
+                if out is not None:
+                    want = hi - pos
+                    got = self.fs._run(self._fetch_into(pos, hi, out[filled : filled + want]))
+                    filled += got
+                    pos += got
+                    if got < want:
+                        break
+                    continue
+                piece = self.fs._run(self._fetch(pos, hi))
+                hi = pos + len(piece)
+                if hi == pos:
+                    break
+            if out is not None:
+                out[filled : filled + len(piece)] = piece
+                filled += len(piece)
+            else:
+                pieces.append(piece)
+            pos = hi
+        if out is not None:
+            return filled
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
+        return b"".join(pieces)
+
+    def _direct_end(self, pos: int, stop: int) -> int:
+        """Where a direct fetch from ``pos`` should stop: ``stop`` or the next read-ahead block."""
+        if not self._blocks:
+            return stop
+        size = self._block_size
+        for index in range(pos // size + 1, (stop - 1) // size + 1):
+            if index in self._blocks:
+                return index * size
+        return stop
+
+    def _read_ahead(self, start: int, stop: int) -> None:
+        """Keep blocks in flight for the window after this read (and this read, if small)."""
+        if not self._block_size:
+            self._block_size = self.fs._run(self.fs._read_block_size())
+        size = self._block_size
+        pool = self.fs.buffers(size)
+        first = start if stop - start < size else stop
+        last = min(self.size, stop + self.read_ahead)
+        for index in range(first // size, (last - 1) // size + 1 if last > first else 0):
+            if index in self._blocks:
+                continue
+            block = _Block(index * size, min(self.size, (index + 1) * size), pool)
+            block.future = asyncio.run_coroutine_threadsafe(self._fill(block), self.fs.loop)
+            self._blocks[index] = block
+
+    async def _fill(self, block: _Block) -> int:
+        try:
+            return await self._fetch_into(block.start, block.end, block.view)
+        finally:
+            block.finished()
+
+    def _wait(self, block: _Block) -> int:
+        assert block.future is not None
+        try:
+            return block.future.result()
+        except BaseException:
+            self._blocks.pop(block.start // self._block_size, None)
+            block.drop()
+            raise
+
+    def _drop_blocks(self, predicate: Any) -> None:
+        for index, block in list(self._blocks.items()):
+            if predicate(block):
+                del self._blocks[index]
+                block.drop()
+
+    def close(self) -> None:
+        if self._blocks:
+            self._drop_blocks(lambda b: True)
+        super().close()
+
+    def readuntil(self, char: bytes = b"\n", blocks: int | None = None) -> bytes:
+        """Read up to and including ``char``, probing 64 KiB at a time (not a whole block)."""
+        return bytes(super().readuntil(char, blocks or min(self.blocksize, 64 * 1024)))
+
+    def write(self, data: Any) -> int:
+        raise ReadOnlyFileSystem(_READ_ONLY, self.path)

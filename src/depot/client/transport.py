@@ -1,0 +1,547 @@
+"""A lean HTTP/1.1 keep-alive client for the worker API.
+
+Why not aiohttp or httpx: on a 2-core node the client, not the network, is the bottleneck
+(aiohttp tops out near 1.0-1.4 GB/s on loopback and costs ~1 ms per small request). This
+transport does only what the worker API needs, as cheaply as asyncio allows:
+
+- one ``asyncio.BufferedProtocol`` per connection, so a response body is received straight into
+  the caller's buffer (``get_buffer`` hands out the unfilled part of it); the head is parsed from a
+  small per-connection scratch buffer and body bytes that arrived with it are copied once;
+- a bounded pool of keep-alive connections per endpoint (LIFO, so warm connections are reused);
+- a stale keep-alive connection (closed by the server while idle) is replaced once,
+  transparently: every request is an idempotent GET;
+- typed errors: a refused, reset or timed-out connection raises ``WorkerUnreachable`` or
+  ``WorkerTimeout`` (both ``Unavailable``), so the caller can fall back to the under store, and a
+  JSON error body is rebuilt into the error the worker reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from depot.core.errors import (
+    DepotError,
+    InvalidArgument,
+    Timeout,
+    Unavailable,
+    error_for_http_status,
+    error_from_code,
+)
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:7070"
+MAX_HEAD_BYTES = 64 * 1024
+# Bodies that do not go into a caller's buffer (JSON, errors) are held in memory: bound them so a
+# broken or hostile server cannot make the client allocate without limit.
+MAX_MEMORY_BODY = 256 * 1024 * 1024
+_USER_AGENT = "depot-client"
+
+
+class WorkerUnreachable(Unavailable):
+    """The worker could not be reached, or broke the protocol: the under store may be tried.
+
+    ``connect_failed`` tells a worker that is down (no connection at all) from one that broke a
+    single response.
+    """
+
+    connect_failed = False
+
+
+class WorkerTimeout(Timeout):
+    """The worker did not connect or answer in time: the under store may be tried."""
+
+    connect_failed = False
+
+
+def _connect_error(error: WorkerUnreachable | WorkerTimeout) -> WorkerUnreachable | WorkerTimeout:
+    error.connect_failed = True
+    return error
+
+
+class _StaleConnection(WorkerUnreachable):
+    """A kept-alive connection was closed before any byte of the response: safe to resend."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a worker listens, parsed once from its URL."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    """Parse ``http://host:port`` (``https`` too); a bare ``host:port`` means http."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid worker endpoint {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise InvalidArgument(f"invalid worker endpoint {url!r}: use http://HOST:PORT")
+    if not parts.hostname:
+        raise InvalidArgument(f"invalid worker endpoint {url!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidArgument(f"invalid worker endpoint {url!r}: expected no path or query")
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    return Endpoint(scheme, parts.hostname, port)
+
+
+def path_query(route: str, path: str) -> str:
+    """``route?path=P`` with ``P`` percent-encoded completely (``/`` too), as the API expects."""
+    return f"{route}?path={quote(path, safe='')}"
+
+
+class Response:
+    """Status, headers (lowercase names) and body of one response.
+
+    When the request named a destination buffer and the status is 2xx, the body went there and
+    ``body`` is empty; ``length`` is the number of body bytes in either case.
+    """
+
+    __slots__ = ("body", "headers", "length", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes | bytearray, length: int):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.length = length
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            raise WorkerUnreachable(
+                f"worker sent a malformed JSON body (HTTP {self.status})"
+            ) from None
+
+
+def error_from_response(response: Response, path: str | None) -> DepotError:
+    """The typed error a non-2xx response stands for."""
+    error: Any = None
+    if response.headers.get("content-type", "").startswith("application/json") or (
+        response.body[:1] == b"{"
+    ):
+        try:
+            error = json.loads(response.body).get("error")
+        except (ValueError, AttributeError):
+            error = None
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        message = str(error.get("message") or error["code"])
+        err_path = error.get("path")
+        return error_from_code(
+            error["code"], message, err_path if isinstance(err_path, str) else path
+        )
+    return error_for_http_status(
+        response.status, f"worker answered HTTP {response.status} without an error body", path
+    )
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._transport: asyncio.Transport | None = None
+        self._scratch = bytearray(MAX_HEAD_BYTES)
+        self._scratch_view = memoryview(self._scratch)
+        self._filled = 0
+        self._waiter: asyncio.Future[Response] | None = None
+        self._dest: memoryview | None = None
+        self._body: memoryview | None = None
+        self._body_owner: bytearray | None = None
+        self._body_len = 0
+        self._body_filled = 0
+        self._in_body = False
+        self._status = 0
+        self._headers: dict[str, str] = {}
+        self._progress = 0
+        self._error: DepotError | None = None
+        self.closed = False
+        self.keep_alive = True
+
+    # asyncio callbacks -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._body = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._error is not None:
+            waiter.set_exception(self._error)
+        elif self._progress == 0:
+            reason = f" ({exc})" if exc else ""
+            waiter.set_exception(
+                _StaleConnection(f"worker {self._label} closed the connection{reason}")
+            )
+        elif self._in_body:
+            waiter.set_exception(
+                WorkerUnreachable(
+                    f"worker {self._label} closed the connection after {self._body_filled} of "
+                    f"{self._body_len} body bytes"
+                )
+            )
+        else:
+            waiter.set_exception(
+                WorkerUnreachable(f"worker {self._label} closed the connection mid-response")
+            )
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost reports any pending request
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._in_body:
+            assert self._body is not None
+            return self._body[self._body_filled :]
+        if self._filled >= MAX_HEAD_BYTES:
+            self._error = WorkerUnreachable(
+                f"worker {self._label} sent a response head over {MAX_HEAD_BYTES} bytes"
+            )
+            raise self._error
+        return self._scratch_view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._progress += nbytes
+        if self._in_body:
+            self._body_filled += nbytes
+            if self._body_filled >= self._body_len:
+                self._finish()
+            return
+        if self._waiter is None:
+            self._fail(WorkerUnreachable(f"worker {self._label} sent data without a request"))
+            return
+        search_from = max(0, self._filled - 3)
+        self._filled += nbytes
+        end = self._scratch.find(b"\r\n\r\n", search_from, self._filled)
+        if end >= 0:
+            try:
+                self._start_body(end)
+            except DepotError as exc:
+                self._fail(exc)
+
+    # response parsing --------------------------------------------------------------------------
+    def _start_body(self, head_end: int) -> None:
+        status, headers = self._parse_head(bytes(self._scratch_view[:head_end]))
+        self._status = status
+        self._headers = headers
+        length_text = headers.get("content-length")
+        if length_text is None:
+            if status in (204, 304):
+                length_text = "0"
+            else:
+                raise WorkerUnreachable(
+                    f"worker {self._label} sent HTTP {status} without Content-Length"
+                    + (
+                        " (chunked bodies are not supported)"
+                        if "transfer-encoding" in headers
+                        else ""
+                    )
+                )
+        if not length_text.isdigit():
+            raise WorkerUnreachable(
+                f"worker {self._label} sent a malformed Content-Length: {length_text!r}"
+            )
+        length = int(length_text)
+        if "close" in headers.get("connection", "").lower():
+            self.keep_alive = False
+        body_start = head_end + 4
+        leftover = self._filled - body_start
+        if leftover > length:
+            raise WorkerUnreachable(
+                f"worker {self._label} sent {leftover - length} bytes past the end of a response"
+            )
+        dest = self._dest
+        if dest is not None and 200 <= status < 300:
+            if length > len(dest):
+                raise WorkerUnreachable(
+                    f"worker {self._label} sent {length} bytes for a request of {len(dest)}"
+                )
+            body = dest[:length]
+            self._body_owner = None
+        elif leftover == length:
+            # Small bodies (JSON, errors) usually arrive with the head: one copy, no buffer.
+            self._body_owner = None
+            self._body_len = length
+            self._body_filled = length
+            self._finish(bytes(self._scratch_view[body_start : body_start + length]))
+            return
+        else:
+            if length > MAX_MEMORY_BODY:
+                raise WorkerUnreachable(
+                    f"worker {self._label} sent a {length}-byte body where at most "
+                    f"{MAX_MEMORY_BODY} were expected"
+                )
+            self._body_owner = bytearray(length)
+            body = memoryview(self._body_owner)
+        if leftover:
+            body[:leftover] = self._scratch_view[body_start : self._filled]
+        self._body = body
+        self._body_len = length
+        self._body_filled = leftover
+        if leftover >= length:
+            self._finish()
+        else:
+            self._in_body = True
+
+    def _parse_head(self, head: bytes) -> tuple[int, dict[str, str]]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise WorkerUnreachable(
+                f"worker {self._label} sent a malformed status line: {lines[0][:80]!r}"
+            )
+        status = int(parts[1])
+        if status < 200:
+            raise WorkerUnreachable(f"worker {self._label} sent an unexpected HTTP {status}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise WorkerUnreachable(
+                    f"worker {self._label} sent a malformed header line: {line[:80]!r}"
+                )
+            headers[name.lower()] = value.strip()
+        if parts[0] == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
+            self.keep_alive = False
+        return status, headers
+
+    def _finish(self, small_body: bytes | None = None) -> None:
+        waiter = self._waiter
+        if small_body is not None:
+            body: bytes | bytearray = small_body
+        elif self._body_owner is not None:
+            body = self._body_owner
+        else:
+            body = b""
+        response = Response(self._status, self._headers, body, self._body_len)
+        self._reset()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def _reset(self) -> None:
+        self._filled = 0
+        self._in_body = False
+        self._dest = None
+        self._body = None
+        self._body_owner = None
+        self._body_len = 0
+        self._body_filled = 0
+        self._waiter = None
+
+    def _fail(self, error: DepotError) -> None:
+        """A protocol violation: report it and drop the connection (it cannot be trusted)."""
+        self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self.abort()
+
+    # used by the pool ---------------------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        return (
+            not self.closed
+            and self.keep_alive
+            and self._transport is not None
+            and not self._transport.is_closing()
+        )
+
+    def abort(self) -> None:
+        self.closed = True
+        self._body = None
+        self._in_body = False
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def request(self, payload: bytes, dest: memoryview | None, idle_limit: float) -> Response:
+        assert self._transport is not None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Response] = loop.create_future()
+        self._waiter = waiter
+        self._dest = dest
+        self._progress = 0
+        self._error = None
+        self._transport.write(payload)
+        watchdog = loop.call_later(idle_limit, self._watchdog, waiter, 0, idle_limit)
+        try:
+            return await waiter
+        except BaseException:
+            # Cancelled or failed mid-response: the stream position is unknown and the caller's
+            # buffer must not be written to any more, so this connection is done.
+            self.abort()
+            raise
+        finally:
+            watchdog.cancel()
+            if self._waiter is waiter:
+                self._reset()
+
+    def _watchdog(self, waiter: asyncio.Future[Response], seen: int, timeout: float) -> None:
+        """Fail the request when no byte arrived for ``timeout`` seconds (checked per period)."""
+        if waiter.done() or self._waiter is not waiter:
+            return
+        if self._progress != seen:
+            loop = asyncio.get_running_loop()
+            loop.call_later(timeout, self._watchdog, waiter, self._progress, timeout)
+            return
+        error = WorkerTimeout(f"worker {self._label} sent nothing for {timeout:g}s")
+        self._fail(error)
+
+
+class ConnectionPool:
+    """Keep-alive connections to one worker, at most ``max_connections`` in use at once."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        max_connections: int = 32,
+        connect_timeout: float = 2.0,
+        timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if max_connections < 1:
+            raise InvalidArgument("max_connections must be at least 1")
+        self.endpoint = endpoint
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        if ssl_context is None and endpoint.scheme == "https":
+            ssl_context = ssl.create_default_context()
+        self._ssl = ssl_context
+        self._idle: list[_Connection] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._prefix = f"HTTP/1.1\r\nHost: {endpoint.host_header}\r\nUser-Agent: {_USER_AGENT}\r\n"
+        self._closed = False
+        self.connects = 0  # connections opened, for tests and stats
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    def _build(self, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
+        if any(c in target for c in " \r\n"):
+            raise InvalidArgument(f"invalid request target {target!r}")
+        lines = [f"GET {target} ", self._prefix]
+        for name, value in headers:
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise InvalidArgument(f"invalid value for HTTP header {name}")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
+        try:
+            return "".join(lines).encode("latin-1")
+        except UnicodeEncodeError:
+            raise InvalidArgument("HTTP header values must be latin-1") from None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        label = self.endpoint.url
+        conn = _Connection(label)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(
+                    lambda: conn, self.endpoint.host, self.endpoint.port, ssl=self._ssl
+                )
+        except TimeoutError:
+            raise _connect_error(
+                WorkerTimeout(
+                    f"worker {label} did not accept a connection within {self.connect_timeout:g}s"
+                )
+            ) from None
+        except ConnectionRefusedError:
+            raise _connect_error(
+                WorkerUnreachable(f"worker {label} refused the connection")
+            ) from None
+        except ssl.SSLError as exc:
+            raise _connect_error(
+                WorkerUnreachable(f"TLS handshake with worker {label} failed: {exc}")
+            ) from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise _connect_error(
+                WorkerUnreachable(f"cannot connect to worker {label}: {reason}")
+            ) from None
+        self.connects += 1
+        return conn
+
+    async def request(
+        self,
+        target: str,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        dest: memoryview | None = None,
+    ) -> Response:
+        """Send ``GET target`` and return the response (of any status).
+
+        With ``dest``, a 2xx body is received into it (it must be large enough for the body).
+        """
+        if self._closed:
+            raise Unavailable("the client was closed")
+        payload = self._build(target, headers)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_connections)
+        limit = self.timeout
+        async with self._slots:
+            conn: _Connection | None = None
+            while self._idle:
+                candidate = self._idle.pop()
+                if candidate.usable:
+                    conn = candidate
+                    break
+                candidate.abort()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            try:
+                try:
+                    response = await conn.request(payload, dest, limit)
+                except _StaleConnection:
+                    if not reused:
+                        raise
+                    conn = await self._connect()
+                    response = await conn.request(payload, dest, limit)
+            except _StaleConnection as exc:
+                raise WorkerUnreachable(exc.message) from None
+            except OSError as exc:
+                if isinstance(exc, DepotError):
+                    raise
+                conn.abort()
+                raise WorkerUnreachable(
+                    f"connection to worker {self.endpoint.url} failed: {exc}"
+                ) from None
+            if conn.usable and not self._closed:
+                self._idle.append(conn)
+            else:
+                conn.abort()
+            return response
+
+    def close(self) -> None:
+        """Close idle connections; connections in use close when their request ends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.abort()

@@ -1,0 +1,72 @@
+"""Result buffers and the read-ahead block pool of the client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from depot.client.buffers import BufferPool, alloc_result, finish_result
+from depot.client.fs import _Block, _MemoryBudget
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 256 * 1024, 9 * 1024 * 1024 + 7])
+def test_alloc_result_fills_a_bytes_object(size: int) -> None:
+    result, view = alloc_result(size)
+    assert len(view) == size and not view.readonly
+    pattern = bytes(i % 253 for i in range(min(size, 1 << 16)))
+    for off in range(0, size, len(pattern) or 1):
+        view[off : off + len(pattern)] = pattern[: size - off]
+    out = finish_result(result, view, size)
+    assert type(out) is bytes and len(out) == size
+    assert out[: len(pattern)] == pattern[:size]
+    assert hash(out) == hash(bytes(out))  # a real, immutable bytes object from here on
+
+
+def test_results_are_independent_and_can_be_cut_short() -> None:
+    size = 1 << 20
+    first, first_view = alloc_result(size)
+    second, second_view = alloc_result(size)
+    first_view[:] = b"a" * size
+    second_view[:] = b"b" * size
+    assert finish_result(first, first_view, size) == b"a" * size
+    assert finish_result(second, second_view, 10) == b"b" * 10
+
+
+def test_pool_reuses_bounded_buffers() -> None:
+    pool = BufferPool(block_size=4096, max_buffers=2)
+    a, b, c = pool.take(), pool.take(), pool.take()
+    assert len(a) == 4096 and a == bytes(4096)
+    for buf in (a, b, c):
+        pool.give(buf)
+    assert len(pool) == 2
+    pool.give(bytearray(100))  # wrong size: never handed out as a block
+    assert len(pool) == 2
+    assert pool.take() is b and pool.take() is a
+
+
+@pytest.mark.parametrize("order", ["finish-then-drop", "drop-then-finish"])
+def test_block_buffer_returns_to_pool_exactly_once(order: str) -> None:
+    pool = BufferPool(block_size=4096, max_buffers=8)
+    block = _Block(0, 4096, pool)
+    steps = (
+        [block.finished, block.drop]
+        if order == "finish-then-drop"
+        else [block.drop, block.finished]
+    )
+    steps[0]()
+    assert len(pool) == 0  # still owned by the other side
+    steps[1]()
+    assert len(pool) == 1 and pool.take() is block.buf
+
+
+async def test_transfer_budget_waits_for_memory_to_come_back() -> None:
+    budget = _MemoryBudget(100)
+    assert await budget.take(60) == 60
+    waiter = asyncio.ensure_future(budget.take(60))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # only 40 bytes free
+    await budget.give(60)
+    assert await asyncio.wait_for(waiter, 1) == 60
+    await budget.give(60)
+    assert await asyncio.wait_for(budget.take(10**9), 1) == 100  # never more than the total

@@ -1,0 +1,656 @@
+"""The client transport and ``CacheClient`` against a scripted in-test HTTP server.
+
+The server is raw asyncio so that each test can misbehave exactly as it needs: cut a body, send
+garbage, stall, close a kept-alive connection. Real-worker behaviour is covered by the
+integration tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs
+
+import pytest
+
+from depot.client import CacheClient, WorkerTimeout, WorkerUnreachable, resolve_endpoint
+from depot.client.transport import ConnectionPool, parse_endpoint, path_query
+from depot.core.config import ClientConfig, DepotConfig, MountConfig
+from depot.core.errors import (
+    InvalidArgument,
+    IsADirectory,
+    NotFound,
+    StaleVersion,
+    Throttled,
+    Unavailable,
+)
+from depot.core.types import FileStatus
+
+
+@dataclass
+class Req:
+    method: str
+    target: str
+    path: str
+    params: dict[str, str]
+    headers: dict[str, str]
+
+
+Respond = Callable[[Req, asyncio.StreamWriter], Awaitable[bool]]
+
+
+def http(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"HTTP/1.1 {status} X"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if not headers or "Content-Length" not in headers:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def error(status: int, code: str, message: str, path: str | None = None) -> bytes:
+    err: dict[str, object] = {"code": code, "message": message, "errno": 0}
+    if path is not None:
+        err["path"] = path
+    return http(status, json.dumps({"error": err}).encode(), {"Content-Type": "application/json"})
+
+
+@dataclass
+class FakeServer:
+    respond: Respond
+    port: int = 0
+    connections: int = 0
+    active: int = 0
+    max_active: int = 0
+    requests: list[Req] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> FakeServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ")
+                headers = {}
+                for line in lines[1:]:
+                    if line:
+                        name, _, value = line.partition(":")
+                        headers[name.lower()] = value.strip()
+                route, _, query = target.partition("?")
+                params = {k: v[0] for k, v in parse_qs(query).items()}
+                req = Req(method, target, route, params, headers)
+                self.requests.append(req)
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+                try:
+                    keep = await self.respond(req, writer)
+                    await writer.drain()
+                finally:
+                    self.active -= 1
+                if not keep:
+                    return
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Respond], Awaitable[FakeServer]]]:
+    servers: list[FakeServer] = []
+
+    async def start(respond: Respond) -> FakeServer:
+        server = await FakeServer(respond).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+def pool_for(server: FakeServer, **kwargs: float) -> ConnectionPool:
+    return ConnectionPool(parse_endpoint(server.endpoint), **kwargs)
+
+
+def config(**client: object) -> DepotConfig:
+    return DepotConfig(client=ClientConfig(**client))
+
+
+# -- endpoints and encoding ------------------------------------------------------------------------
+
+
+def test_parse_endpoint_forms() -> None:
+    assert parse_endpoint("http://127.0.0.1:7070").url == "http://127.0.0.1:7070"
+    assert parse_endpoint("localhost:81").url == "http://localhost:81"
+    assert parse_endpoint("https://w.example").port == 443
+    assert parse_endpoint("http://[::1]:7070").host_header == "[::1]:7070"
+    for bad in ("ftp://x:1", "http://:80", "http://h:1/path", "http://h:99999"):
+        with pytest.raises(InvalidArgument):
+            parse_endpoint(bad)
+
+
+def test_path_query_encodes_everything() -> None:
+    assert path_query("/r", "/a b/c?d&e#f%") == "/r?path=%2Fa%20b%2Fc%3Fd%26e%23f%25"
+
+
+def test_endpoint_discovery_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(endpoint="http://from-config:1")
+    assert resolve_endpoint("http://explicit:1", cfg, {"DEPOT_ENDPOINT": "http://env:1"}) == (
+        "http://explicit:1"
+    )
+    assert resolve_endpoint(None, cfg, {"DEPOT_ENDPOINT": "http://env:1"}) == "http://env:1"
+    assert resolve_endpoint(None, cfg, {}) == "http://from-config:1"
+    assert resolve_endpoint(None, config(), {}) == "http://127.0.0.1:7070"
+    monkeypatch.setenv("DEPOT_ENDPOINT", "http://env-var:2")
+    assert CacheClient(config=cfg).endpoint == "http://env-var:2"
+
+
+# -- the transport ---------------------------------------------------------------------------------
+
+
+async def test_keep_alive_reuses_one_connection(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(200, req.params["path"].encode()))
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    for name in ("/a", "/b", "/ü x"):
+        response = await pool.request(path_query("/api/v1/stat", name))
+        assert (response.status, bytes(response.body)) == (200, name.encode())
+    assert server.connections == 1 and pool.connects == 1
+    assert server.requests[0].headers["host"] == f"127.0.0.1:{server.port}"
+    pool.close()
+
+
+async def test_body_lands_in_destination_buffer(serve) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB, written in pieces after the head
+
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(206, b"", {"Content-Length": str(len(payload))}) + payload[:1000])
+        await w.drain()
+        for i in range(1000, len(payload), 300_000):
+            w.write(payload[i : i + 300_000])
+            await w.drain()
+            await asyncio.sleep(0)
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    dest = bytearray(len(payload) + 10)
+    response = await pool.request("/x", dest=memoryview(dest))
+    assert response.length == len(payload) and response.body == b""
+    assert dest[: len(payload)] == payload and dest[len(payload) :] == bytes(10)
+    pool.close()
+
+
+async def test_stale_keep_alive_connection_is_replaced_once(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(200, b"ok"))
+        return False  # close after each response, without saying so
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    assert bytes((await pool.request("/1")).body) == b"ok"
+    await asyncio.sleep(0.05)  # the server's FIN arrives while the connection is idle
+    assert bytes((await pool.request("/2")).body) == b"ok"
+    assert server.connections == 2
+    pool.close()
+
+
+async def test_server_closing_a_fresh_connection_is_an_error(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        return False  # close without answering
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    with pytest.raises(WorkerUnreachable, match="closed the connection"):
+        await pool.request("/x")
+    assert server.connections == 1  # no retry loop on a connection that never answered
+    pool.close()
+
+
+async def test_reset_mid_body_is_unavailable_and_connection_dropped(serve) -> None:
+    calls = 0
+
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            w.write(http(200, b"", {"Content-Length": "100"}) + b"y" * 10)
+            await w.drain()
+            w.transport.abort()
+            return False
+        w.write(http(200, b"fine"))
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    with pytest.raises(WorkerUnreachable, match="after 10 of 100 body bytes"):
+        await pool.request("/x", dest=memoryview(bytearray(100)))
+    assert bytes((await pool.request("/y")).body) == b"fine"
+    assert pool.connects == 2
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"HTTX/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "malformed status line"),
+        (b"HTTP/1.1 abc OK\r\nContent-Length: 0\r\n\r\n", "malformed status line"),
+        (b"HTTP/1.1 200 OK\r\n\r\nxyz", "without Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "chunked"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "malformed Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 0\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabcdef", "past the end"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", "unexpected HTTP 100"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", "head over"),
+    ],
+)
+async def test_malformed_responses_are_unavailable(serve, raw: bytes, message: str) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(raw)
+        await asyncio.sleep(0.5)
+        return False
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    with pytest.raises(WorkerUnreachable, match=message):
+        await pool.request("/x")
+    assert pool.idle_connections == 0
+    pool.close()
+
+
+async def test_body_larger_than_destination_is_refused(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(206, b"x" * 64))
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    dest = bytearray(16)
+    with pytest.raises(WorkerUnreachable, match="64 bytes for a request of 16"):
+        await pool.request("/x", dest=memoryview(dest))
+    assert dest == bytes(16)
+    pool.close()
+
+
+async def test_silent_server_times_out(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(5)
+        return False
+
+    server = await serve(respond)
+    pool = pool_for(server, timeout=0.2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(WorkerTimeout, match=r"sent nothing for 0\.2s"):
+        await pool.request("/x")
+    assert loop.time() - began < 1.5
+    pool.close()
+
+
+async def test_trickling_body_does_not_time_out(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(200, b"", {"Content-Length": "6"}))
+        for ch in b"abcdef":
+            await w.drain()
+            await asyncio.sleep(0.08)
+            w.write(bytes([ch]))
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server, timeout=0.15)
+    assert bytes((await pool.request("/x")).body) == b"abcdef"  # 0.5 s total, never idle 0.15 s
+    pool.close()
+
+
+async def test_connection_refused_is_unreachable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        pool = ConnectionPool(parse_endpoint(f"127.0.0.1:{port}"))
+        with pytest.raises(WorkerUnreachable, match="refused"):
+            await pool.request("/x")
+
+
+async def test_connect_timeout() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        port = sock.getsockname()[1]
+        # Fill the accept queue so that further SYNs are dropped and connect() hangs.
+        fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        await asyncio.sleep(0.05)
+        pool = ConnectionPool(parse_endpoint(f"127.0.0.1:{port}"), connect_timeout=0.2)
+        try:
+            with pytest.raises(WorkerTimeout, match=r"did not accept a connection within 0\.2s"):
+                await pool.request("/x")
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_pool_bounds_concurrent_connections(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.02)
+        w.write(http(200, b"ok"))
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server, max_connections=2)
+    results = await asyncio.gather(*(pool.request(f"/{i}") for i in range(8)))
+    assert all(r.status == 200 for r in results)
+    assert server.max_active == 2 and pool.connects == 2
+    pool.close()
+
+
+async def test_cancelled_request_drops_its_connection(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        if req.path == "/slow":
+            w.write(http(200, b"", {"Content-Length": "8"}) + b"1234")
+            await w.drain()
+            await asyncio.sleep(0.3)
+            w.write(b"5678")
+            return True
+        w.write(http(200, b"fast"))
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    dest = bytearray(8)
+    task = asyncio.ensure_future(pool.request("/slow", dest=memoryview(dest)))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert bytes((await pool.request("/fast")).body) == b"fast"
+    await asyncio.sleep(0.3)
+    assert dest[4:] == bytes(4)  # nothing was written after the cancellation
+    assert pool.connects == 2
+    pool.close()
+
+
+async def test_connection_close_header_is_honoured(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(200, b"ok", {"Connection": "close", "Content-Length": "2"}))
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server)
+    await pool.request("/1")
+    assert pool.idle_connections == 0
+    await pool.request("/2")
+    assert pool.connects == 2
+    pool.close()
+
+
+async def test_header_injection_is_refused(serve) -> None:
+    server = await serve(lambda req, w: asyncio.sleep(0, True))
+    pool = pool_for(server)
+    with pytest.raises(InvalidArgument):
+        await pool.request("/x", [("If-Match", '"a"\r\nX-Evil: 1')])
+    assert server.connections == 0
+    pool.close()
+
+
+# -- CacheClient over a scripted worker --------------------------------------------------------------
+
+PAGE = 64 * 1024
+DATA = bytes(i * 7 % 251 for i in range(1_000_000))
+
+
+class ScriptedWorker:
+    """Enough of the worker API to exercise the client: one file, ranges, versions, errors."""
+
+    def __init__(self) -> None:
+        self.data = DATA
+        self.tag = '"e:v1"'
+        self.changed_once: dict[int, str] = {}  # range start -> version served to one request
+        self.delay = 0.0
+
+    async def __call__(self, req: Req, w: asyncio.StreamWriter) -> bool:
+        path = req.params.get("path")
+        if req.path == "/api/v1/info":
+            w.write(http(200, json.dumps({"page_size": PAGE, "mounts": []}).encode()))
+        elif req.path == "/api/v1/stat":
+            if path == "/f":
+                status = FileStatus("/f", len(self.data), 1.0, etag="v1")
+                w.write(http(200, json.dumps(status.to_dict()).encode()))
+            elif path == "/d":
+                w.write(http(200, json.dumps(FileStatus("/d", 0, 0, True).to_dict()).encode()))
+            else:
+                w.write(error(404, "NotFound", "no such file", path))
+        elif req.path == "/api/v1/list":
+            entries = [
+                FileStatus("/d/a", 1, 2.0).to_dict(),
+                FileStatus("/d/s", 0, 0, True).to_dict(),
+            ]
+            w.write(http(200, json.dumps({"path": path, "entries": entries}).encode()))
+        elif req.path == "/api/v1/read":
+            await asyncio.sleep(self.delay)
+            if path == "/d":
+                w.write(error(400, "IsADirectory", "is a directory", path))
+                return True
+            if path == "/busy":
+                w.write(error(503, "Throttled", "slow down", path))
+                return True
+            match = re.fullmatch(r"bytes=(\d*)-(\d*)", req.headers.get("range", ""))
+            first_byte = int(match.group(1)) if match and match.group(1) else 0
+            tag = self.changed_once.pop(first_byte, self.tag)
+            if "if-match" in req.headers and req.headers["if-match"] != tag:
+                w.write(error(412, "StaleVersion", "the file changed", path))
+                return True
+            size = len(self.data)
+            if match is None:
+                start, end = 0, size
+                status = 200
+            else:
+                first, last = match.groups()
+                if first == "":
+                    start, end = max(0, size - int(last)), size
+                else:
+                    start, end = int(first), min(size, int(last) + 1 if last else size)
+                status = 206
+                if start >= size:
+                    w.write(error(416, "InvalidRange", "unsatisfiable", path))
+                    return True
+            headers = {"ETag": tag, "X-Depot-Size": str(size)}
+            if status == 206:
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+            w.write(http(status, self.data[start:end], headers))
+        else:
+            w.write(error(404, "NotFound", "no such endpoint", req.path))
+        return True
+
+
+@pytest.fixture
+async def worker(serve) -> tuple[ScriptedWorker, FakeServer]:
+    script = ScriptedWorker()
+    return script, await serve(script)
+
+
+async def test_stat_list_and_typed_errors(worker) -> None:
+    _, server = worker
+    async with CacheClient(server.endpoint, config=config()) as client:
+        status = await client.stat("/f")
+        assert (status.size, status.etag, status.is_dir) == (len(DATA), "v1", False)
+        assert (await client.stat("/d")).is_dir
+        assert [e.path for e in await client.list("/d")] == ["/d/a", "/d/s"]
+        with pytest.raises(NotFound) as info:
+            await client.stat("/nope")
+        assert isinstance(info.value, FileNotFoundError) and info.value.path == "/nope"
+        with pytest.raises(IsADirectory):
+            await client.read_range("/d", 0, 10)
+        with pytest.raises(Throttled):
+            await client.read_range("/busy", 0, 10)
+        assert (await client.info())["page_size"] == PAGE
+
+
+async def test_small_and_open_ended_reads(worker) -> None:
+    _, server = worker
+    async with CacheClient(server.endpoint, config=config()) as client:
+        assert await client.read_range("/f", 10, 4106) == DATA[10:4106]
+        assert await client.read_range("/f", 999_990, 2_000_000) == DATA[999_990:]
+        assert await client.read_range("/f", 2_000_000, 2_000_010) == b""
+        assert await client.read_range("/f", -100) == DATA[-100:]
+        assert await client.read_range("/f", 5) == DATA[5:]
+        assert await client.read_range("/f", 0) == DATA
+
+
+async def test_reads_up_to_1mib_are_one_request(worker) -> None:
+    _, server = worker
+    async with CacheClient(server.endpoint, config=config(parallelism=4)) as client:
+        out = bytearray(len(DATA))
+        count = await client.read_range_into("/f", 1000, len(DATA), memoryview(out))
+        assert count == len(DATA) - 1000 and out[:count] == DATA[1000:]
+    # no /info round trip either: small reads never wait for the page size
+    assert [(r.path, r.headers.get("range")) for r in server.requests] == [
+        ("/api/v1/read", f"bytes=1000-{len(DATA) - 1}")
+    ]
+
+
+async def test_large_read_uses_up_to_parallelism_connections(worker) -> None:
+    script, server = worker
+    script.data = bytes(range(256)) * 40_000  # ~10 MiB: ten 1 MiB chunks
+    script.delay = 0.01
+    async with CacheClient(server.endpoint, config=config(parallelism=3)) as client:
+        assert await client.read_range("/f", 0, len(script.data), size=len(script.data)) == (
+            script.data
+        )
+    reads = [r for r in server.requests if r.path == "/api/v1/read"]
+    assert len(reads) == 10
+    assert all(int(r.headers["range"][6:].split("-")[0]) % (1 << 20) == 0 for r in reads)
+    assert server.max_active == 3
+
+
+async def test_pinned_version_raises_stale(worker) -> None:
+    script, server = worker
+    async with CacheClient(server.endpoint, config=config()) as client:
+        assert await client.read_range("/f", 0, 10, version='"e:v1"') == DATA[:10]
+        script.tag = '"e:v2"'
+        with pytest.raises(StaleVersion):
+            await client.read_range("/f", 0, 10, version='"e:v1"')
+    assert server.requests[-1].headers["if-match"] == '"e:v1"'
+
+
+async def test_unpinned_large_read_never_mixes_versions(worker) -> None:
+    script, server = worker
+    script.data = bytes(range(256)) * 12_288  # 3 MiB: three chunks
+    script.changed_once = {1 << 20: '"e:v2"'}  # the middle chunk sees another version once
+    async with CacheClient(server.endpoint, config=config(parallelism=3)) as client:
+        out = bytearray(len(script.data))
+        await client.read_range_into("/f", 0, len(out), memoryview(out))
+    reads = [r for r in server.requests if r.path == "/api/v1/read"]
+    assert len(reads) == 6
+    assert {r.headers.get("if-match") for r in reads[3:]} == {'"e:v1"'}
+
+
+async def test_open_ended_large_read_pins_to_first_response(worker) -> None:
+    script, server = worker
+    script.data = bytes(range(256)) * 12_288
+    async with CacheClient(server.endpoint, config=config()) as client:
+        assert await client.read_range("/f", 0) == script.data
+    reads = [r for r in server.requests if r.path == "/api/v1/read"]
+    assert "if-match" not in reads[0].headers
+    assert {r.headers["if-match"] for r in reads[1:]} == {'"e:v1"'}
+
+
+async def test_wrong_content_range_is_refused(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(206, b"abcd", {"Content-Range": "bytes 0-3/100"}))
+        return True
+
+    server = await serve(respond)
+    async with CacheClient(server.endpoint, config=config(), ufs_fallback=False) as client:
+        with pytest.raises(WorkerUnreachable, match="range other than"):
+            await client.read_range("/f", 50, 54)
+
+
+async def test_unreachable_worker_without_mounts_says_so() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with CacheClient(endpoint, config=config()) as client:
+            with pytest.raises(Unavailable, match="no mounts are configured"):
+                await client.stat("/x")
+        async with CacheClient(endpoint, config=config(), ufs_fallback=False) as client:
+            with pytest.raises(WorkerUnreachable) as info:
+                await client.stat("/x")
+            assert "no mounts" not in str(info.value)
+
+
+async def test_unreachable_worker_falls_back_to_ufs(tmp_path) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "f.bin").write_bytes(DATA)
+    cfg = DepotConfig(mounts=[MountConfig(path="/", ufs=tmp_path.as_uri())])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with CacheClient(endpoint, config=cfg) as client:
+            status = await client.stat("/dir/f.bin")
+            assert status.size == len(DATA)
+            assert (await client.stat("/dir")).is_dir
+            assert [e.path for e in await client.list("/dir")] == ["/dir/f.bin"]
+            assert await client.read_range("/dir/f.bin", 100, 200) == DATA[100:200]
+            assert await client.read_range("/dir/f.bin", 0) == DATA
+            assert await client.read_range("/dir/f.bin", -10) == DATA[-10:]
+            with pytest.raises(NotFound):
+                await client.stat("/dir/missing")
+
+
+async def test_a_cut_response_falls_back_once_but_keeps_the_worker(serve, tmp_path) -> None:
+    (tmp_path / "f").write_bytes(DATA)
+    cfg = DepotConfig(mounts=[MountConfig(path="/", ufs=tmp_path.as_uri())])
+    cuts = 1
+
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        nonlocal cuts
+        if cuts:
+            cuts -= 1
+            w.write(http(206, b"", {"Content-Length": "100", "Content-Range": "bytes 0-99/9"}))
+            w.write(b"z" * 10)
+            await w.drain()
+            w.transport.abort()
+            return False
+        w.write(http(206, b"w" * 100, {"Content-Range": "bytes 0-99/1000000"}))
+        return True
+
+    server = await serve(respond)
+    async with CacheClient(server.endpoint, config=cfg) as client:
+        assert await client.read_range("/f", 0, 100) == DATA[:100]  # from the under store
+        assert await client.read_range("/f", 0, 100) == b"w" * 100  # the worker again
+    assert len(server.requests) == 2
