@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
 
 from depot.core.types import PageId
 
@@ -24,6 +26,7 @@ class PageStoreStats:
     evicted_bytes: int = 0
     corrupt_dropped: int = 0
     rejected: int = 0
+    write_errors: int = 0
 
 
 class PageStore(abc.ABC):
@@ -65,6 +68,10 @@ class PageStore(abc.ABC):
         return self.page_length(page) is not None
 
     @abc.abstractmethod
+    def file_pages(self, file_key: str) -> list[int]:
+        """Sorted indexes of the stored pages of one file version. Cheap: no disk access."""
+
+    @abc.abstractmethod
     async def delete(self, page: PageId) -> bool:
         """Remove one page; True if it was there."""
 
@@ -76,5 +83,20 @@ class PageStore(abc.ABC):
     def stats(self) -> PageStoreStats:
         """Counters and usage."""
 
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Get ready to serve (a disk store recovers its index here). Idempotent."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release resources."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

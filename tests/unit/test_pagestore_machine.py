@@ -1,0 +1,96 @@
+"""Both page stores held against a dict model by a Hypothesis state machine.
+
+The disk store also restarts (close, reopen over the same dirs) and has page files damaged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+from depot.core.types import PageId
+from depot.pagestore import LocalPageStore, MemoryPageStore, PageStore
+from depot.testing.pagestore_contract import PageStoreMachine
+
+SETTINGS = settings(
+    max_examples=100,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+class MemoryMachine(PageStoreMachine):
+    async def open_store(self) -> PageStore:
+        return MemoryPageStore(self.capacity, self.page_size)
+
+    async def corrupt(self, store: PageStore, page: PageId, position: int) -> bool:
+        assert isinstance(store, MemoryPageStore)
+        return store.corrupt(page)
+
+
+class LocalMachine(PageStoreMachine):
+    eviction = "lru"
+
+    async def open_store(self) -> PageStore:
+        self.root = Path(tempfile.mkdtemp(prefix="depot-machine-"))
+        return await self._open()
+
+    async def _open(self) -> LocalPageStore:
+        # A small fd cache and checksum budget so that both get turned over.
+        return await LocalPageStore.open(
+            [(self.root, self.capacity)],
+            self.page_size,
+            self.eviction,
+            fd_cache=2,
+            checksum_cache_bytes=64,
+        )
+
+    async def reopen(self, store: PageStore) -> PageStore | None:
+        await store.close()
+        return await self._open()
+
+    async def corrupt(self, store: PageStore, page: PageId, position: int) -> bool:
+        assert isinstance(store, LocalPageStore)
+        path = store.page_file(page)
+        assert path is not None
+        with open(path, "r+b") as f:
+            f.seek(position)
+            byte = f.read(1)[0]
+            f.seek(position)
+            f.write(bytes([byte ^ 0x01]))
+        return True
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class LocalLfuMachine(LocalMachine):
+    eviction = "lfu"
+    checks_lru_order = False
+
+
+class TwoDirMachine(LocalMachine):
+    """Two dirs of different sizes: pages spread over both and each keeps its own size."""
+
+    capacity = 3 * PageStoreMachine.page_size + 2 * PageStoreMachine.page_size // 8
+    checks_lru_order = False
+
+    async def _open(self) -> LocalPageStore:
+        a = self.page_size + self.page_size // 8
+        return await LocalPageStore.open(
+            [(self.root / "a", a), (self.root / "b", self.capacity - a)], self.page_size
+        )
+
+
+TestMemoryMachine = MemoryMachine.TestCase
+TestMemoryMachine.settings = SETTINGS
+TestLocalMachine = LocalMachine.TestCase
+TestLocalMachine.settings = SETTINGS
+TestLocalLfuMachine = LocalLfuMachine.TestCase
+TestLocalLfuMachine.settings = settings(SETTINGS, max_examples=40)
+TestTwoDirMachine = TwoDirMachine.TestCase
+TestTwoDirMachine.settings = settings(SETTINGS, max_examples=40)
