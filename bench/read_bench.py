@@ -128,6 +128,7 @@ def worker_process(tmp: Path, name: str, mounts: list[dict[str, Any]], page_size
         "cache": {"page_size": page_size, "dirs": [{"path": str(tmp / f"{name}-cache"), "size": "8GiB"}]},
         "mounts": mounts,
         "log_level": "warning",
+        **({"worker": {"host": "127.0.0.1", "port": 0, "prefetch_pages": int(os.environ["PF"])}} if os.environ.get("PF") else {}),
     }
     cfg_file = tmp / f"{name}.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))

@@ -247,13 +247,43 @@ class CacheClient:
                 result, view = alloc_result(end - start)
                 count = await self.read_range_into(path, start, end, view, version=version)
                 return finish_result(result, view, count)
-        # Unknown extent: the first chunk tells the file's size and version; the rest (if any) is
-        # fetched in parallel, pinned to that version.
+        # Unknown extent: the first chunk tells the file's size and version. A stat runs beside
+        # it so that, for a large file, the other chunks go out at once instead of one
+        # first-chunk round trip (a full under-store latency when cold) later.
         chunk = self._chunk_size(await self.page_size())
         first_end = (start // chunk + 1) * chunk
         if end is not None:
             first_end = min(first_end, end)
-        first, total, tag = await self._first_chunk(path, start, first_end, version)
+        first_task = asyncio.ensure_future(self._first_chunk(path, start, first_end, version))
+        stat_task = asyncio.ensure_future(self.stat(path)) if version is None else None
+        try:
+            if stat_task is not None:
+                await asyncio.wait((first_task, stat_task), return_when=asyncio.FIRST_COMPLETED)
+                early = self._early_rest(stat_task, first_task, start, first_end, end)
+                if early is not None:
+                    status, stop = early
+                    tag = version_of(status)
+                    result, view = alloc_result(stop - start)
+                    rest = len(view) - (first_end - start)
+                    count_task = asyncio.ensure_future(
+                        self.read_range_into(path, first_end, stop, view[first_end - start :], version=tag)
+                    )
+                    try:
+                        first, _, first_tag = await first_task
+                        count = await count_task
+                    except BaseException:
+                        count_task.cancel()
+                        raise
+                    if first_tag == tag and len(first) == first_end - start and count == rest:
+                        view[: len(first)] = first
+                        return finish_result(result, view, len(first) + count)
+                    # The file changed between the stat and the first chunk: read it again,
+                    # pinned to the version the first chunk came from.
+                    return await self.read_range(path, start, end, version=first_tag)
+            first, total, tag = await first_task
+        finally:
+            if stat_task is not None and not stat_task.done():
+                stat_task.cancel()
         stop = total if end is None else min(end, total)
         if start + len(first) >= stop:
             return bytes(first[: max(0, stop - start)])
@@ -264,6 +294,27 @@ class CacheClient:
             path, start + done, stop, view[done:], version=version or tag
         )
         return finish_result(result, view, done + count)
+
+    @staticmethod
+    def _early_rest(
+        stat_task: asyncio.Future[FileStatus],
+        first_task: asyncio.Future[tuple[bytes | bytearray, int, str | None]],
+        start: int,
+        first_end: int,
+        end: int | None,
+    ) -> tuple[FileStatus, int] | None:
+        """The status and end of the read if the stat answered first and more than one chunk is left."""
+        if first_task.done() or not stat_task.done() or stat_task.cancelled():
+            return None
+        if stat_task.exception() is not None:
+            return None
+        status = stat_task.result()
+        if status.is_dir:
+            return None
+        stop = status.size if end is None else min(end, status.size)
+        if stop <= first_end:
+            return None
+        return status, stop
 
     async def read_range_into(
         self,

@@ -22,6 +22,9 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._inflight
+
     async def do(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
         fut = self._inflight.get(key)
         if fut is not None:

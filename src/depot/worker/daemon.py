@@ -82,6 +82,7 @@ class Worker:
                 self._metadata,
                 self._open_store,
                 ufs_concurrency=cfg.worker.ufs_concurrency,
+                prefetch_pages=cfg.worker.prefetch_pages,
             )
             app = WorkerApp(
                 self.service,

@@ -56,6 +56,8 @@ class ReadStats:
     metadata_hits: int = 0
     metadata_misses: int = 0
     revalidations: int = 0
+    ufs_inflight: int = 0
+    ufs_inflight_peak: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         total = self.hits + self.misses
@@ -68,6 +70,8 @@ class ReadStats:
             "ufs_reads": self.ufs_reads,
             "ufs_read_shared": self.ufs_read_shared,
             "stale_dropped_files": self.stale_dropped_files,
+            "ufs_inflight": self.ufs_inflight,
+            "ufs_inflight_peak": self.ufs_inflight_peak,
             "metadata": {
                 "hits": self.metadata_hits,
                 "misses": self.metadata_misses,
@@ -122,8 +126,9 @@ class ReadThroughService:
         metadata: MetadataStore,
         store_factory: StoreFactory,
         *,
-        ufs_concurrency: int = 16,
+        ufs_concurrency: int = 32,
         read_window: int = 8,
+        prefetch_pages: int = 8,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.mounts = mounts
@@ -134,6 +139,7 @@ class ReadThroughService:
         self._clock = clock
         self._ufs_slots = asyncio.Semaphore(ufs_concurrency)
         self._read_window = max(1, read_window)
+        self._prefetch_pages = max(0, prefetch_pages)
         self._page_flight: SingleFlight[Buffer] = SingleFlight()
         self._meta_flight: SingleFlight[FileStatus | None] = SingleFlight()
         self._list_flight: SingleFlight[list[FileStatus]] = SingleFlight()
@@ -141,6 +147,8 @@ class ReadThroughService:
         # Pages fetched from the UFS but not yet in the page store: readers arriving in that
         # window take the bytes from here instead of fetching them again.
         self._filling: dict[PageId, Buffer] = {}
+        # file key -> highest page read lately, in least-recently-used order (sequential detection)
+        self._streams: dict[str, int] = {}
         self.stats = ReadStats()
 
     # under stores ----------------------------------------------------------------------------
@@ -336,6 +344,8 @@ class ReadThroughService:
         indexes = list(rng.pages(page_size))
         ahead: dict[int, asyncio.Future[Buffer]] = {}
         view = memoryview(scratch)
+        if indexes:
+            self._follow_stream(opened, indexes[0], indexes[-1])
         try:
             for pos, index in enumerate(indexes):
                 self._schedule_ahead(opened, indexes, pos, ahead)
@@ -359,6 +369,39 @@ class ReadThroughService:
             for fut in ahead.values():
                 fut.cancel()
 
+    def _follow_stream(self, opened: OpenedFile, first: int, last: int) -> None:
+        """Fetch ahead of readers that go through a file in order.
+
+        Each file remembers the highest page asked for lately. A request that starts near it is
+        part of a sequential stream (a cold epoch, a model load, the parallel lanes of one large
+        read), so the pages after it are fetched into the cache now: a store that serves
+        ~100 MB/s per connection needs many requests in flight. Random reads start far from the
+        remembered page and cost no extra UFS traffic.
+        """
+        window = self._prefetch_pages
+        if window == 0:
+            return
+        key = opened.file_id.key
+        streams = self._streams
+        prev = streams.pop(key, None)
+        streams[key] = last if prev is None else max(prev, last)
+        if len(streams) > 4096:
+            del streams[next(iter(streams))]
+        if prev is None or not (prev - 2 * window <= first <= prev + window + 1):
+            return
+        last_page = (opened.status.size - 1) // self.pages.page_size
+        for ahead in range(last + 1, min(last + 1 + window, last_page + 1)):
+            page = PageId(key, ahead)
+            if page in self._filling or page in self._page_flight or self.pages.contains(page):
+                continue
+            self._spawn(self._prefetch(opened, ahead))
+
+    async def _prefetch(self, opened: OpenedFile, index: int) -> None:
+        try:
+            await self._fetch_page(opened, index)
+        except (OSError, asyncio.CancelledError) as exc:
+            log.debug("prefetch of page %d of %s failed: %s", index, opened.resolved.path, exc)
+
     def _schedule_ahead(
         self,
         opened: OpenedFile,
@@ -378,6 +421,13 @@ class ReadThroughService:
         if filling is not None:
             self.stats.ufs_read_shared += 1
             return filling
+        if page in self._page_flight:
+            pass  # join the fetch in flight below
+        elif self.pages.contains(page):
+            # Stored since the caller looked (a prefetch or another reader filled it).
+            cached = await self.pages.get(page)
+            if cached is not None:
+                return cached
         before = self._page_flight.shared
         data = await self._page_flight.do(page, lambda: self._fill_page(opened, index, page))
         if self._page_flight.shared != before:
@@ -389,10 +439,16 @@ class ReadThroughService:
         status = opened.status
         try:
             async with self._ufs_slots:
-                self.stats.ufs_reads += 1
-                data = await opened.store.get_range(
-                    opened.resolved.key, start, end, etag=status.etag if status.etag else None
-                )
+                stats = self.stats
+                stats.ufs_reads += 1
+                stats.ufs_inflight += 1
+                stats.ufs_inflight_peak = max(stats.ufs_inflight_peak, stats.ufs_inflight)
+                try:
+                    data = await opened.store.get_range(
+                        opened.resolved.key, start, end, etag=status.etag if status.etag else None
+                    )
+                finally:
+                    stats.ufs_inflight -= 1
         except StaleVersion:
             self._forget(opened)
             raise
