@@ -21,7 +21,6 @@ import contextlib
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,8 +73,8 @@ def loopback_tcp(total: int = 2048 * MiB) -> float:
     port = srv.getsockname()[1]
     sender = subprocess.Popen(
         [PY, "-c", (
-            "import socket,sys; s=socket.create_connection(('127.0.0.1',%d)); b=bytes(4<<20); "
-            "n=%d\nwhile n>0: s.sendall(b[:min(n,len(b))]); n-=min(n,len(b))\ns.close()") % (port, total)]
+            f"import socket,sys; s=socket.create_connection(('127.0.0.1',{port})); b=bytes(4<<20); "
+            f"n={total}\nwhile n>0: s.sendall(b[:min(n,len(b))]); n-=min(n,len(b))\ns.close()")]
     )
     conn, _ = srv.accept()
     buf = bytearray(4 * MiB)

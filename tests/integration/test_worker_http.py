@@ -172,7 +172,7 @@ def test_changed_object_is_never_served_stale(worker: LocalWorker, data_dir: Pat
     new = os.urandom(len(old))  # same size: only the version tells them apart
     time.sleep(0.01)
     path.write_bytes(new)
-    status, headers, body = api.read("/a.bin")
+    _status, headers, body = api.read("/a.bin")
     assert body == new and headers["x-depot-cache"] == "miss"
     assert api.stats()["stale_dropped_files"] >= 1
     assert api.read("/a.bin", "bytes=100-200")[2] == new[100:201]
@@ -205,7 +205,7 @@ def test_restarted_worker_serves_its_old_cache(tmp_path: Path, data_dir: Path) -
     with LocalWorker(data_dir.as_uri(), cache, page_size=PAGE, metadata="immutable") as w:
         api = Http(w.endpoint)
         assert api.json("/api/v1/info")["worker_id"] == worker_id
-        status, headers, body = api.read("/a.bin")
+        _status, headers, body = api.read("/a.bin")
         assert body == expected and headers["x-depot-cache"] == "hit"
         stats = api.stats()
         assert stats["ufs_reads"] == 0 and stats["hits"] == 6

@@ -58,7 +58,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ")[1])
-    headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)}
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
     body = await reader.readexactly(int(headers["content-length"]))
     return status, headers, body
 
@@ -155,7 +155,7 @@ async def test_http10_closes(server: tuple[HttpServer, int]) -> None:
 
 
 async def test_client_disconnect_mid_request_is_harmless(server: tuple[HttpServer, int]) -> None:
-    srv, port = server
+    _srv, port = server
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
     await writer.drain()

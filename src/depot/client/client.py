@@ -280,7 +280,7 @@ class CacheClient:
                     # The file changed between the stat and the first chunk: read it again,
                     # pinned to the version the first chunk came from.
                     return await self.read_range(path, start, end, version=first_tag)
-            first, total, tag = await first_task
+            first, total, first_tag = await first_task
         finally:
             if stat_task is not None and not stat_task.done():
                 stat_task.cancel()
@@ -291,7 +291,7 @@ class CacheClient:
         view[: len(first)] = first
         done = len(first)
         count = await self.read_range_into(
-            path, start + done, stop, view[done:], version=version or tag
+            path, start + done, stop, view[done:], version=version or first_tag
         )
         return finish_result(result, view, done + count)
 

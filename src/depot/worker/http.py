@@ -149,7 +149,7 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
         name, sep, value = line.partition(b":")
         if not sep or not name or not all(c in _TOKEN_CHARS for c in name):
             raise HttpError(400, "malformed header line")
-        if any(c < 0x20 and c != 0x09 or c == 0x7F for c in value):
+        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
             raise HttpError(400, "control character in header value")
         key = name.decode("ascii").lower()
         text = value.strip(b" \t").decode("latin-1")

@@ -14,16 +14,15 @@ tests) drives the same logic. Its guarantees:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from depot.core.config import UfsConfig
 from depot.core.errors import (
-    DepotError,
     IsADirectory,
     NotADirectory,
     NotFound,
@@ -261,7 +260,7 @@ class ReadThroughService:
         self.stats.metadata_misses += 1
         return await self._list_flight.do(cache_key, lambda: self._list_ufs(resolved, cache_key))
 
-    async def _list_ufs(self, resolved: Resolved, cache_key: str) -> list[FileStatus]:
+    async def _list_ufs(self, resolved: Resolved, cache_key: str) -> builtins.list[FileStatus]:
         store = self.store_for(resolved.mount)
         prefix = resolved.key + "/" if resolved.key else ""
         entries: dict[str, FileStatus] = {}
@@ -292,10 +291,10 @@ class ReadThroughService:
                 path=join_path(resolved.path, name), size=0, mtime=0.0, is_dir=True
             )
         if not entries and resolved.key:
-            status = await self._status(resolved)
-            if status is None:
+            found = await self._status(resolved)
+            if found is None:
                 raise NotFound("no such directory", resolved.path)
-            if not status.is_dir:
+            if not found.is_dir:
                 raise NotADirectory("not a directory", resolved.path)
         result = [entries[name] for name in sorted(entries)]
         self.metadata.put_listing(cache_key, result, self._clock())
@@ -332,7 +331,7 @@ class ReadThroughService:
 
     async def read_chunks(
         self, opened: OpenedFile, rng: ByteRange, scratch: bytearray
-    ) -> AsyncIterator[memoryview]:
+    ) -> AsyncGenerator[memoryview, None]:
         """Yield the bytes of ``rng`` in order, page by page.
 
         Cached pages are read (and verified) into ``scratch``; the caller must consume each
@@ -405,7 +404,7 @@ class ReadThroughService:
     def _schedule_ahead(
         self,
         opened: OpenedFile,
-        indexes: list[int],
+        indexes: builtins.list[int],
         pos: int,
         ahead: dict[int, asyncio.Future[Buffer]],
     ) -> None:
