@@ -69,13 +69,13 @@ class Worker:
     async def start(self) -> None:
         cfg = self.config
         cache_root = cfg.cache.dirs[0].path
+        # Fail fast on bad mount options/URIs, before anything is opened or logged.
+        for mount in self.mounts.mounts:
+            await self._open_store(mount).close()
         self.worker_id = load_worker_id(cache_root)
         self._pages = await LocalPageStore.open_from_config(cfg.cache)
         try:
             self._metadata = MetadataStore(cfg.cache.metadata_path)
-            # Fail fast on bad mount options/URIs rather than on the first read.
-            for mount in self.mounts.mounts:
-                self._open_store(mount)
             self.service = ReadThroughService(
                 self.mounts,
                 self._pages,
