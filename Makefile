@@ -20,14 +20,13 @@ $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.run-installed
 
-$(SAMPLE)/.done: scripts/make_sample.py | $(VENV)/.run-installed
+$(SAMPLE)/README.json: scripts/make_sample.py | $(VENV)/.run-installed
 	$(PY) scripts/make_sample.py $(SAMPLE)
-	touch $@
 
-sample: $(SAMPLE)/.done
+sample: $(SAMPLE)/README.json
 
 ## make run: install, build a small sample dataset, start an embedded node on it
-run: $(VENV)/.run-installed $(SAMPLE)/.done
+run: $(VENV)/.run-installed $(SAMPLE)/README.json
 	$(VENV)/bin/depot up --ufs $(SAMPLE) --port $(PORT)
 
 ## make test: install what the tests need, then lint, type-check and run the whole suite

@@ -70,7 +70,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
             break
     assert endpoint, "".join(banner) + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
     text = "".join(banner)
-    assert "depot fs ls /" in text and "DEPOT_ENDPOINT" in text
+    assert "fs ls /" in text and "DEPOT_ENDPOINT" in text
     assert (root / ".depot" / "cache").is_dir()  # cache under ./.depot/
     yield endpoint, data
     proc.send_signal(signal.SIGINT)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -161,6 +162,9 @@ def up(config_file: str | None, ufs: str | None, metadata: str | None, **flags: 
             click.echo(f"depot: no --ufs given, serving the current directory {ufs}", err=True)
         cfg = _build_config(config_file, ufs, metadata, **flags)
 
+        prog = "depot" if shutil.which("depot") else os.path.relpath(sys.argv[0])
+        python = "python" if shutil.which("depot") else os.path.relpath(sys.executable)
+
         def banner(endpoint: str) -> None:
             mounts = "\n".join(f"    {m.path:<12} -> {m.ufs}" for m in cfg.mounts)
             click.echo(
@@ -171,10 +175,10 @@ def up(config_file: str | None, ufs: str | None, metadata: str | None, **flags: 
                 f"  mounts\n{mounts}\n"
                 f"Try, in another shell:\n"
                 f"  export DEPOT_ENDPOINT={endpoint}\n"
-                f"  depot fs ls /\n"
-                f"  depot fs head /<file>\n"
-                f"  depot cache stats\n"
-                f"  python -c \"import fsspec; print(fsspec.filesystem('depot').ls('/'))\"\n"
+                f"  {prog} fs ls /\n"
+                f"  {prog} fs head /<file>\n"
+                f"  {prog} cache stats\n"
+                f"  {python} -c \"import fsspec; print(fsspec.filesystem('depot').ls('/'))\"\n"
                 f"Press Ctrl-C to stop.",
                 err=False,
             )
