@@ -105,8 +105,8 @@ class WorkerConfig(_Model):
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     s3_port: int | None = Field(default=None, ge=0, le=65535)
     max_request_bytes: int = Field(default=64 * 1024**3, gt=0)
-    ufs_concurrency: int = Field(default=32, ge=1, le=1024)
-    prefetch_pages: int = Field(default=8, ge=0, le=1024)
+    ufs_concurrency: int = Field(default=64, ge=1, le=1024)
+    prefetch_pages: int = Field(default=32, ge=0, le=1024)
 
     _parse_size = field_validator("max_request_bytes", mode="before")(_size)
 

@@ -125,9 +125,9 @@ class ReadThroughService:
         metadata: MetadataStore,
         store_factory: StoreFactory,
         *,
-        ufs_concurrency: int = 32,
+        ufs_concurrency: int = 64,
         read_window: int = 8,
-        prefetch_pages: int = 8,
+        prefetch_pages: int = 32,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.mounts = mounts
