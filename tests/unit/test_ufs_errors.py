@@ -39,6 +39,13 @@ S3_ERROR = (
 )
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Client disconnects are part of these tests (stalls, truncated bodies): no tracebacks."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Answers ``/bucket/<status>[-<code>]`` with that status; ``/bucket/hang`` stalls;
     ``/bucket/short`` promises more body than it sends."""
@@ -86,7 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def stub_endpoint() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server = _QuietServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
