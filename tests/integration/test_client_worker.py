@@ -39,11 +39,12 @@ async def test_parallel_reads_and_cache_counters(tmp_path: Path) -> None:
             )
             assert count == len(data) and out == data
             pages = -(-len(data) // PAGE)
-            for _ in range(200):  # pages are stored in the background after a miss
+            for _ in range(1000):  # pages are stored in the background after a miss
                 stats = await client.cache_stats()
-                if stats["pages"] >= pages:
+                if stats["pages"] >= pages and stats["ufs_inflight"] == 0:
                     break
                 await asyncio.sleep(0.01)
+            assert stats["pages"] >= pages, stats
             assert stats["ufs_reads"] >= pages  # every page came from the UFS once (read or prefetched)
             await client.read_range("/f.bin", 0)
             after = await client.cache_stats()
