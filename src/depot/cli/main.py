@@ -21,7 +21,7 @@ import click
 
 from depot import __version__
 from depot.core.config import DEFAULT_PORT, DepotConfig, load_config
-from depot.core.errors import ConfigError, DepotError
+from depot.core.errors import DepotError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -399,11 +399,7 @@ def config_show(config_file: str | None) -> None:
 
 
 def main() -> None:
-    try:
-        cli.main(prog_name="depot", standalone_mode=True)
-    except ConfigError as exc:  # pragma: no cover - _errors handles it inside commands
-        click.echo(f"depot: error: {exc}", err=True)
-        raise SystemExit(1) from None
+    cli.main(prog_name="depot", standalone_mode=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ from depot.ufs.keys import (
     check_list_args,
     check_prefix,
     check_range,
-    page_from_sorted,
     paginate,
     split_prefix,
 )
@@ -216,17 +215,9 @@ class FsspecUnderStore(UnderStore):
     ) -> ListPage:
         check_prefix(prefix)
         check_list_args(delimiter, limit)
-        cached = self._snapshots.take(prefix, delimiter, token)
-        if cached is not None:
-            snapshot, position = cached
-            return page_from_sorted(
-                snapshot,
-                start=position,
-                limit=limit,
-                snapshots=self._snapshots,
-                prefix=prefix,
-                delimiter=delimiter,
-            )
+        kept = self._snapshots.next_page(prefix, delimiter, token, limit)
+        if kept is not None:
+            return kept
         directory, _ = split_prefix(prefix)
         dir_path = self.base + directory.rstrip("/") if directory else self.base.rstrip("/")
         if not dir_path:

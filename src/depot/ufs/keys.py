@@ -117,6 +117,18 @@ class ListingSnapshots:
         self._ttl = ttl
         self._items: OrderedDict[tuple[str, str | None, str], _Snapshot] = OrderedDict()
 
+    def next_page(
+        self, prefix: str, delimiter: str | None, token: str | None, limit: int
+    ) -> ListPage | None:
+        """The page after ``token`` cut from a kept listing, or None: list afresh."""
+        cached = self.take(prefix, delimiter, token)
+        if cached is None:
+            return None
+        snapshot, position = cached
+        return page_from_sorted(
+            snapshot, start=position, limit=limit, snapshots=self, prefix=prefix, delimiter=delimiter
+        )
+
     def take(
         self, prefix: str, delimiter: str | None, token: str | None
     ) -> tuple[Sequence[ObjectInfo | str], int] | None:

@@ -161,17 +161,9 @@ class ObstoreUnderStore(UnderStore):
     ) -> ListPage:
         check_prefix(prefix)
         check_list_args(delimiter, limit)
-        cached = self._snapshots.take(prefix, delimiter, token)
-        if cached is not None:
-            snapshot, position = cached
-            return page_from_sorted(
-                snapshot,
-                start=position,
-                limit=limit,
-                snapshots=self._snapshots,
-                prefix=prefix,
-                delimiter=delimiter,
-            )
+        kept = self._snapshots.next_page(prefix, delimiter, token, limit)
+        if kept is not None:
+            return kept
         directory, _ = split_prefix(prefix)
         # obstore prefixes are whole path segments: list the directory, filter the rest here.
         store_prefix = directory.rstrip("/") or None

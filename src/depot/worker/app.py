@@ -10,13 +10,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from depot import __version__
-from depot.core.errors import (
-    DepotError,
-    InvalidArgument,
-    InvalidRange,
-    RequestTooLarge,
-    StaleVersion,
-)
+from depot.core.errors import InvalidArgument, InvalidRange, NotFound, RequestTooLarge
 from depot.core.types import ByteRange
 from depot.namespace.paths import normalize_path
 from depot.worker.http import Request, ResponseWriter, error_json
@@ -29,12 +23,6 @@ JSON = (("Content-Type", "application/json"),)
 
 class MethodNotAllowed(InvalidArgument):
     http_status = 405
-
-
-class RouteNotFound(DepotError):
-    code = "NotFound"
-    http_status = 404
-    errno_value = 2
 
 
 def _json(writer: ResponseWriter, data: Any, status: int = 200) -> None:
@@ -107,7 +95,7 @@ class WorkerApp:
     async def __call__(self, request: Request, writer: ResponseWriter) -> None:
         route = self._routes.get(request.path)
         if route is None:
-            raise RouteNotFound("no such endpoint", request.path)
+            raise NotFound("no such endpoint", request.path)
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"method {request.method} is not allowed here", request.path)
         await route(request, writer)
@@ -193,9 +181,6 @@ class WorkerApp:
             async for chunk in chunks:
                 writer.write(chunk)
                 await writer.drain()
-        except StaleVersion:
-            await self.service.handle_stale(opened)
-            raise
         finally:
             await chunks.aclose()
             if len(self._scratch_pool) < 16:

@@ -69,9 +69,9 @@ class Worker:
     async def start(self) -> None:
         cfg = self.config
         cache_root = cfg.cache.dirs[0].path
-        # Fail fast on bad mount options/URIs, before anything is opened or logged.
-        for mount in self.mounts.mounts:
-            await self._open_store(mount).close()
+        # Fail fast on bad mount options/URIs, before anything is opened or logged; the
+        # stores opened here are the ones the service uses.
+        stores = {mount.path: self._open_store(mount) for mount in self.mounts.mounts}
         self.worker_id = load_worker_id(cache_root)
         self._pages = await LocalPageStore.open_from_config(cfg.cache)
         try:
@@ -80,7 +80,7 @@ class Worker:
                 self.mounts,
                 self._pages,
                 self._metadata,
-                self._open_store,
+                lambda mount: stores.get(mount.path) or self._open_store(mount),
                 ufs_concurrency=cfg.worker.ufs_concurrency,
                 prefetch_pages=cfg.worker.prefetch_pages,
             )

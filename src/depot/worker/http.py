@@ -13,8 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 from depot.core.errors import DepotError, InvalidArgument, RequestTooLarge
@@ -54,7 +53,6 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     keep_alive: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from depot.core.errors import (
@@ -95,7 +95,6 @@ class PagePlan:
 
     pages: list[int]
     cached: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cache_state(self) -> str:
@@ -420,9 +419,7 @@ class ReadThroughService:
         if filling is not None:
             self.stats.ufs_read_shared += 1
             return filling
-        if page in self._page_flight:
-            pass  # join the fetch in flight below
-        elif self.pages.contains(page):
+        if page not in self._page_flight and self.pages.contains(page):
             # Stored since the caller looked (a prefetch or another reader filled it).
             cached = await self.pages.get(page)
             if cached is not None:
@@ -470,10 +467,6 @@ class ReadThroughService:
             log.warning("could not cache page %s: %s", page, exc)
         finally:
             self._filling.pop(page, None)
-
-    async def handle_stale(self, opened: OpenedFile) -> None:
-        """Forget what we knew of a file after the UFS reported a version mismatch."""
-        self._forget(opened)
 
     def cache_stats(self) -> dict[str, Any]:
         out = self.stats.to_dict()
