@@ -18,7 +18,6 @@ from urllib.parse import parse_qs
 import pytest
 
 from depot.client import CacheClient, WorkerTimeout, WorkerUnreachable, resolve_endpoint
-from depot.client.transport import ConnectionPool, parse_endpoint, path_query
 from depot.core.config import ClientConfig, DepotConfig, MountConfig
 from depot.core.errors import (
     InvalidArgument,
@@ -28,6 +27,7 @@ from depot.core.errors import (
     Throttled,
     Unavailable,
 )
+from depot.core.transport import ConnectionPool, parse_endpoint, path_query
 from depot.core.types import FileStatus
 
 

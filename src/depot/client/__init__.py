@@ -2,7 +2,7 @@
 
 from depot.client.client import CacheClient, resolve_endpoint, version_of
 from depot.client.fs import DepotFile, DepotFileSystem
-from depot.client.transport import WorkerTimeout, WorkerUnreachable
+from depot.core.transport import WorkerTimeout, WorkerUnreachable
 
 __all__ = [
     "CacheClient",

@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
-from depot.client.transport import (
+from depot.core.config import DepotConfig, load_config
+from depot.core.errors import DepotError, InvalidArgument, IsADirectory
+from depot.core.transport import (
     DEFAULT_ENDPOINT,
     ConnectionPool,
     Response,
@@ -28,8 +30,6 @@ from depot.client.transport import (
     parse_endpoint,
     path_query,
 )
-from depot.core.config import DepotConfig, load_config
-from depot.core.errors import DepotError, InvalidArgument, IsADirectory
 from depot.core.types import FileStatus
 
 log = logging.getLogger(__name__)

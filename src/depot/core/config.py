@@ -136,12 +136,49 @@ class UfsConfig(_Model):
     )
 
 
+def _url_list(value: Any) -> Any:
+    """A list of URLs from YAML, or a comma-separated string from a flag or the environment."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class ClusterConfig(_Model):
+    """How workers find each other and how data is placed over them."""
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    membership: Literal["embedded", "static", "etcd"] = "embedded"
+    etcd: list[str] = Field(default_factory=list)
+    workers: list[str] = Field(default_factory=list)
+    # The URL other workers and clients use to reach this worker (default: from host and port).
+    advertise: str | None = None
+    virtual_nodes: int = Field(default=2000, ge=1, le=100_000)
+    segment_size: int = Field(default=256 * 1024 * 1024, ge=0)
+    replication: int = Field(default=1, ge=1, le=16)
+    lease_ttl: float = Field(default=10.0, ge=1.0, le=3600.0)
+    # How often a client without etcd access asks a worker for the ring view.
+    refresh_interval: float = Field(default=5.0, gt=0)
+
+    _parse_lists = field_validator("etcd", "workers", mode="before")(_url_list)
+    _parse_size = field_validator("segment_size", mode="before")(_size)
+    _parse_duration = field_validator("lease_ttl", "refresh_interval", mode="before")(_duration)
+
+    @model_validator(mode="after")
+    def _membership_sources(self) -> ClusterConfig:
+        if self.membership == "etcd" and not self.etcd:
+            raise ValueError("membership 'etcd' needs the etcd endpoints (cluster.etcd / --etcd)")
+        if self.membership == "static" and not self.workers:
+            raise ValueError("membership 'static' needs the worker URLs (cluster.workers / --workers)")
+        return self
+
+
 class DepotConfig(_Model):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     mounts: list[MountConfig] = Field(default_factory=list)
     client: ClientConfig = Field(default_factory=ClientConfig)
     ufs: UfsConfig = Field(default_factory=UfsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -152,6 +189,12 @@ class DepotConfig(_Model):
             if key in seen:
                 raise ValueError(f"mount path {mount.path!r} is defined twice")
             seen.add(key)
+        segment = self.cluster.segment_size
+        if segment and segment % self.cache.page_size:
+            raise ValueError(
+                f"cluster.segment_size ({segment}) must be 0 or a multiple of "
+                f"cache.page_size ({self.cache.page_size})"
+            )
         return self
 
     def to_public_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 keep-alive client for the worker API.
+"""A lean HTTP/1.1 keep-alive client for the worker API (used by clients and by workers calling each other).
 
 Why not aiohttp or httpx: on a 2-core node the client, not the network, is the bottleneck
 (aiohttp tops out near 1.0-1.4 GB/s on loopback and costs ~1 ms per small request). This
