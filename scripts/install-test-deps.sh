@@ -11,7 +11,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.test-tools"
 AZURITE_SPEC="${AZURITE_SPEC:-azurite@3}"
-APT_PACKAGES=(etcd-server etcd-client fuse3 libfuse3-dev)
+APT_PACKAGES=(etcd-server etcd-client fuse3 libfuse3-dev rclone)
 
 note() { printf 'install-test-deps: %s\n' "$*" >&2; }
 

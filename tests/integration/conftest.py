@@ -235,3 +235,105 @@ def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite
         yield AzuriteServer(endpoint=f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}")
     finally:
         server.stop()
+
+
+# --- etcd (membership) ---------------------------------------------------------------------
+
+
+def etcd_command() -> str | None:
+    """``etcd`` from DEPOT_ETCD or PATH (Debian's etcd-server puts it in /usr/bin)."""
+    candidates = [os.environ.get("DEPOT_ETCD", ""), shutil.which("etcd") or "", "/usr/bin/etcd"]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@dataclass
+class EtcdServer:
+    """A single-node etcd. ``stop()`` then ``start()`` bring it back on the same ports and data
+    dir, so its keys and leases survive, as after a real etcd restart."""
+
+    process: ServerProcess
+    data_dir: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.process.port}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [self.endpoint]
+
+    @property
+    def running(self) -> bool:
+        return self.process.proc is not None and self.process.proc.poll() is None
+
+    def new_cluster(self) -> str:
+        """A cluster name no other test uses: its keys live under ``/depot/<name>/``."""
+        return f"t-{uuid.uuid4().hex[:16]}"
+
+    def start(self) -> None:
+        """Start and wait until etcd has a leader (``/health`` says true)."""
+        import urllib.request
+
+        self.process.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as resp:
+                    if b'"true"' in resp.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.process.stop()
+        raise RuntimeError(f"etcd not healthy within {START_TIMEOUT}s:\n{self.process.log_tail()}")
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def ensure_running(self) -> None:
+        if not self.running:
+            self.start()
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    command = etcd_command()
+    if command is None:
+        missing("etcd not installed: run scripts/install-test-deps.sh (apt: etcd-server)")
+    try:
+        import aetcd  # noqa: F401
+    except ImportError as exc:
+        missing(f"aetcd unavailable ({exc}); install the package")
+    client_port, peer_port = free_port(), free_port()
+    client_url = f"http://127.0.0.1:{client_port}"
+    peer_url = f"http://127.0.0.1:{peer_port}"
+    workdir = tmp_path_factory.mktemp("etcd")
+    data_dir = workdir / "data"
+    args = [
+        command,
+        "--name", "depot-test",
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client_url,
+        "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url,
+        "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"depot-test={peer_url}",
+        "--logger", "zap",
+        "--log-level", "warn",
+    ]  # fmt: skip
+    server = EtcdServer(ServerProcess("etcd", args, client_port, workdir / "etcd.log"), data_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def etcd_cluster(etcd_server: EtcdServer) -> str:
+    """A fresh cluster name on the shared etcd (restarted first if a test left it down)."""
+    etcd_server.ensure_running()
+    return etcd_server.new_cluster()

@@ -89,7 +89,7 @@ async def test_losing_the_worker_mid_read_falls_back_without_a_wrong_byte(tmp_pa
             )
             await stopper
             assert got == data
-            assert client._down_until > 0, "the read finished before the worker stopped"
+            assert client.router.is_down(worker.endpoint), "the read finished before the worker stopped"
             assert not await client.health()
             # the rest of the session is served by the under store
             assert await client.read_range("/f.bin", 5, 10) == data[5:10]

@@ -255,7 +255,8 @@ def test_openapi_lists_every_route(worker: LocalWorker) -> None:
     spec = Http(worker.endpoint).json("/openapi.json")
     assert spec["openapi"].startswith("3.")
     assert set(spec["paths"]) == {"/healthz", "/api/v1/info", "/api/v1/stat", "/api/v1/list",
-                                  "/api/v1/read", "/api/v1/cache/stats", "/openapi.json"}
+                                  "/api/v1/read", "/api/v1/cache/stats", "/api/v1/cluster",
+                                  "/openapi.json"}
     assert Http(worker.endpoint).json("/healthz") == {"status": "ok"}
 
 

@@ -537,9 +537,11 @@ async def test_reads_up_to_1mib_are_one_request(worker) -> None:
         out = bytearray(len(DATA))
         count = await client.read_range_into("/f", 1000, len(DATA), memoryview(out))
         assert count == len(DATA) - 1000 and out[:count] == DATA[1000:]
-    # no /info round trip either: small reads never wait for the page size
+    # no /info round trip either: small reads never wait for the page size (the cluster view
+    # is asked for once per client, to route by)
     assert [(r.path, r.headers.get("range")) for r in server.requests] == [
-        ("/api/v1/read", f"bytes=1000-{len(DATA) - 1}")
+        ("/api/v1/cluster", None),
+        ("/api/v1/read", f"bytes=1000-{len(DATA) - 1}"),
     ]
 
 
@@ -639,6 +641,9 @@ async def test_a_cut_response_falls_back_once_but_keeps_the_worker(serve, tmp_pa
 
     async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
         nonlocal cuts
+        if req.path == "/api/v1/cluster":  # a worker without a cluster view
+            w.write(http(404, b'{"error":{"code":"not_found","message":"no"}}'))
+            return True
         if cuts:
             cuts -= 1
             w.write(http(206, b"", {"Content-Length": "100", "Content-Range": "bytes 0-99/9"}))
@@ -653,4 +658,4 @@ async def test_a_cut_response_falls_back_once_but_keeps_the_worker(serve, tmp_pa
     async with CacheClient(server.endpoint, config=cfg) as client:
         assert await client.read_range("/f", 0, 100) == DATA[:100]  # from the under store
         assert await client.read_range("/f", 0, 100) == b"w" * 100  # the worker again
-    assert len(server.requests) == 2
+    assert [r.path for r in server.requests] == ["/api/v1/cluster", *["/api/v1/read"] * 2]

@@ -57,6 +57,21 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         out.setdefault("worker", {})["port"] = flags["port"]
     if flags.get("host") is not None:
         out.setdefault("worker", {})["host"] = flags["host"]
+    if flags.get("s3_port") is not None:
+        out.setdefault("worker", {})["s3_port"] = flags["s3_port"]
+    cluster = {
+        key: flags[flag]
+        for flag, key in (
+            ("membership", "membership"),
+            ("etcd", "etcd"),
+            ("workers", "workers"),
+            ("cluster", "name"),
+            ("advertise", "advertise"),
+        )
+        if flags.get(flag) is not None
+    }
+    if cluster:
+        out["cluster"] = cluster
     cache: dict[str, Any] = {}
     if flags.get("cache_dir") is not None or flags.get("cache_size") is not None:
         base = flags.get("base_cache")
@@ -117,11 +132,28 @@ def _run_worker(cfg: DepotConfig, banner: Callable[[str], None] | None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await worker.start()
+        gateway: Any = None
+        client: Any = None
         try:
+            if cfg.worker.s3_port is not None:
+                # The gateway reads through a client (same routing and failover as any reader),
+                # so it is started here, above both the worker and the client.
+                from depot.client.client import CacheClient
+                from depot.s3.server import start_gateway
+
+                client = CacheClient(worker.endpoint, config=cfg)
+                gateway = await start_gateway(cfg, client, cfg.worker.host, cfg.worker.s3_port)
             if banner is not None:
                 banner(worker.endpoint)
+                if gateway is not None:
+                    click.echo(f"  S3 API     {gateway.endpoint}")
+                    sys.stdout.flush()
             await stop.wait()
         finally:
+            if gateway is not None:
+                await gateway.stop()
+            if client is not None:
+                await client.close()
             await worker.stop()
 
     asyncio.run(main())
@@ -131,6 +163,7 @@ common_worker_options: list[Callable[[F], F]] = [
     click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file."),
     click.option("--ufs", help="Under store mounted at /: a directory or URI (file://, s3://, gs://, az://)."),
     click.option("--port", type=click.IntRange(0, 65535), help=f"HTTP port (default {DEFAULT_PORT})."),
+    click.option("--s3-port", type=click.IntRange(0, 65535), help="Also serve the S3 API on this port."),
     click.option("--host", help="Address to listen on (default 127.0.0.1)."),
     click.option("--cache-dir", type=click.Path(file_okay=False), help="Page store directory."),
     click.option("--cache-size", help="Page store quota, e.g. 10GiB."),
@@ -189,6 +222,11 @@ def up(config_file: str | None, ufs: str | None, metadata: str | None, **flags: 
 
 @cli.command()
 @worker_options
+@click.option("--membership", type=click.Choice(["embedded", "static", "etcd"]), help="How workers find each other (default embedded).")
+@click.option("--etcd", help="etcd client URLs, comma-separated (membership etcd).")
+@click.option("--workers", help="Worker URLs of a static cluster, comma-separated (membership static).")
+@click.option("--cluster", help="Cluster name: workers of one cluster share a ring (default 'default').")
+@click.option("--advertise", help="URL others reach this worker at (default http://HOST:PORT).")
 def worker(config_file: str | None, ufs: str | None, metadata: str | None, **flags: Any) -> None:
     """Run a worker daemon from a config file (flags override it)."""
     with _errors():
@@ -396,6 +434,16 @@ def config_show(config_file: str | None) -> None:
     with _errors():
         cfg = load_config(config_file)
         click.echo(yaml.safe_dump(cfg.to_public_dict(), sort_keys=False).rstrip())
+
+
+def _register_commands() -> None:
+    """Commands that live in their own modules (each adds itself to the group)."""
+    from depot.cli import s3
+
+    s3.register(cli)
+
+
+_register_commands()
 
 
 def main() -> None:

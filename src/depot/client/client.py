@@ -9,28 +9,29 @@ same calls from the under stores named by the mount table so that readers keep g
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
-from depot.core.config import DepotConfig, load_config
+from depot.client.routing import UNREACHABLE, WorkerRouter
+from depot.core.config import DepotConfig, MountConfig, load_config
 from depot.core.errors import DepotError, InvalidArgument, IsADirectory
 from depot.core.transport import (
     DEFAULT_ENDPOINT,
     ConnectionPool,
     Response,
-    WorkerTimeout,
     WorkerUnreachable,
     error_from_response,
     parse_endpoint,
     path_query,
 )
 from depot.core.types import FileStatus
+from depot.placement.view import merge_mounts
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,9 @@ HEALTH = "/healthz"
 SMALL_READ = 1024 * 1024
 # Large reads are cut at page boundaries into chunks of at least this size.
 MIN_CHUNK = 1024 * 1024
-_UNREACHABLE = (WorkerUnreachable, WorkerTimeout)
-_DOWN_MIN = 1.0
-_DOWN_MAX = 30.0
+_UNREACHABLE = UNREACHABLE
+# A read tries this many workers of its key before it reads the under store itself.
+FAILOVER_WORKERS = 2
 
 # (bytes received, version tag) of each chunk of a large read.
 ChunkResults = list[tuple[int, str | None]]
@@ -114,20 +115,19 @@ class CacheClient:
         self.endpoint = parse_endpoint(resolve_endpoint(endpoint, self.config)).url
         self.parallelism = max(1, parallelism if parallelism is not None else settings.parallelism)
         self.ufs_fallback = settings.ufs_fallback if ufs_fallback is None else ufs_fallback
-        self._pool = ConnectionPool(
-            parse_endpoint(self.endpoint),
+        self.router = WorkerRouter(
+            self.endpoint,
+            self.config,
             max_connections=max_connections or max(32, 2 * self.parallelism),
-            connect_timeout=settings.connect_timeout,
-            timeout=settings.timeout,
         )
         self._page_size: int | None = None
         self._fallback: UfsFallback | None = None
-        self._down_until = 0.0
-        self._down_for = 0.0
+        self._retired: list[UfsFallback] = []
 
     @property
     def pool(self) -> ConnectionPool:
-        return self._pool
+        """The connection pool of the worker this client was given."""
+        return self.router.pool(self.endpoint)
 
     async def __aenter__(self) -> CacheClient:
         return self
@@ -141,17 +141,28 @@ class CacheClient:
         await self.close()
 
     async def close(self) -> None:
-        self._pool.close()
-        if self._fallback is not None:
-            await self._fallback.close()
+        self.router.close()
+        for fallback in [*self._retired, *([self._fallback] if self._fallback else [])]:
+            await fallback.close()
+        self._retired.clear()
+        self._fallback = None
 
     # worker calls ------------------------------------------------------------------------------
-    async def _get_json(self, route: str, path: str | None = None) -> Any:
+    async def _get_json(
+        self, route: str, path: str | None = None, pool: ConnectionPool | None = None
+    ) -> Any:
         target = route if path is None else path_query(route, path)
-        response = await self._pool.request(target)
+        response = await (pool or self.pool).request(target)
         if response.status >= 300:
             raise error_from_response(response, path)
         return response.json()
+
+    async def cluster(self) -> dict[str, Any]:
+        """The cluster view of the worker (``GET /api/v1/cluster``): workers, placement, mounts."""
+        data = await self._get_json("/api/v1/cluster")
+        if not isinstance(data, dict):
+            raise WorkerUnreachable(f"worker {self.endpoint} sent a malformed cluster view")
+        return data
 
     async def info(self) -> dict[str, Any]:
         """Worker identity, page size and mounts (``GET /api/v1/info``)."""
@@ -164,6 +175,10 @@ class CacheClient:
     async def page_size(self) -> int:
         """The worker's page size (asked once), which large reads are aligned to."""
         if self._page_size is None:
+            view = await self.router.current_view()
+            if view is not None:
+                self._page_size = view.page_size
+                return view.page_size
             try:
                 await self.info()
             except _UNREACHABLE:
@@ -191,8 +206,8 @@ class CacheClient:
     async def stat(self, path: str) -> FileStatus:
         """Status of a file or directory."""
 
-        async def from_worker() -> FileStatus:
-            data = await self._get_json(STAT, path)
+        async def from_worker(pool: ConnectionPool) -> FileStatus:
+            data = await self._get_json(STAT, path, pool)
             try:
                 return FileStatus.from_dict(data)
             except (KeyError, TypeError, ValueError):
@@ -200,13 +215,13 @@ class CacheClient:
                     f"worker {self.endpoint} sent a malformed status for {path}"
                 ) from None
 
-        return await self._call(from_worker, lambda fb: fb.stat(path))
+        return await self._call(from_worker, lambda fb: fb.stat(path), path)
 
     async def list(self, path: str) -> list[FileStatus]:
         """The entries of a directory, sorted by name."""
 
-        async def from_worker() -> list[FileStatus]:
-            data = await self._get_json(LIST, path)
+        async def from_worker(pool: ConnectionPool) -> list[FileStatus]:
+            data = await self._get_json(LIST, path, pool)
             try:
                 return [FileStatus.from_dict(e) for e in data["entries"]]
             except (KeyError, TypeError, ValueError):
@@ -214,7 +229,7 @@ class CacheClient:
                     f"worker {self.endpoint} sent a malformed listing for {path}"
                 ) from None
 
-        return await self._call(from_worker, lambda fb: fb.list(path))
+        return await self._call(from_worker, lambda fb: fb.list(path), path)
 
     # reads ---------------------------------------------------------------------------------------
     async def read_range(
@@ -342,6 +357,9 @@ class CacheClient:
         pos = start
         while pos < end:
             stop = min(end, (pos // chunk + 1) * chunk)
+            segment_end = self.router.segment_end(pos)
+            if segment_end is not None:
+                stop = min(stop, segment_end)  # one request, one owner
             bounds.append((pos, stop))
             pos = stop
         results = await self._read_chunks(path, start, bounds, out, version)
@@ -393,11 +411,11 @@ class CacheClient:
     ) -> tuple[int, str | None]:
         """One ranged request into ``dest``: (bytes received, the version's tag)."""
 
-        async def from_worker() -> tuple[int, str | None]:
+        async def from_worker(pool: ConnectionPool) -> tuple[int, str | None]:
             headers = [("Range", f"bytes={start}-{end - 1}")]
             if version is not None:
                 headers.append(("If-Match", version))
-            response = await self._pool.request(path_query(READ, path), headers, dest=dest)
+            response = await pool.request(path_query(READ, path), headers, dest=dest)
             status = response.status
             if status == 416:
                 return 0, None  # at or past the end of the file
@@ -415,18 +433,18 @@ class CacheClient:
         async def from_ufs(fallback: UfsFallback) -> tuple[int, str | None]:
             return await fallback.read_into(path, start, end, dest, version), None
 
-        return await self._call(from_worker, from_ufs)
+        return await self._call(from_worker, from_ufs, path, start)
 
     async def _first_chunk(
         self, path: str, start: int, end: int, version: str | None
     ) -> tuple[bytes | bytearray, int, str | None]:
         """The bytes of ``[start, end)`` with the file's size and version tag."""
 
-        async def from_worker() -> tuple[bytes | bytearray, int, str | None]:
+        async def from_worker(pool: ConnectionPool) -> tuple[bytes | bytearray, int, str | None]:
             headers = [("Range", f"bytes={start}-{end - 1}")]
             if version is not None:
                 headers.append(("If-Match", version))
-            response = await self._pool.request(path_query(READ, path), headers)
+            response = await pool.request(path_query(READ, path), headers)
             if response.status == 416:
                 return b"", _total_size(response) or start, None
             if response.status >= 300:
@@ -451,18 +469,18 @@ class CacheClient:
             del buf[count:]
             return buf, status.size, tag
 
-        return await self._call(from_worker, from_ufs)
+        return await self._call(from_worker, from_ufs, path, start)
 
     async def _read_suffix(self, path: str, length: int, version: str | None) -> bytes:
         if length == 0:
             return b""
         if length <= SMALL_READ:
 
-            async def from_worker() -> bytes | None:
+            async def from_worker(pool: ConnectionPool) -> bytes | None:
                 headers = [("Range", f"bytes=-{length}")]
                 if version is not None:
                     headers.append(("If-Match", version))
-                response = await self._pool.request(path_query(READ, path), headers)
+                response = await pool.request(path_query(READ, path), headers)
                 if response.status == 416:
                     return b""
                 if response.status >= 300:
@@ -472,7 +490,8 @@ class CacheClient:
             async def from_ufs(fallback: UfsFallback) -> bytes | None:
                 return None  # needs the size: take the general path below
 
-            data = await self._call(from_worker, from_ufs)
+            # The suffix lies in the file's last segment, unknown here: route by the first.
+            data = await self._call(from_worker, from_ufs, path)
             if data is not None:
                 return data
         status = await self.stat(path)
@@ -491,57 +510,67 @@ class CacheClient:
         return page_size * pages
 
     # fallback --------------------------------------------------------------------------------------
+    def _mounts_for_fallback(self) -> builtins.list[MountConfig]:
+        """The mounts to read the under store by: the cluster's (with this client's own
+        credentials put back), else this client's config."""
+        view = self.router.view
+        if view is not None and view.mounts:
+            return list(merge_mounts(view.mounts, self.config.mounts))
+        return list(self.config.mounts)
+
     def _can_fall_back(self) -> bool:
-        return self.ufs_fallback and bool(self.config.mounts)
+        return self.ufs_fallback and bool(self._mounts_for_fallback())
 
     def _fallback_for(self, error: DepotError) -> UfsFallback:
         """The UFS fallback to use after ``error``, or raise ``error`` if there is none."""
         if not self.ufs_fallback:
             raise error
-        if not self.config.mounts:
+        mounts = self._mounts_for_fallback()
+        if not mounts:
             raise type(error)(
                 f"{error.message}; no fallback to the under store: no mounts are configured "
                 "for this client (set them in the config file)",
                 error.path,
             ) from error
-        if self._fallback is None:
-            self._fallback = UfsFallback(self.config.mounts, self.config.ufs)
+        if self._fallback is None or self._fallback.mount_configs != mounts:
+            if self._fallback is not None:
+                self._retired.append(self._fallback)
+            self._fallback = UfsFallback(mounts, self.config.ufs)
         return self._fallback
 
     async def _call(
         self,
-        from_worker: Callable[[], Awaitable[T]],
+        from_worker: Callable[[ConnectionPool], Awaitable[T]],
         from_ufs: Callable[[UfsFallback], Awaitable[T]],
+        path: str | None = None,
+        offset: int = 0,
     ) -> T:
-        """Ask the worker; if it cannot be reached, ask the under store (when allowed)."""
-        if self._down_until and time.monotonic() < self._down_until and self._can_fall_back():
-            return await from_ufs(self._fallback_for(WorkerUnreachable("worker marked down")))
-        try:
-            result = await from_worker()
-        except _UNREACHABLE as error:
-            fallback = self._fallback_for(error)
-            if error.connect_failed:
-                self._mark_down(error)
-            return await from_ufs(fallback)
-        if self._down_until:
-            log.info("worker %s is reachable again", self.endpoint)
-            self._down_until = 0.0
-            self._down_for = 0.0
-        return result
-
-    def _mark_down(self, error: DepotError) -> None:
-        """Skip the worker for a while (growing) so each call does not wait on a dead worker."""
-        now = time.monotonic()
-        if now < self._down_until:
-            return
-        self._down_for = min(_DOWN_MAX, max(_DOWN_MIN, self._down_for * 2))
-        self._down_until = now + self._down_for
-        log.warning(
-            "worker %s unreachable (%s); reading from the under store for %.0fs",
-            self.endpoint,
-            error.message,
-            self._down_for,
-        )
+        """Ask the worker that owns ``path`` at ``offset``; if it cannot be reached, the next
+        worker of the key; then the under store (when allowed)."""
+        router = self.router
+        if path is not None:
+            await router.current_view()
+        targets = router.targets(path, offset)
+        if router.is_down(targets[0]) and self._can_fall_back():
+            # Every worker of the key is marked down: do not wait on them again.
+            return await from_ufs(self._fallback_for(WorkerUnreachable("workers marked down")))
+        error: DepotError | None = None
+        for endpoint in targets[:FAILOVER_WORKERS]:
+            if error is not None and router.is_down(endpoint):
+                break
+            try:
+                result = await from_worker(router.pool(endpoint))
+            except _UNREACHABLE as exc:
+                error = exc
+                if exc.connect_failed:
+                    router.mark_down(endpoint, exc)
+                else:
+                    router.refresh_soon()
+                continue
+            router.mark_up(endpoint)
+            return result
+        assert error is not None
+        return await from_ufs(self._fallback_for(error))
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

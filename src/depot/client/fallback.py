@@ -48,6 +48,7 @@ class UfsFallback:
     """The namespace served from the under stores, without cache."""
 
     def __init__(self, mounts: Sequence[MountConfig], ufs_config: UfsConfig) -> None:
+        self.mount_configs = list(mounts)
         self.table = MountTable.from_config(mounts)
         self._ufs_config = ufs_config
         self._stores: dict[str, UnderStore] = {}

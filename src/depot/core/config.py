@@ -80,7 +80,8 @@ class CacheConfig(_Model):
 
     @property
     def metadata_path(self) -> Path:
-        return self.metadata_dir or self.dirs[0].path.parent / "meta"
+        # Inside the first dir, so that workers with their own cache dirs never share it.
+        return self.metadata_dir or self.dirs[0].path / "meta"
 
 
 class MountConfig(_Model):
@@ -172,6 +173,94 @@ class ClusterConfig(_Model):
         return self
 
 
+_BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class S3Config(_Model):
+    """The S3 gateway (docs/s3.md): credentials, anonymous access, bucket mapping, limits.
+
+    ``DEPOT_S3_ACCESS_KEY`` / ``DEPOT_S3_SECRET_KEY`` override the keys given here.
+    """
+
+    access_key: str | None = Field(default=None, min_length=1, max_length=128)
+    secret_key: str | None = Field(default=None, min_length=1, max_length=256, repr=False)
+    # Serve requests that carry no signature at all (signed ones are still verified).
+    anonymous: bool = False
+    region: str = Field(default="us-east-1", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    # "top-level": every top-level directory of the namespace is a bucket;
+    # "mapped": only the buckets of ``buckets`` (name -> namespace path).
+    bucket_mode: Literal["top-level", "mapped"] = "top-level"
+    buckets: dict[str, str] = Field(default_factory=dict)
+    max_keys: int = Field(default=1000, ge=1, le=100_000)
+    clock_skew: float = Field(default=900.0, gt=0)
+    # Requests served at once; more get 503 SlowDown.
+    max_inflight: int = Field(default=1024, ge=1, le=1_000_000)
+
+    _parse_duration = field_validator("clock_skew", mode="before")(_duration)
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not (0 < len(name) <= 255 and set(name) <= _BUCKET_CHARS and name[0].isalnum()):
+                raise ValueError(f"invalid bucket name {name!r}")
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(f"bucket {name!r}: the namespace path must start with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> S3Config:
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("give both s3.access_key and s3.secret_key, or neither")
+        if self.bucket_mode == "mapped" and not self.buckets:
+            raise ValueError("bucket_mode 'mapped' needs s3.buckets (name: /namespace/path)")
+        return self
+
+
+class FuseConfig(_Model):
+    """The POSIX mount (``depot mount``): attributes, kernel caching and read tuning."""
+
+    # Seconds the kernel trusts attributes / names / "no such file" answers before asking again.
+    attr_timeout: float = Field(default=5.0, ge=0)
+    entry_timeout: float = Field(default=5.0, ge=0)
+    negative_timeout: float = Field(default=1.0, ge=0)
+    # Owner and permission bits shown for every entry (default: the user who mounts).
+    uid: int | None = Field(default=None, ge=0)
+    gid: int | None = Field(default=None, ge=0)
+    file_mode: int = Field(default=0o444, ge=0, le=0o7777)
+    dir_mode: int = Field(default=0o555, ge=0, le=0o7777)
+    allow_other: bool = False
+    # Kernel read-ahead of the mount (bdi read_ahead_kb): 1 MiB requests instead of 128 KiB.
+    read_ahead_kb: int = Field(default=1024, ge=0, le=65536)
+    # Keep the kernel page cache across opens while the file's version is unchanged.
+    kernel_cache: bool = True
+    # Requests served at once (an asyncio task each).
+    concurrency: int = Field(default=64, ge=1, le=1024)
+    # Bytes of file data the mount process holds (read-ahead and prefetched blocks).
+    memory: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Random small reads on a file: after `random_threshold` of them, prefetch whole segments.
+    prefetch: bool = True
+    prefetch_segment: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
+    random_threshold: int = Field(default=4, ge=1)
+    # Seconds to keep serving open files after SIGTERM/SIGINT (the mount is detached at once).
+    shutdown_grace: float = Field(default=5.0, ge=0)
+
+    _parse_size = field_validator("memory", "prefetch_segment", mode="before")(_size)
+    _parse_duration = field_validator(
+        "attr_timeout", "entry_timeout", "negative_timeout", "shutdown_grace", mode="before"
+    )(_duration)
+
+    @field_validator("file_mode", "dir_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise ValueError(f"not an octal mode: {value!r}") from None
+        return value
+
+
 class DepotConfig(_Model):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
@@ -179,6 +268,8 @@ class DepotConfig(_Model):
     client: ClientConfig = Field(default_factory=ClientConfig)
     ufs: UfsConfig = Field(default_factory=UfsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    fuse: FuseConfig = Field(default_factory=FuseConfig)
+    s3: S3Config = Field(default_factory=S3Config)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -206,6 +297,8 @@ class DepotConfig(_Model):
                     key.lower() not in ("access_key_id", "account_name")
                 ):
                     mount["options"][key] = "***"
+        if data.get("s3", {}).get("secret_key") is not None:
+            data["s3"]["secret_key"] = "***"
         return data
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -13,12 +14,16 @@ from depot import __version__
 from depot.core.errors import InvalidArgument, InvalidRange, NotFound, RequestTooLarge
 from depot.core.types import ByteRange
 from depot.namespace.paths import normalize_path
+from depot.placement.view import ClusterView
 from depot.worker.http import Request, ResponseWriter, error_json
 from depot.worker.service import ReadThroughService, mount_summary
 
 log = logging.getLogger(__name__)
 
 JSON = (("Content-Type", "application/json"),)
+# From Python 3.12 a transport keeps a reference to bytes it could not send at once instead of
+# copying them, so a reused buffer must be fully sent before it is filled again.
+TRANSPORT_KEEPS_REFERENCES = sys.version_info >= (3, 12)
 
 
 class MethodNotAllowed(InvalidArgument):
@@ -76,9 +81,11 @@ class WorkerApp:
         *,
         worker_id: str,
         max_request_bytes: int,
+        cluster_view: Callable[[], ClusterView] | None = None,
     ) -> None:
         self.service = service
         self.worker_id = worker_id
+        self.cluster_view = cluster_view
         self.max_request_bytes = max_request_bytes
         self._scratch_pool: list[bytearray] = []
         self._routes: dict[str, Callable[[Request, ResponseWriter], Any]] = {
@@ -87,6 +94,7 @@ class WorkerApp:
             "/api/v1/list": self.list,
             "/api/v1/info": self.info,
             "/api/v1/cache/stats": self.cache_stats,
+            "/api/v1/cluster": self.cluster,
             "/healthz": self.health,
             "/openapi.json": self.openapi,
         }
@@ -113,6 +121,12 @@ class WorkerApp:
                 "mounts": mount_summary(self.service.mounts),
             },
         )
+
+    async def cluster(self, request: Request, writer: ResponseWriter) -> None:
+        """The ring view clients route by: workers, placement settings, mounts (no secrets)."""
+        if self.cluster_view is None:
+            raise NotFound("this worker is not part of a cluster", request.path)
+        _json(writer, self.cluster_view().to_document())
 
     async def openapi(self, request: Request, writer: ResponseWriter) -> None:
         if self._openapi is None:
@@ -177,11 +191,20 @@ class WorkerApp:
             first = await chunks.__anext__()
             writer.start(status, headers, rng.length)
             writer.write(first)
-            await writer.drain()
+            await self._sent(writer)
             async for chunk in chunks:
                 writer.write(chunk)
-                await writer.drain()
+                await self._sent(writer)
         finally:
             await chunks.aclose()
-            if len(self._scratch_pool) < 16:
+            reusable = not (TRANSPORT_KEEPS_REFERENCES and writer.pending())
+            if reusable and len(self._scratch_pool) < 16:
                 self._scratch_pool.append(scratch)
+
+    @staticmethod
+    async def _sent(writer: ResponseWriter) -> None:
+        """Wait until ``scratch`` may be overwritten by the next page."""
+        if TRANSPORT_KEEPS_REFERENCES and writer.pending():
+            await writer.flush()
+        else:
+            await writer.drain()

@@ -16,6 +16,7 @@ from depot.pagestore.local import LocalPageStore
 from depot.ufs.base import UnderStore
 from depot.ufs.registry import open_under_store
 from depot.worker.app import WorkerApp
+from depot.worker.cluster import ClusterNode
 from depot.worker.http import HttpServer
 from depot.worker.service import ReadThroughService
 
@@ -51,6 +52,12 @@ class Worker:
         self.worker_id = ""
         self._pages: LocalPageStore | None = None
         self._metadata: MetadataStore | None = None
+        self.cluster: ClusterNode | None = None
+
+    @property
+    def advertised_endpoint(self) -> str:
+        """The URL other workers and clients reach this worker at."""
+        return self.config.cluster.advertise or self.endpoint
 
     @property
     def endpoint(self) -> str:
@@ -83,20 +90,47 @@ class Worker:
                 lambda mount: stores.get(mount.path) or self._open_store(mount),
                 ufs_concurrency=cfg.worker.ufs_concurrency,
                 prefetch_pages=cfg.worker.prefetch_pages,
+                segment_size=0 if cfg.cluster.membership == "embedded" else cfg.cluster.segment_size,
             )
             app = WorkerApp(
                 self.service,
                 worker_id=self.worker_id,
                 max_request_bytes=cfg.worker.max_request_bytes,
+                cluster_view=lambda: self._cluster_node().view,
             )
             self.server = HttpServer(app)
             self.port = await self.server.start(cfg.worker.host, cfg.worker.port)
+            pages = self._pages
+            self.cluster = ClusterNode(
+                cfg.cluster,
+                worker_uuid=self.worker_id,
+                endpoint=self.advertised_endpoint,
+                page_size=cfg.cache.page_size,
+                mounts=list(cfg.mounts),
+                usage=lambda: (pages.stats().used_bytes, pages.stats().capacity_bytes),
+            )
+            await self.cluster.start()
         except BaseException:
             await self.stop()
             raise
-        log.info("worker %s listening on %s", self.worker_id, self.endpoint)
+        log.info(
+            "worker %s listening on %s (ring id %s, membership %s)",
+            self.worker_id,
+            self.endpoint,
+            self.cluster.worker_id,
+            cfg.cluster.membership,
+        )
+
+    def _cluster_node(self) -> ClusterNode:
+        if self.cluster is None:
+            raise RuntimeError("worker not started")
+        return self.cluster
 
     async def stop(self) -> None:
+        if self.cluster is not None:
+            # Leave the ring first, so that clients stop routing here before the port closes.
+            await self.cluster.stop()
+            self.cluster = None
         if self.server is not None:
             await self.server.stop()
             self.server = None

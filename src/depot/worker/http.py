@@ -59,6 +59,9 @@ class Request:
 
 
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
+# (status, message) -> (body, headers) of the answer to a request the server itself refuses.
+ProtocolErrorResponder = Callable[[int, str], tuple[bytes, Iterable[tuple[str, str]]]]
+JSON_HEADERS: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
 
 
 class ResponseWriter:
@@ -74,15 +77,24 @@ class ResponseWriter:
         self.head_only = head_only
         self.status = 0
 
-    def start(self, status: int, headers: Iterable[tuple[str, str]], content_length: int) -> None:
-        """Queue the status line and headers; they go out with the first body bytes."""
+    def start(
+        self, status: int, headers: Iterable[tuple[str, str]], content_length: int | None
+    ) -> None:
+        """Queue the status line and headers; they go out with the first body bytes.
+
+        ``content_length=None`` sends no ``Content-Length`` and no body: for responses that
+        never have one (``304 Not Modified``).
+        """
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
         self.status = status
         lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
         lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-        lines.append(f"Content-Length: {content_length}\r\n")
+        if content_length is not None:
+            lines.append(f"Content-Length: {content_length}\r\n")
+        else:
+            self.head_only = True
         if not self._proto.keep_alive:
             lines.append("Connection: close\r\n")
         lines.append("\r\n")
@@ -108,6 +120,22 @@ class ResponseWriter:
 
     async def drain(self) -> None:
         await self._proto.drain()
+
+    async def flush(self) -> None:
+        """Wait until every byte given to ``write`` has been handed to the kernel.
+
+        After it, the buffers that were written may be reused (see ``pending``).
+        """
+        await self._proto.flush()
+
+    def pending(self) -> int:
+        """Bytes given to ``write`` that the transport has not handed to the kernel yet.
+
+        A caller that reuses its buffers must wait until their bytes are out: from Python 3.12
+        the transport keeps a reference to unsent data instead of copying it.
+        """
+        transport = self._proto.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def send(
         self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()
@@ -257,6 +285,21 @@ class HttpProtocol(asyncio.Protocol):
         finally:
             self._drain_waiter = None
 
+    async def flush(self) -> None:
+        transport = self.transport
+        if self._closed or transport is None:
+            raise ConnectionResetError("connection closed")
+        if transport.get_write_buffer_size() == 0:
+            return
+        high = transport.get_write_buffer_limits()[1]
+        # With a high-water mark of 0 the transport pauses us until its buffer is empty.
+        transport.set_write_buffer_limits(high=0)
+        try:
+            await self.drain()
+        finally:
+            if not self._closed:
+                transport.set_write_buffer_limits(high=high)
+
     # request parsing -------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -320,10 +363,15 @@ class HttpProtocol(asyncio.Protocol):
 
     def _reply_protocol_error(self, exc: HttpError) -> None:
         self.keep_alive = False
-        body = _error_body(exc.status, "InvalidArgument" if exc.status != 413 else "RequestTooLarge", exc.message)
+        responder = self._server.protocol_error
+        if responder is not None:
+            body, headers = responder(exc.status, exc.message)
+        else:
+            code = "InvalidArgument" if exc.status != 413 else "RequestTooLarge"
+            body, headers = _error_body(exc.status, code, exc.message), JSON_HEADERS
         writer = ResponseWriter(self, head_only=False)
         with contextlib.suppress(ConnectionError):
-            writer.send(exc.status, body, (("Content-Type", "application/json"),))
+            writer.send(exc.status, body, headers)
         self._buf.clear()
         self.close()
 
@@ -395,8 +443,12 @@ class HttpServer:
         max_body_bytes: int = 1024 * 1024,
         idle_timeout: float = 75.0,
         head_timeout: float = 30.0,
+        protocol_error: ProtocolErrorResponder | None = None,
     ) -> None:
         self.handler = handler
+        # Builds (body, headers) of the answer to a malformed request, which no handler sees:
+        # the S3 gateway answers those in S3 XML. Default: the worker API's JSON error.
+        self.protocol_error = protocol_error
         self.max_body_bytes = max_body_bytes
         self.idle_timeout = idle_timeout
         self.head_timeout = head_timeout
@@ -426,6 +478,7 @@ __all__ = [
     "HttpError",
     "HttpServer",
     "InvalidArgument",
+    "ProtocolErrorResponder",
     "Request",
     "RequestTooLarge",
     "ResponseWriter",

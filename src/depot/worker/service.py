@@ -127,6 +127,7 @@ class ReadThroughService:
         ufs_concurrency: int = 64,
         read_window: int = 8,
         prefetch_pages: int = 32,
+        segment_size: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.mounts = mounts
@@ -138,6 +139,8 @@ class ReadThroughService:
         self._ufs_slots = asyncio.Semaphore(ufs_concurrency)
         self._read_window = max(1, read_window)
         self._prefetch_pages = max(0, prefetch_pages)
+        # Read-ahead stays inside the placement segment: the next one belongs to another worker.
+        self._segment_size = max(0, segment_size)
         self._page_flight: SingleFlight[Buffer] = SingleFlight()
         self._meta_flight: SingleFlight[FileStatus | None] = SingleFlight()
         self._list_flight: SingleFlight[list[FileStatus]] = SingleFlight()
@@ -387,7 +390,12 @@ class ReadThroughService:
             del streams[next(iter(streams))]
         if prev is None or not (prev - 2 * window <= first <= prev + window + 1):
             return
-        last_page = (opened.status.size - 1) // self.pages.page_size
+        page_size = self.pages.page_size
+        last_page = (opened.status.size - 1) // page_size
+        segment = self._segment_size
+        if segment:
+            segment_end = ((last * page_size) // segment + 1) * segment
+            last_page = min(last_page, (segment_end - 1) // page_size)
         for ahead in range(last + 1, min(last + 1 + window, last_page + 1)):
             page = PageId(key, ahead)
             if page in self._filling or page in self._page_flight or self.pages.contains(page):

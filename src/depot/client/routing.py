@@ -1,0 +1,172 @@
+"""Which worker a client asks: the ring view, one connection pool per worker, and down marks.
+
+The client learns the cluster from any worker (``GET /api/v1/cluster``) and refreshes it in the
+background every ``cluster.refresh_interval``, and at once after a worker fails. Each read goes to
+the worker that owns its bytes on the ring; a worker that refuses connections is skipped for a
+growing while, so that readers do not each wait on a dead worker before moving on.
+
+A worker too old to serve the cluster view, or a cluster view that cannot be had at all, leaves
+the client talking to the one worker it was given, as before clusters existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from depot.core.config import DepotConfig
+from depot.core.errors import DepotError
+from depot.core.transport import ConnectionPool, WorkerTimeout, WorkerUnreachable, parse_endpoint
+from depot.placement.view import ClusterView, spread_seed
+
+log = logging.getLogger(__name__)
+
+CLUSTER = "/api/v1/cluster"
+UNREACHABLE = (WorkerUnreachable, WorkerTimeout)
+_DOWN_MIN = 1.0
+_DOWN_MAX = 30.0
+
+
+@dataclass(slots=True)
+class _DownMark:
+    until: float
+    period: float
+
+
+class WorkerRouter:
+    """Routes requests to workers; not thread-safe (one event loop)."""
+
+    def __init__(self, seed: str, config: DepotConfig, *, max_connections: int) -> None:
+        self.seed = parse_endpoint(seed).url
+        self.config = config
+        self._max_connections = max_connections
+        self._pools: dict[str, ConnectionPool] = {}
+        self._down: dict[str, _DownMark] = {}
+        self._view: ClusterView | None = None
+        self._view_at = 0.0
+        self._no_cluster = False  # the seed worker serves no cluster view
+        self._refreshing: asyncio.Task[None] | None = None
+        self.spread = spread_seed(f"{os.getpid()}:{id(self)}")
+        self.pool(self.seed)
+
+    # pools ---------------------------------------------------------------------------------------
+    def pool(self, endpoint: str) -> ConnectionPool:
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            settings = self.config.client
+            pool = ConnectionPool(
+                parse_endpoint(endpoint),
+                max_connections=self._max_connections,
+                connect_timeout=settings.connect_timeout,
+                timeout=settings.timeout,
+            )
+            self._pools[endpoint] = pool
+        return pool
+
+    def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    # down marks ----------------------------------------------------------------------------------
+    def is_down(self, endpoint: str) -> bool:
+        mark = self._down.get(endpoint)
+        return mark is not None and time.monotonic() < mark.until
+
+    def mark_down(self, endpoint: str, error: DepotError) -> None:
+        """Skip ``endpoint`` for a while (doubling up to 30 s while it stays down)."""
+        now = time.monotonic()
+        mark = self._down.get(endpoint)
+        if mark is not None and now < mark.until:
+            return
+        period = min(_DOWN_MAX, max(_DOWN_MIN, mark.period * 2 if mark else 0.0))
+        self._down[endpoint] = _DownMark(now + period, period)
+        log.info("worker %s unreachable (%s); skipping it for %.0fs", endpoint, error.message, period)
+        self.refresh_soon()
+
+    def mark_up(self, endpoint: str) -> None:
+        if self._down.pop(endpoint, None) is not None:
+            log.info("worker %s is reachable again", endpoint)
+
+    # the view ------------------------------------------------------------------------------------
+    @property
+    def view(self) -> ClusterView | None:
+        return self._view
+
+    async def current_view(self) -> ClusterView | None:
+        """The view, fetched on first use and refreshed in the background when old."""
+        if self._no_cluster:
+            return None
+        if self._view is None:
+            await self.refresh()
+        elif time.monotonic() - self._view_at > self.config.cluster.refresh_interval:
+            self.refresh_soon()
+        return self._view
+
+    def refresh_soon(self) -> None:
+        if self._no_cluster or (self._refreshing is not None and not self._refreshing.done()):
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: the next call refreshes
+            self._refreshing = asyncio.get_running_loop().create_task(self.refresh())
+
+    async def refresh(self) -> None:
+        """Fetch the view from the seed, else from any worker of the last view."""
+        candidates = [self.seed]
+        if self._view is not None:
+            candidates += [w.endpoint for w in self._view.workers if w.endpoint != self.seed]
+        candidates.sort(key=self.is_down)  # workers marked down last, still tried
+        for endpoint in candidates:
+            try:
+                response = await self.pool(endpoint).request(CLUSTER)
+                if response.status == 404 and endpoint == self.seed and self._view is None:
+                    self._no_cluster = True
+                    return
+                if response.status != 200:
+                    continue
+                view = ClusterView.from_document(response.json())
+            except UNREACHABLE:
+                continue
+            except (DepotError, ValueError) as exc:
+                log.warning("worker %s sent an unusable cluster view: %s", endpoint, exc)
+                continue
+            if self._view is None or view.generation != self._view.generation or (
+                view.workers != self._view.workers
+            ):
+                log.debug("cluster view from %s: %d worker(s)", endpoint, len(view.workers))
+            self._view = view
+            self._view_at = time.monotonic()
+            return
+        # Nobody answered: keep the last view (and try again on the next call).
+        self._view_at = time.monotonic()
+
+    # routing -------------------------------------------------------------------------------------
+    def targets(self, path: str | None, offset: int = 0) -> list[str]:
+        """Endpoints to try for ``path`` at ``offset``, best first (without waiting on anything).
+
+        Workers marked down go to the end: they are tried only when nothing else is left.
+        """
+        view = self._view
+        endpoints: list[str] = []
+        if view is not None and path is not None:
+            file_key = view.file_key(path)
+            if file_key is not None:
+                endpoints = [w.endpoint for w in view.route(file_key, offset, spread=self.spread)]
+        if not endpoints:
+            endpoints = [self.seed]
+        up = [e for e in endpoints if not self.is_down(e)]
+        return up + [e for e in endpoints if e not in up]
+
+    def segment_end(self, offset: int) -> int | None:
+        """Where the placement segment of ``offset`` ends, if reads must be cut there."""
+        if self._view is None:
+            return None
+        return self._view.segment_end(offset)
+
+
+__all__ = ["CLUSTER", "UNREACHABLE", "WorkerRouter"]
