@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from depot.core.config import MountConfig
@@ -49,10 +49,14 @@ class ClusterView:
     generation: int = 0
     healthy: bool = True
     self_id: str | None = None
+    # A view whose ring may be reused when the placed workers are the same (usage updates change
+    # the view every few seconds; a ring of 100 workers costs ~0.1 s to build).
+    reuse: InitVar[ClusterView | None] = None
     ring: HashRing[WorkerInfo] = field(init=False, repr=False, compare=False)
     table: MountTable = field(init=False, repr=False, compare=False)
+    placed: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, reuse: ClusterView | None) -> None:
         live: dict[WorkerIdentity, WorkerInfo] = {}
         for info in self.workers:
             if not info.is_live:
@@ -61,8 +65,16 @@ class ClusterView:
                 live[WorkerIdentity.parse(info.worker_id)] = info
             except (ValueError, DepotError):
                 continue  # not a ring identity: cannot be placed, still listed
-        object.__setattr__(self, "ring", self.policy.ring(live))
-        object.__setattr__(self, "table", MountTable.from_config(self.mounts))
+        placed = tuple(sorted((str(i), w.endpoint) for i, w in live.items()))
+        object.__setattr__(self, "placed", placed)
+        if reuse is not None and reuse.placed == placed and reuse.policy == self.policy:
+            object.__setattr__(self, "ring", reuse.ring)
+        else:
+            object.__setattr__(self, "ring", self.policy.ring(live))
+        if reuse is not None and reuse.mounts == self.mounts:
+            object.__setattr__(self, "table", reuse.table)
+        else:
+            object.__setattr__(self, "table", MountTable.from_config(self.mounts))
 
     # routing -------------------------------------------------------------------------------------
     def file_key(self, path: str) -> str | None:
@@ -132,7 +144,7 @@ class ClusterView:
         }
 
     @classmethod
-    def from_document(cls, data: Any) -> ClusterView:
+    def from_document(cls, data: Any, reuse: ClusterView | None = None) -> ClusterView:
         """Parse a worker's ``/api/v1/cluster`` document; malformed input is InvalidArgument."""
         try:
             placement = data["placement"]
@@ -153,6 +165,7 @@ class ClusterView:
                 generation=int(data.get("generation", 0)),
                 healthy=bool(data.get("healthy", True)),
                 self_id=data.get("self") if isinstance(data.get("self"), str) else None,
+                reuse=reuse,
             )
         except DepotError:
             raise

@@ -106,6 +106,7 @@ class ClusterNode:
         return self.membership if isinstance(self.membership, ClusterStore) else None
 
     def _build(self, workers: list[WorkerInfo]) -> ClusterView:
+        previous: ClusterView | None = getattr(self, "_view", None)
         return ClusterView(
             workers=tuple(workers),
             policy=self._policy,
@@ -116,6 +117,7 @@ class ClusterNode:
             generation=self._generation,
             healthy=self.membership.healthy,
             self_id=self.worker_id,
+            reuse=previous,
         )
 
     def _on_view(self, workers: list[WorkerInfo]) -> None:
