@@ -2,10 +2,14 @@
 
 Benchmarks need an under store whose speed is known: moto is far too slow, and a plain local
 directory is faster than any real object store. This serves the subdirectories of a directory
-as buckets, path-style (``GET/HEAD /<bucket>/<key>``, one ``Range``), waits ``first_byte_ms`` before each response (the
+as buckets, path-style (``GET/HEAD /<bucket>/<key>``, one ``Range``; ``GET /<bucket>?list-type=2``
+lists), waits ``first_byte_ms`` before each response (the
 object store's time to first byte) and paces each connection at ``rate_per_conn`` bytes/s (S3
 serves roughly 50-100 MB/s per connection), optionally under a shared ``rate_total`` cap.
 Signatures are not checked: clients use ``skip_signature``.
+
+``GET /__stats`` answers ``{"requests": N, "gets": N, "bytes_sent": N}`` (body bytes sent so
+far), so a benchmark can count what its readers cost the object store.
 
 Run: ``python bench/ufs_server.py DIR --port 9000 --first-byte-ms 20 --rate-per-conn 100MB``
 """
@@ -16,10 +20,12 @@ import argparse
 import asyncio
 import email.utils
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
+from xml.sax.saxutils import escape
 
 CHUNK = 256 * 1024
 
@@ -57,6 +63,8 @@ class ObjectServer:
         self.rate_per_conn = rate_per_conn
         self.total = Pacer(rate_total)
         self.requests = 0
+        self.gets = 0
+        self.bytes_sent = 0
 
     def _file(self, target: str) -> Path | None:
         path = unquote(target.split("?", 1)[0])
@@ -67,6 +75,53 @@ class ObjectServer:
         if not file.is_relative_to(self.root) or not file.is_file():
             return None
         return file
+
+    def _list(self, target: str) -> bytes | None:
+        """ListObjectsV2 (``GET /<bucket>?list-type=2&prefix=&delimiter=``), or None."""
+        path, _, query = target.partition("?")
+        bucket = unquote(path).strip("/")
+        params = {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        if "list-type" not in params or not bucket or "/" in bucket:
+            return None
+        base = (self.root / bucket).resolve()
+        if not base.is_relative_to(self.root) or not base.is_dir():
+            return None
+        prefix, delimiter = params.get("prefix", ""), params.get("delimiter", "")
+        after = params.get("continuation-token") or params.get("start-after", "")
+        max_keys = int(params.get("max-keys", "1000"))
+        keys: dict[str, os.stat_result | None] = {}
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                key = Path(dirpath, name).relative_to(base).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                rest = key[len(prefix):]
+                if delimiter and delimiter in rest:
+                    keys[prefix + rest[: rest.index(delimiter) + len(delimiter)]] = None
+                else:
+                    keys[key] = Path(dirpath, name).stat()
+        chosen = [k for k in sorted(keys) if k > after][:max_keys]
+        truncated = len([k for k in keys if k > after]) > len(chosen)
+        parts = [f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix>"
+                 f"<KeyCount>{len(chosen)}</KeyCount><MaxKeys>{max_keys}</MaxKeys>"
+                 f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"]
+        if delimiter:
+            parts.append(f"<Delimiter>{escape(delimiter)}</Delimiter>")
+        if truncated:
+            parts.append(f"<NextContinuationToken>{escape(chosen[-1])}</NextContinuationToken>")
+        for key in chosen:
+            st = keys[key]
+            if st is None:
+                parts.append(f"<CommonPrefixes><Prefix>{escape(key)}</Prefix></CommonPrefixes>")
+                continue
+            etag = hashlib.md5(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()
+            modified = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(st.st_mtime))
+            parts.append(f"<Contents><Key>{escape(key)}</Key><LastModified>{modified}"
+                         f"</LastModified><ETag>&quot;{etag}&quot;</ETag><Size>{st.st_size}</Size>"
+                         f"<StorageClass>STANDARD</StorageClass></Contents>")
+        return ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+                'xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                + "".join(parts) + "</ListBucketResult>").encode()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         pacer = Pacer(self.rate_per_conn)
@@ -80,6 +135,20 @@ class ObjectServer:
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = lines[0].split(" ", 2)
                 headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+                if target == "/__stats":
+                    body = json.dumps({"requests": self.requests, "gets": self.gets,
+                                       "bytes_sent": self.bytes_sent}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    await writer.drain()
+                    continue
+                listing = self._list(target) if method == "GET" else None
+                if listing is not None:
+                    await asyncio.sleep(self.first_byte)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(listing), listing))
+                    await writer.drain()
+                    continue
                 file = self._file(target)
                 if file is None or method not in ("GET", "HEAD"):
                     body = b"<Error><Code>NoSuchKey</Code></Error>"
@@ -112,6 +181,7 @@ class ObjectServer:
                      f"Accept-Ranges: bytes\r\n{extra}\r\n").encode()
                 )
                 if length:
+                    self.gets += 1
                     fd = os.open(file, os.O_RDONLY)
                     try:
                         pos = start
@@ -121,6 +191,7 @@ class ObjectServer:
                             await self.total.take(n)
                             writer.write(os.pread(fd, n, pos))
                             await writer.drain()
+                            self.bytes_sent += n
                             pos += n
                     finally:
                         os.close(fd)

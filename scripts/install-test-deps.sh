@@ -2,7 +2,7 @@
 # Install the external servers and system packages the integration tests use.
 #
 #   - azurite (Azure Blob emulator) from npm into ./.test-tools (gitignored);
-#   - when running as root with apt available: etcd-server, etcd-client, fuse3, libfuse3-dev.
+#   - when running as root with apt available: etcd, fuse3 and what builds pyfuse3, rclone, fio.
 #
 # Idempotent and quick when everything is already present. Python packages come from
 # `pip install -e .[dev]`, not from here.
@@ -11,7 +11,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.test-tools"
 AZURITE_SPEC="${AZURITE_SPEC:-azurite@3}"
-APT_PACKAGES=(etcd-server etcd-client fuse3 libfuse3-dev rclone)
+# pkg-config, gcc and python3-dev build pyfuse3 (the FUSE binding ships as source only).
+APT_PACKAGES=(etcd-server etcd-client fuse3 libfuse3-dev pkg-config gcc python3-dev rclone fio)
 
 note() { printf 'install-test-deps: %s\n' "$*" >&2; }
 

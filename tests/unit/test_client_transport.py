@@ -315,6 +315,24 @@ async def test_silent_server_times_out(serve) -> None:
     pool.close()
 
 
+async def test_silence_mid_body_times_out_after_one_timeout(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(200, b"", {"Content-Length": "100"}) + b"abc")
+        await w.drain()
+        await asyncio.sleep(5)  # a hung worker: the connection stays open, nothing comes
+        return False
+
+    server = await serve(respond)
+    pool = pool_for(server, timeout=0.4)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(WorkerTimeout, match=r"sent nothing for 0\.4s"):
+        await pool.request("/x")
+    # About one timeout of silence, not up to two (a check per whole timeout).
+    assert loop.time() - began < 0.7
+    pool.close()
+
+
 async def test_trickling_body_does_not_time_out(serve) -> None:
     async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
         w.write(http(200, b"", {"Content-Length": "6"}))

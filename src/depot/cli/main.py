@@ -438,9 +438,12 @@ def config_show(config_file: str | None) -> None:
 
 def _register_commands() -> None:
     """Commands that live in their own modules (each adds itself to the group)."""
-    from depot.cli import s3
+    from depot.cli import jobs, mount, s3, status
 
     s3.register(cli)
+    status.register(cli)
+    jobs.register(cli)
+    mount.register(cli)
 
 
 _register_commands()

@@ -15,6 +15,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
@@ -30,7 +31,7 @@ from depot.core.transport import (
     parse_endpoint,
     path_query,
 )
-from depot.core.types import FileStatus
+from depot.core.types import FileStatus, parse_rate
 from depot.placement.view import merge_mounts
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ LIST = "/api/v1/list"
 INFO = "/api/v1/info"
 STATS = "/api/v1/cache/stats"
 HEALTH = "/healthz"
+JOBS = "/api/v1/jobs"
+JOB_DONE = frozenset({"completed", "failed", "stopped"})
+# While waiting on a job, how long the workers may be unreachable before the wait gives up.
+JOB_WAIT_UNREACHABLE = 60.0
 
 # Reads up to this size are one request and never wait for the worker's page size.
 SMALL_READ = 1024 * 1024
@@ -202,6 +207,134 @@ class CacheClient:
         except _UNREACHABLE:
             return False
         return isinstance(data, dict) and data.get("status") == "ok"
+
+    # jobs: preload and free -------------------------------------------------------------------
+    async def _job_request(self, target: str, method: str = "GET", path: str | None = None) -> Any:
+        """Ask the worker this client was given, else any other worker of the cluster: every
+        worker can create and report jobs (their state lives in the cluster's store)."""
+        view = self.router.view
+        endpoints = [self.endpoint]
+        if view is not None:
+            endpoints += [w.endpoint for w in view.workers if w.endpoint != self.endpoint]
+        error: DepotError | None = None
+        for endpoint in endpoints:
+            try:
+                response = await self.router.pool(endpoint).request(target, method=method)
+            except _UNREACHABLE as exc:
+                error = exc
+                continue
+            if response.status >= 300:
+                raise error_from_response(response, path)
+            data = response.json()
+            if not isinstance(data, dict):
+                raise WorkerUnreachable(f"worker {endpoint} sent a malformed job document")
+            return data
+        assert error is not None
+        raise error
+
+    async def submit_job(self, kind: str, path: str, **options: Any) -> dict[str, Any]:
+        """Create a job (``kind`` ``load`` or ``free``) and return its first document at once."""
+        params = [("kind", kind), ("path", path)]
+        for name, value in options.items():
+            if value is None or value is False:
+                continue
+            params.append((name, "1" if value is True else str(value)))
+        query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in params)
+        doc: dict[str, Any] = await self._job_request(f"{JOBS}?{query}", "POST", path)
+        return doc
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """The document of a job: state, counters, rate, ETA, failures."""
+        doc: dict[str, Any] = await self._job_request(f"{JOBS}/{quote(job_id, safe='')}")
+        return doc
+
+    async def jobs(self) -> builtins.list[dict[str, Any]]:
+        """Every job the cluster remembers, newest first."""
+        data = await self._job_request(JOBS)
+        jobs = data.get("jobs")
+        return [j for j in jobs if isinstance(j, dict)] if isinstance(jobs, builtins.list) else []
+
+    async def stop_job(self, job_id: str) -> dict[str, Any]:
+        """Ask a job to stop; its coordinator stops it within about a second."""
+        doc: dict[str, Any] = await self._job_request(
+            f"{JOBS}/{quote(job_id, safe='')}/stop", "POST"
+        )
+        return doc
+
+    async def wait_job(
+        self,
+        job_id: str,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        poll_interval: float = 0.5,
+    ) -> dict[str, Any]:
+        """Poll a job until it is completed, failed or stopped; returns its final document.
+
+        ``on_progress(doc)`` is called with every document read. Workers that cannot be reached
+        (a restart) are waited for up to a minute.
+        """
+        unreachable_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                doc = await self.job(job_id)
+            except _UNREACHABLE:
+                now = loop.time()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > JOB_WAIT_UNREACHABLE:
+                    raise
+                self.router.refresh_soon()
+                await asyncio.sleep(poll_interval)
+                continue
+            unreachable_since = None
+            if on_progress is not None:
+                on_progress(doc)
+            if doc.get("state") in JOB_DONE:
+                return doc
+            await asyncio.sleep(poll_interval)
+
+    async def load(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        verify: bool = False,
+        bandwidth: int | str | None = None,
+        metadata_only: bool = False,
+        wait: bool = True,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        poll_interval: float = 0.5,
+    ) -> dict[str, Any]:
+        """Preload ``path`` into the cluster's cache: each file's segments on their owners.
+
+        ``recursive`` loads a whole tree (else a directory's files, one level); ``verify``
+        then checks every page and loads what is missing; ``bandwidth`` (bytes/s, or ``"100MB"``)
+        caps the rate; ``metadata_only`` only warms stat/list. Returns the final job document
+        (``wait=False``: the first one). Per-file failures are in ``doc["failures"]``.
+        """
+        await self.router.current_view()
+        doc = await self.submit_job(
+            "load", path, recursive=recursive, verify=verify,
+            bandwidth=parse_rate(bandwidth), metadata_only=metadata_only,
+        )
+        if not wait:
+            return doc
+        return await self.wait_job(doc["id"], on_progress, poll_interval)
+
+    async def free(
+        self,
+        path: str,
+        recursive: bool = False,
+        *,
+        wait: bool = True,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        poll_interval: float = 0.5,
+    ) -> dict[str, Any]:
+        """Drop the cached pages and metadata of ``path`` on every worker; returns the job."""
+        await self.router.current_view()
+        doc = await self.submit_job("free", path, recursive=recursive)
+        if not wait:
+            return doc
+        return await self.wait_job(doc["id"], on_progress, poll_interval)
 
     async def stat(self, path: str) -> FileStatus:
         """Status of a file or directory."""
@@ -562,10 +695,7 @@ class CacheClient:
                 result = await from_worker(router.pool(endpoint))
             except _UNREACHABLE as exc:
                 error = exc
-                if exc.connect_failed:
-                    router.mark_down(endpoint, exc)
-                else:
-                    router.refresh_soon()
+                router.failed(endpoint, exc)
                 continue
             router.mark_up(endpoint)
             return result

@@ -15,7 +15,7 @@ import datetime
 import os
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -242,6 +242,55 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
     def cache_stats(self) -> dict[str, Any]:
         """The worker's cache counters (hits, misses, bytes from cache and from the UFS...)."""
         result: dict[str, Any] = sync(self.loop, self._cache_stats)
+        return result
+
+    # jobs: preload and free ---------------------------------------------------------------
+    async def _load(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        return await self.client().load(self._strip_protocol(path), **kwargs)
+
+    def load(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        verify: bool = False,
+        bandwidth: int | str | None = None,
+        metadata_only: bool = False,
+        wait: bool = True,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Preload ``path`` into the cluster's cache (see ``CacheClient.load``); returns the job.
+
+        ``on_progress(doc)`` runs on the filesystem's event-loop thread.
+        """
+        result: dict[str, Any] = sync(
+            self.loop, self._load, path, recursive=recursive, verify=verify,
+            bandwidth=bandwidth, metadata_only=metadata_only, wait=wait, on_progress=on_progress,
+        )
+        return result
+
+    async def _free(self, path: str, recursive: bool = False, **kwargs: Any) -> dict[str, Any]:
+        return await self.client().free(self._strip_protocol(path), recursive, **kwargs)
+
+    def free(self, path: str, recursive: bool = False, *, wait: bool = True) -> dict[str, Any]:
+        """Drop the cached pages and metadata of ``path`` on every worker; returns the job."""
+        result: dict[str, Any] = sync(self.loop, self._free, path, recursive, wait=wait)
+        return result
+
+    async def _job(self, job_id: str) -> dict[str, Any]:
+        return await self.client().job(job_id)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """The document of a load or free job."""
+        result: dict[str, Any] = sync(self.loop, self._job, job_id)
+        return result
+
+    async def _stop_job(self, job_id: str) -> dict[str, Any]:
+        return await self.client().stop_job(job_id)
+
+    def stop_job(self, job_id: str) -> dict[str, Any]:
+        """Ask a job to stop."""
+        result: dict[str, Any] = sync(self.loop, self._stop_job, job_id)
         return result
 
     def modified(self, path: str) -> datetime.datetime:

@@ -90,6 +90,14 @@ class WorkerRouter:
         log.info("worker %s unreachable (%s); skipping it for %.0fs", endpoint, error.message, period)
         self.refresh_soon()
 
+    def failed(self, endpoint: str, error: WorkerUnreachable | WorkerTimeout) -> None:
+        """A request to ``endpoint`` failed: skip a worker that refused the connection or sent
+        nothing for the whole timeout (hung, or behind a partition), else refresh the view."""
+        if error.connect_failed or isinstance(error, WorkerTimeout):
+            self.mark_down(endpoint, error)
+        else:
+            self.refresh_soon()
+
     def mark_up(self, endpoint: str) -> None:
         if self._down.pop(endpoint, None) is not None:
             log.info("worker %s is reachable again", endpoint)
@@ -121,16 +129,20 @@ class WorkerRouter:
         if self._view is not None:
             candidates += [w.endpoint for w in self._view.workers if w.endpoint != self.seed]
         candidates.sort(key=self.is_down)  # workers marked down last, still tried
+        # The view is a small document any live worker serves at once: a hung worker (a
+        # partition) must not hold the refresh for the whole read timeout.
+        limit = self.config.client.connect_timeout
         for endpoint in candidates:
             try:
-                response = await self.pool(endpoint).request(CLUSTER)
+                async with asyncio.timeout(limit):
+                    response = await self.pool(endpoint).request(CLUSTER)
                 if response.status == 404 and endpoint == self.seed and self._view is None:
                     self._no_cluster = True
                     return
                 if response.status != 200:
                     continue
-                view = ClusterView.from_document(response.json())
-            except UNREACHABLE:
+                view = ClusterView.from_document(response.json(), reuse=self._view)
+            except (*UNREACHABLE, TimeoutError):
                 continue
             except (DepotError, ValueError) as exc:
                 log.warning("worker %s sent an unusable cluster view: %s", endpoint, exc)

@@ -9,7 +9,7 @@ transport does only what the worker API needs, as cheaply as asyncio allows:
   small per-connection scratch buffer and body bytes that arrived with it are copied once;
 - a bounded pool of keep-alive connections per endpoint (LIFO, so warm connections are reused);
 - a stale keep-alive connection (closed by the server while idle) is replaced once,
-  transparently: every request is an idempotent GET;
+  transparently: every request is idempotent (GET, or a POST of an idempotent operation);
 - typed errors: a refused, reset or timed-out connection raises ``WorkerUnreachable`` or
   ``WorkerTimeout`` (both ``Unavailable``), so the caller can fall back to the under store, and a
   JSON error body is rebuilt into the error the worker reported.
@@ -40,6 +40,10 @@ MAX_HEAD_BYTES = 64 * 1024
 # broken or hostile server cannot make the client allocate without limit.
 MAX_MEMORY_BODY = 256 * 1024 * 1024
 _USER_AGENT = "depot-client"
+# The idle timeout of a request is checked this many times per timeout.
+_WATCH_PERIODS = 4
+_METHODS = frozenset({"GET", "POST", "DELETE"})
+_BODY_METHODS = frozenset({"POST", "DELETE"})
 
 
 class WorkerUnreachable(Unavailable):
@@ -387,7 +391,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._progress = 0
         self._error = None
         self._transport.write(payload)
-        watchdog = loop.call_later(idle_limit, self._watchdog, waiter, 0, idle_limit)
+        watchdog = loop.call_later(
+            idle_limit / _WATCH_PERIODS, self._watchdog, waiter, 0, loop.time(), idle_limit
+        )
         try:
             return await waiter
         except BaseException:
@@ -400,16 +406,26 @@ class _Connection(asyncio.BufferedProtocol):
             if self._waiter is waiter:
                 self._reset()
 
-    def _watchdog(self, waiter: asyncio.Future[Response], seen: int, timeout: float) -> None:
-        """Fail the request when no byte arrived for ``timeout`` seconds (checked per period)."""
+    def _watchdog(
+        self, waiter: asyncio.Future[Response], seen: int, idle_since: float, timeout: float
+    ) -> None:
+        """Fail the request when no byte arrived for ``timeout`` seconds.
+
+        Checked every ``timeout / _WATCH_PERIODS``, so a connection that goes silent mid-body
+        fails after about ``timeout`` of silence (a check per whole timeout would let it hang
+        for up to twice that), without a clock read per received buffer.
+        """
         if waiter.done() or self._waiter is not waiter:
             return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        period = timeout / _WATCH_PERIODS
         if self._progress != seen:
-            loop = asyncio.get_running_loop()
-            loop.call_later(timeout, self._watchdog, waiter, self._progress, timeout)
+            seen, idle_since = self._progress, now
+        elif now - idle_since >= timeout - period / 2:
+            self._fail(WorkerTimeout(f"worker {self._label} sent nothing for {timeout:g}s"))
             return
-        error = WorkerTimeout(f"worker {self._label} sent nothing for {timeout:g}s")
-        self._fail(error)
+        loop.call_later(period, self._watchdog, waiter, seen, idle_since, timeout)
 
 
 class ConnectionPool:
@@ -443,10 +459,16 @@ class ConnectionPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    def _build(self, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    def _build(
+        self, target: str, headers: Iterable[tuple[str, str]], method: str = "GET"
+    ) -> bytes:
         if any(c in target for c in " \r\n"):
             raise InvalidArgument(f"invalid request target {target!r}")
-        lines = [f"GET {target} ", self._prefix]
+        if method not in _METHODS:
+            raise InvalidArgument(f"unsupported HTTP method {method!r}")
+        lines = [f"{method} {target} ", self._prefix]
+        if method in _BODY_METHODS:
+            lines.append("Content-Length: 0\r\n")  # no body: every parameter is in the query
         for name, value in headers:
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
                 raise InvalidArgument(f"invalid value for HTTP header {name}")
@@ -494,14 +516,19 @@ class ConnectionPool:
         headers: Iterable[tuple[str, str]] = (),
         *,
         dest: memoryview | None = None,
+        method: str = "GET",
     ) -> Response:
-        """Send ``GET target`` and return the response (of any status).
+        """Send ``GET target`` (or ``method``) and return the response (of any status).
 
         With ``dest``, a 2xx body is received into it (it must be large enough for the body).
+        ``method`` may be ``GET``, ``POST`` or ``DELETE`` (not ``HEAD``: its answer has no
+        body). Requests carry no body (the worker API takes its parameters in the query). Send
+        only idempotent operations: a stale keep-alive connection is replaced and the request
+        sent again.
         """
         if self._closed:
             raise Unavailable("the client was closed")
-        payload = self._build(target, headers)
+        payload = self._build(target, headers, method)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
         limit = self.timeout

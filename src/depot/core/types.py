@@ -176,6 +176,26 @@ def parse_size(value: str | int) -> int:
     return int(amount * units[unit])
 
 
+def parse_rate(value: str | int | None) -> int | None:
+    """A bandwidth in bytes/s: ``100MB``, ``1GiB/s``, ``52428800``; None or 0 means no limit.
+
+    Raises ``InvalidArgument`` (a 400 at the HTTP boundary, one line in the CLI).
+    """
+    from depot.core.errors import InvalidArgument
+
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        rate = parse_size(value.strip().removesuffix("/s") if isinstance(value, str) else value)
+    except ValueError:
+        raise InvalidArgument(
+            f"invalid bandwidth {value!r} (bytes per second, e.g. 100MB, 1GiB/s)"
+        ) from None
+    return rate or None
+
+
 def parse_duration(value: str | float | int) -> float:
     """Parse ``60s``, ``5m``, ``2h``, ``1d``, ``250ms`` or a number of seconds."""
     if isinstance(value, bool):

@@ -305,6 +305,30 @@ class MetadataStore:
             existed = dbkey in self._memory or dbkey in self._require()
             self._store(dbkey, value, record, existed)
 
+    def statuses(self, prefix: str) -> list[tuple[str, FileStatus]]:
+        """Every cached positive status whose key starts with ``prefix``, in key order.
+
+        Read straight from the database (the LRU is neither consulted nor filled): this is for
+        ``free``, which must find every version of a path this worker cached pages for.
+        """
+        start = _encode_key(_STATUS, prefix)
+        out: list[tuple[str, FileStatus]] = []
+        with self._lock:
+            db = self._require()
+            for dbkey in db.keys(from_key=start):
+                if not isinstance(dbkey, bytes) or not dbkey.startswith(start):
+                    break
+                data = db.get(dbkey)
+                if data is None:
+                    continue
+                try:
+                    record = decode_status(bytes(data))
+                except ValueError:
+                    continue  # unreadable: _load drops it when it is next asked for
+                if record.status is not None:
+                    out.append((dbkey[1:].decode("utf-8", "surrogatepass"), record.status))
+        return out
+
     # -- invalidation ----------------------------------------------------------------------
 
     def invalidate(self, key: str) -> bool:

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 from depot.core.config import DepotConfig, load_config
+from depot.placement.membership import EmbeddedMembership, EmbeddedRegistry
 from depot.worker.daemon import Worker
 
 
@@ -31,7 +32,11 @@ class LocalWorker:
         port: int = 0,
         config: DepotConfig | None = None,
         extra: Mapping[str, Any] | None = None,
+        registry: EmbeddedRegistry | None = None,
     ) -> None:
+        """``registry``: workers given the same one form an in-process cluster (one ring, one
+        job store), as with etcd. Give each its own ``cache_dir`` parent (the metadata store
+        lives next to the cache dir)."""
         if config is None:
             mount_list = list(mounts or [])
             if ufs_uri is not None:
@@ -49,7 +54,8 @@ class LocalWorker:
                     overrides.setdefault(key, {}).update(value)
             config = load_config(environ={}, overrides=overrides)
         self.config = config
-        self.worker = Worker(config)
+        membership = EmbeddedMembership(registry) if registry is not None else None
+        self.worker = Worker(config, membership=membership)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None

@@ -11,11 +11,18 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from depot import __version__
-from depot.core.errors import InvalidArgument, InvalidRange, NotFound, RequestTooLarge
+from depot.core.errors import (
+    InvalidArgument,
+    InvalidRange,
+    NotFound,
+    RequestTooLarge,
+    Unavailable,
+)
 from depot.core.types import ByteRange
 from depot.namespace.paths import normalize_path
 from depot.placement.view import ClusterView
 from depot.worker.http import Request, ResponseWriter, error_json
+from depot.worker.jobs import JobRunner, JobSpec, parse_bool
 from depot.worker.service import ReadThroughService, mount_summary
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,15 @@ def _require_path(params: dict[str, str]) -> str:
     return path
 
 
+def _offset(params: dict[str, str], name: str, default: int) -> int:
+    text = params.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or len(text) > 19:
+        raise InvalidArgument(f"{name} must be a byte offset, got {text!r}")
+    return int(text)
+
+
 def _etag_value(header: str | None) -> str | None:
     """The entity tag of an ``If-Match`` header, quoted as the worker sends it."""
     if header is None:
@@ -99,14 +115,85 @@ class WorkerApp:
             "/openapi.json": self.openapi,
         }
         self._openapi: bytes | None = None
+        # Preload and free (worker/jobs.py): set by the daemon once the cluster is joined.
+        self.jobs: JobRunner | None = None
+        Route = Callable[[Request, ResponseWriter], Any]
+        self._action_routes: dict[str, dict[str, Route]] = {
+            "/api/v1/cache/load": {"POST": self.cache_load},
+            "/api/v1/cache/free": {"POST": self.cache_free},
+            "/api/v1/jobs": {"GET": self.jobs_list, "POST": self.jobs_create},
+        }
 
     async def __call__(self, request: Request, writer: ResponseWriter) -> None:
         route = self._routes.get(request.path)
         if route is None:
-            raise NotFound("no such endpoint", request.path)
+            await self._action(request, writer)
+            return
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"method {request.method} is not allowed here", request.path)
         await route(request, writer)
+
+    async def _action(self, request: Request, writer: ResponseWriter) -> None:
+        """Routes that take POST (cache load/free, jobs); GET/HEAD-only routes are above."""
+        path = request.path
+        methods = self._action_routes.get(path)
+        if methods is None and path.startswith("/api/v1/jobs/"):
+            rest = path[len("/api/v1/jobs/") :]
+            if rest.endswith("/stop") and "/" not in rest[: -len("/stop")]:
+                methods = {"POST": self.job_stop}
+            elif rest and "/" not in rest:
+                methods = {"GET": self.job_get}
+        if methods is None:
+            raise NotFound("no such endpoint", path)
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:
+            raise MethodNotAllowed(f"method {request.method} is not allowed here", path)
+        await handler(request, writer)
+
+    def _jobs(self) -> JobRunner:
+        if self.jobs is None:
+            raise Unavailable("jobs are not available on this worker yet")
+        return self.jobs
+
+    async def cache_load(self, request: Request, writer: ResponseWriter) -> None:
+        """Load pages of ``[start, end)`` of a file into this worker's cache (a job's step)."""
+        params = query_params(request)
+        opened = await self.service.open(_require_path(params))
+        size = opened.status.size
+        start = _offset(params, "start", 0)
+        end = min(_offset(params, "end", size), size)
+        if end < start and start < size:
+            raise InvalidArgument(f"end ({end}) is before start ({start})")
+        result = await self.service.load_range(
+            opened, start, end, verify=parse_bool("verify", params.get("verify"))
+        )
+        _json(writer, {"path": opened.status.path, "size": size, **result})
+
+    async def cache_free(self, request: Request, writer: ResponseWriter) -> None:
+        """Drop this worker's cached pages and metadata of a path."""
+        params = query_params(request)
+        path = _require_path(params)
+        recursive = parse_bool("recursive", params.get("recursive"))
+        result = await self.service.free(path, recursive=recursive)
+        _json(writer, {"path": normalize_path(path), **result})
+
+    async def jobs_create(self, request: Request, writer: ResponseWriter) -> None:
+        spec = JobSpec.from_params(query_params(request))
+        _json(writer, await self._jobs().submit(spec))
+
+    async def jobs_list(self, request: Request, writer: ResponseWriter) -> None:
+        local = parse_bool("local", query_params(request).get("local"))
+        _json(writer, {"jobs": await self._jobs().list_jobs(local=local)})
+
+    async def job_get(self, request: Request, writer: ResponseWriter) -> None:
+        local = parse_bool("local", query_params(request).get("local"))
+        job_id = request.path.rsplit("/", 1)[1]
+        _json(writer, await self._jobs().get(job_id, local=local))
+
+    async def job_stop(self, request: Request, writer: ResponseWriter) -> None:
+        local = parse_bool("local", query_params(request).get("local"))
+        job_id = request.path.rsplit("/", 2)[1]
+        _json(writer, await self._jobs().request_stop(job_id, local=local))
 
     async def health(self, request: Request, writer: ResponseWriter) -> None:
         _json(writer, {"status": "ok"})

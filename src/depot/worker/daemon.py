@@ -13,11 +13,13 @@ from depot.core.errors import ConfigError
 from depot.metastore import MetadataStore
 from depot.namespace.mounts import Mount, MountTable
 from depot.pagestore.local import LocalPageStore
+from depot.placement.membership import ClusterStore, Membership
 from depot.ufs.base import UnderStore
 from depot.ufs.registry import open_under_store
 from depot.worker.app import WorkerApp
 from depot.worker.cluster import ClusterNode
 from depot.worker.http import HttpServer
+from depot.worker.jobs import FileJobStore, JobRunner
 from depot.worker.service import ReadThroughService
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ def load_worker_id(cache_root: Path) -> str:
 class Worker:
     """One depot worker: start it, read ``endpoint``, stop it."""
 
-    def __init__(self, config: DepotConfig) -> None:
+    def __init__(self, config: DepotConfig, *, membership: Membership | None = None) -> None:
+        """``membership``: one to join instead of the one the config names (test clusters)."""
         if not config.mounts:
             raise ConfigError("no mounts configured: give --ufs URI or a 'mounts:' section")
         self.config = config
@@ -53,6 +56,8 @@ class Worker:
         self._pages: LocalPageStore | None = None
         self._metadata: MetadataStore | None = None
         self.cluster: ClusterNode | None = None
+        self.jobs: JobRunner | None = None
+        self._membership = membership
 
     @property
     def advertised_endpoint(self) -> str:
@@ -108,8 +113,12 @@ class Worker:
                 page_size=cfg.cache.page_size,
                 mounts=list(cfg.mounts),
                 usage=lambda: (pages.stats().used_bytes, pages.stats().capacity_bytes),
+                membership=self._membership,
             )
             await self.cluster.start()
+            self.jobs = self._job_runner(self.cluster, cache_root)
+            await self.jobs.start()
+            app.jobs = self.jobs
         except BaseException:
             await self.stop()
             raise
@@ -121,12 +130,37 @@ class Worker:
             cfg.cluster.membership,
         )
 
+    def _job_runner(self, node: ClusterNode, cache_root: Path) -> JobRunner:
+        """Jobs live in the cluster's store when it is shared (etcd, or an embedded registry
+        handed in); otherwise (one node, a static list) in files of the cache dir, so that a
+        restarted worker still resumes them."""
+        assert self.service is not None
+        store: ClusterStore | None = node.store
+        shared = store is not None and (
+            self.config.cluster.membership == "etcd" or self._membership is not None
+        )
+        if store is None or not shared:
+            store = FileJobStore(cache_root / "jobs")
+        return JobRunner(
+            self.service,
+            view=lambda: node.view,
+            store=store,
+            worker_id=node.worker_id,
+            endpoint=node.endpoint,
+            shared_store=shared,
+            stale_after=max(30.0, 3 * self.config.cluster.lease_ttl),
+        )
+
     def _cluster_node(self) -> ClusterNode:
         if self.cluster is None:
             raise RuntimeError("worker not started")
         return self.cluster
 
     async def stop(self) -> None:
+        if self.jobs is not None:
+            # Running jobs stay active in the store: this worker (or another) resumes them.
+            await self.jobs.stop()
+            self.jobs = None
         if self.cluster is not None:
             # Leave the ring first, so that clients stop routing here before the port closes.
             await self.cluster.stop()

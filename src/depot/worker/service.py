@@ -57,6 +57,9 @@ class ReadStats:
     revalidations: int = 0
     ufs_inflight: int = 0
     ufs_inflight_peak: int = 0
+    loaded_pages: int = 0
+    loaded_bytes: int = 0
+    freed_pages: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         total = self.hits + self.misses
@@ -71,6 +74,9 @@ class ReadStats:
             "stale_dropped_files": self.stale_dropped_files,
             "ufs_inflight": self.ufs_inflight,
             "ufs_inflight_peak": self.ufs_inflight_peak,
+            "loaded_pages": self.loaded_pages,
+            "loaded_bytes": self.loaded_bytes,
+            "freed_pages": self.freed_pages,
             "metadata": {
                 "hits": self.metadata_hits,
                 "misses": self.metadata_misses,
@@ -148,6 +154,7 @@ class ReadThroughService:
         # Pages fetched from the UFS but not yet in the page store: readers arriving in that
         # window take the bytes from here instead of fetching them again.
         self._filling: dict[PageId, Buffer] = {}
+        self._fill_waiters: dict[PageId, asyncio.Event] = {}  # load jobs waiting on a fill
         # file key -> highest page read lately, in least-recently-used order (sequential detection)
         self._streams: dict[str, int] = {}
         self.stats = ReadStats()
@@ -475,6 +482,124 @@ class ReadThroughService:
             log.warning("could not cache page %s: %s", page, exc)
         finally:
             self._filling.pop(page, None)
+            waiter = self._fill_waiters.pop(page, None)
+            if waiter is not None:
+                waiter.set()
+
+    # preload and free (jobs) ------------------------------------------------------------------
+    async def load_range(
+        self, opened: OpenedFile, start: int, end: int, *, verify: bool = False
+    ) -> dict[str, int]:
+        """Put the pages of bytes ``[start, end)`` of an opened file into the page store.
+
+        Pages already cached are skipped (with ``verify``, each one is read back first and its
+        checksum checked: a damaged page is dropped and loaded again). Missing pages go through the
+        single-flight page fetch, in parallel up to the UFS concurrency; no bytes are returned.
+        Returns page counts: ``pages`` in the range, ``cached_before``, ``loaded`` (fetched now),
+        ``missing`` (with ``verify``: pages the check found absent or damaged), ``cached`` (in the
+        store afterwards: fewer than ``pages`` when the quota could not hold them) and
+        ``bytes_from_ufs``.
+        """
+        page_size = self.pages.page_size
+        size = opened.status.size
+        start, end = max(0, start), min(end, size)
+        result = {"pages": 0, "cached_before": 0, "loaded": 0, "missing": 0, "cached": 0,
+                  "bytes_from_ufs": 0}
+        if start >= end:
+            return result
+        key = opened.file_id.key
+        indexes = range(start // page_size, (end - 1) // page_size + 1)
+        result["pages"] = len(indexes)
+        scratch = bytearray(page_size) if verify else None
+        todo: builtins.list[int] = []
+        for index in indexes:
+            page = PageId(key, index)
+            if self.pages.contains(page) and (
+                scratch is None or await self._page_readable(page, scratch)
+            ):
+                result["cached_before"] += 1
+            else:
+                todo.append(index)
+        if verify:
+            result["missing"] = len(todo)
+        if todo:
+            loaded = sum(await asyncio.gather(*(self._load_page(opened, i) for i in todo)))
+            result["loaded"] = len(todo)
+            result["bytes_from_ufs"] = loaded
+            self.stats.loaded_pages += len(todo)
+            self.stats.loaded_bytes += loaded
+            await self._stored([PageId(key, i) for i in todo])
+        result["cached"] = sum(1 for i in indexes if self.pages.contains(PageId(key, i)))
+        return result
+
+    async def _load_page(self, opened: OpenedFile, index: int) -> int:
+        return len(await self._fetch_page(opened, index))  # the bytes are not kept
+
+    async def _page_readable(self, page: PageId, scratch: bytearray) -> bool:
+        """Read a cached page back in full (checksums verified; a damaged page is dropped)."""
+        length = self.pages.page_length(page)
+        if length is None:
+            return False
+        try:
+            return await self.pages.read_into(page, 0, memoryview(scratch)[:length])
+        except OSError as exc:
+            log.warning("verify of page %s failed: %s", page, exc)
+            return False
+
+    async def _stored(self, pages: builtins.list[PageId]) -> None:
+        """Wait until fetched pages have left the write-behind buffer (stored or refused)."""
+        for page in pages:
+            if page in self._filling:
+                event = self._fill_waiters.get(page)
+                if event is None:
+                    event = self._fill_waiters[page] = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), 30.0)
+
+    async def free(self, path: str, *, recursive: bool = False) -> dict[str, int]:
+        """Drop this worker's cached pages and metadata of ``path`` (and what lies under it).
+
+        Every version this worker knows of (its metadata cache names them) is dropped. A
+        directory without ``recursive`` drops its direct children only. Returns counts of
+        ``files`` (versions dropped), ``pages``, ``bytes`` and ``metadata`` entries removed.
+        """
+        normalized = normalize_path(path)
+        roots: builtins.list[tuple[str, bool]] = []  # (object URI, whole tree below it)
+        try:
+            resolved = self.resolve(normalized)
+            roots.append((resolved.mount.object_uri(resolved.key), recursive))
+        except NotFound:
+            if self._virtual_dir(normalized) is None:
+                raise
+        if recursive:
+            below = "/" if normalized == "/" else normalized + "/"
+            for mount in self.mounts.mounts:
+                if mount.path != normalized and mount.path.startswith(below):
+                    roots.append((mount.ufs_uri, True))
+        out = {"files": 0, "pages": 0, "bytes": 0, "metadata": 0}
+        for uri, tree in roots:
+            found = [(k, st) for k, st in self.metadata.statuses(uri) if k == uri]
+            for key, status in self.metadata.statuses(uri + "/"):
+                if tree or "/" not in key[len(uri) + 1 :]:
+                    found.append((key, status))
+            for key, status in found:
+                if not status.is_dir:
+                    file_key = FileId(key, status.version_tag).key
+                    out["bytes"] += sum(
+                        self.pages.page_length(PageId(file_key, i)) or 0
+                        for i in self.pages.file_pages(file_key)
+                    )
+                    out["pages"] += await self.pages.delete_file(file_key)
+                    out["files"] += 1
+                if not tree:
+                    out["metadata"] += int(self.metadata.invalidate(key))
+            out["metadata"] += int(self.metadata.invalidate(uri))
+            if tree:
+                out["metadata"] += self.metadata.invalidate_prefix(uri + "/")
+            else:
+                out["metadata"] += int(self.metadata.invalidate(uri + "/"))
+        self.stats.freed_pages += out["pages"]
+        return out
 
     def cache_stats(self) -> dict[str, Any]:
         out = self.stats.to_dict()

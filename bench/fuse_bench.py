@@ -1,0 +1,377 @@
+"""FUSE benchmark: fio and model loading through ``depot mount``, with this machine's limits.
+
+Prints one markdown table with every figure measured in the same run, so each is also a ratio
+against what the machine itself can do:
+
+- limits: loopback TCP (one Python stream), page-cache read (pread), the same fio jobs on the
+  local file (page cache), and a null Python FUSE filesystem (``bench/fuse_null.py``: pyfuse3
+  serving a file from memory, the ceiling of any Python FUSE filesystem here);
+- through the mount, hot data (in the worker's page store; the mount's kernel page cache
+  dropped by each job): fio sequential 1 MiB reads (``bench/fio/seq-read-1m.fio``), fio random
+  4 KiB reads with 4 jobs (``rand-read-4k.fio``), the latency of one 4 KiB read to the worker
+  (``rand-read-4k-qd1.fio``, on a second mount with prefetch off), re-reads from the kernel page
+  cache (``reread-1m.fio``), time to first byte of files not yet in the kernel cache, and
+  ``safetensors.numpy.load_file`` of a model file (mmap).
+
+The worker and the mounts run as their own processes (``depot worker``, ``depot mount``); the
+under store is a local directory. Data goes to a temp dir that is deleted at the end.
+Needs fio, pyfuse3, numpy and safetensors, and root (or fusermount3).
+Run: ``.venv/bin/python bench/fuse_bench.py [--size-mib 1024] [--model-mib 1024] [--runtime 10]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+FIO = Path(__file__).resolve().parent / "fio"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from read_bench import loopback_tcp, page_cache_read  # noqa: E402
+
+from depot.fuse.mounts import State, state  # noqa: E402
+
+PY = sys.executable
+MiB = 1024 * 1024
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("DEPOT_")}
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_all(path: Path) -> int:
+    buf = bytearray(8 * MiB)
+    view = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            total += n
+    return total
+
+
+# data -----------------------------------------------------------------------------------------------
+
+
+def write_random(path: Path, size: int) -> None:
+    chunk = os.urandom(16 * MiB)
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, len(chunk))
+            f.write(chunk[:n])
+            left -= n
+
+
+def write_model(path: Path, size: int) -> None:
+    """A safetensors file of float32 tensors of 64 MiB (and one smaller), ``size`` bytes of data."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, Any] = {}
+    left = size
+    index = 0
+    while left > 0:
+        n = min(left, 64 * MiB) // 4 * 4
+        if n <= 0:
+            break
+        raw = np.frombuffer(os.urandom(n), dtype=np.float32)
+        tensors[f"layers.{index}.weight"] = raw.reshape(-1, 1024) if n % 4096 == 0 else raw
+        left -= n
+        index += 1
+    save_file(tensors, str(path))
+
+
+# processes --------------------------------------------------------------------------------------------
+
+
+def start_worker(tmp: Path, ufs: Path, cache_size: int) -> tuple[subprocess.Popen[bytes], Path]:
+    port = free_port()
+    config = tmp / "depot.yaml"
+    config.write_text(json.dumps({
+        "worker": {"host": "127.0.0.1", "port": port},
+        "cache": {"dirs": [{"path": str(tmp / "cache"), "size": cache_size}], "page_size": "4MiB"},
+        "mounts": [{"path": "/", "ufs": ufs.as_uri(), "metadata": "max-age=600s"}],
+        "client": {"endpoint": f"http://127.0.0.1:{port}"},
+    }))
+    log = open(tmp / "worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([PY, "-m", "depot.cli.main", "worker", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=tmp)
+    log.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, config
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("worker did not start:\n" + (tmp / "worker.log").read_text()[-2000:])
+
+
+def mount(point: Path, config: Path, log: Path, *options: str) -> int:
+    point.mkdir(parents=True, exist_ok=True)
+    args = [PY, "-m", "depot.cli.mount", "mount", str(point), "--config", str(config),
+            "--log-file", str(log)]
+    for option in options:
+        args += ["-o", option]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env(), timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"depot mount failed: {proc.stderr}")
+    return int(proc.stdout.split("(pid ")[1].split(",")[0])
+
+
+def unmount(point: Path) -> None:
+    if state(str(point)) is not State.FREE:
+        subprocess.run([PY, "-m", "depot.cli.mount", "unmount", "--lazy", str(point)],
+                       capture_output=True, env=env(), timeout=60)
+
+
+def mount_stats(point: Path) -> dict[str, int]:
+    stats: dict[str, int] = json.loads(os.getxattr(point, "user.depot.stats"))
+    return stats
+
+
+# fio ----------------------------------------------------------------------------------------------------
+
+
+def fio(job: str, file: Path, runtime: int = 10, *, keep_cache: bool = False) -> dict[str, Any]:
+    """Run one job file on ``file``; ``keep_cache``: without its ``invalidate=1`` (page cache)."""
+    job_file = FIO / job
+    if keep_cache:
+        copy = Path(tempfile.mkdtemp(prefix="depot-fio-")) / job
+        copy.write_text(job_file.read_text().replace("invalidate=1", "invalidate=0"))
+        job_file = copy
+    proc = subprocess.run(
+        ["fio", "--output-format=json", str(job_file)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "DEPOT_FIO_FILE": str(file), "DEPOT_FIO_RUNTIME": str(runtime)},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio {job} failed: {proc.stderr or proc.stdout}")
+    read: dict[str, Any] = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["read"]
+    return read
+
+
+def fio_gbps(job: str, file: Path) -> float:
+    return float(fio(job, file)["bw_bytes"]) / 1e9
+
+
+def fio_iops(job: str, file: Path, runtime: int, *, keep_cache: bool = False) -> float:
+    return float(fio(job, file, runtime, keep_cache=keep_cache)["iops"])
+
+
+def fio_latency_ms(job: str, file: Path, runtime: int) -> tuple[float, float]:
+    clat = fio(job, file, runtime)["clat_ns"]["percentile"]
+    return clat["50.000000"] / 1e6, clat["99.000000"] / 1e6
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def runs(n: int, fn: Callable[[], float]) -> list[float]:
+    return [fn() for _ in range(n)]
+
+
+def first_byte_ms(files: list[Path]) -> tuple[float, float]:
+    """open() + the first 4 KiB of files whose bytes the kernel does not hold (names listed)."""
+    os.listdir(files[0].parent)
+    times = []
+    for path in files:
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY)
+        data = os.pread(fd, 4096, 0)
+        times.append(time.perf_counter() - t0)
+        os.close(fd)
+        assert len(data) == 4096
+    times.sort()
+    return statistics.median(times) * 1e3, times[int(len(times) * 0.99)] * 1e3
+
+
+def load_safetensors(path: Path) -> float:
+    from safetensors.numpy import load_file
+
+    drop_cache(path)
+    size = path.stat().st_size
+    t0 = time.perf_counter()
+    tensors = load_file(str(path))
+    elapsed = time.perf_counter() - t0
+    del tensors
+    return gbps(size, elapsed)
+
+
+# main ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="fio file size")
+    parser.add_argument("--model-mib", type=int, default=1024, help="safetensors file size")
+    parser.add_argument("--small-files", type=int, default=300, help="files for first byte")
+    parser.add_argument("--runtime", type=int, default=10, help="seconds of each random fio job")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each throughput figure")
+    args = parser.parse_args()
+    for tool in ("fio",):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install {tool} (scripts/install-test-deps.sh)")
+    size, model_size = args.size_mib * MiB, args.model_mib * MiB
+    tmp = Path(tempfile.mkdtemp(prefix="depot-fuse-bench-"))
+    rows: list[tuple[str, str, str]] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    points: list[Path] = []
+    try:
+        ufs = tmp / "ufs"
+        (ufs / "small").mkdir(parents=True)
+        (ufs / "models").mkdir()
+        write_random(ufs / "big.bin", size)
+        write_model(ufs / "models" / "model.safetensors", model_size)
+        small = os.urandom(64 * 1024)
+        for i in range(args.small_files):
+            (ufs / "small" / f"f{i:05d}.bin").write_bytes(small)
+        worker, config = start_worker(tmp, ufs, size + model_size * 2 + 256 * MiB)
+        procs.append(worker)
+        mnt, lat = tmp / "mnt", tmp / "mnt-noprefetch"
+        points += [mnt, lat]
+        mount_pid = mount(mnt, config, tmp / "mount.log")
+        mount(lat, config, tmp / "mount2.log", "no_prefetch")
+        # Warm the worker's page store through the second mount (the first keeps a cold kernel cache).
+        t0 = time.perf_counter()
+        cold = read_all(lat / "big.bin") + read_all(lat / "models" / "model.safetensors")
+        cold_s = time.perf_counter() - t0
+        for path in sorted((lat / "small").iterdir()):
+            path.read_bytes()
+
+        # machine limits
+        rows.append(("machine: loopback TCP, 1 stream (Python sendall->recv_into)",
+                     f"{loopback_tcp():.2f} GB/s", ""))
+        rows.append(("machine: page-cache read (pread, 8 MiB buffer)",
+                     f"{page_cache_read(ufs / 'big.bin'):.2f} GB/s", ""))
+        local_seq = max(runs(args.runs, lambda: fio_gbps("reread-1m.fio", ufs / "big.bin")))
+        local_rand = fio_iops(
+            "rand-read-4k.fio", ufs / "big.bin", max(2, args.runtime // 2), keep_cache=True
+        )
+        rows.append(("machine: fio seq 1 MiB on the local file (page cache)", f"{local_seq:.2f} GB/s", ""))
+        rows.append(("machine: fio rand 4 KiB x4 on the local file (page cache)",
+                     f"{local_rand / 1000:.0f}k IOPS", ""))
+        null_point = tmp / "null"
+        null_point.mkdir()
+        points.append(null_point)
+        null = subprocess.Popen([PY, str(Path(__file__).parent / "fuse_null.py"), str(null_point),
+                                 str(args.size_mib)], stdout=subprocess.PIPE)
+        procs.append(null)
+        assert null.stdout is not None
+        null.stdout.readline()
+        null_seq = max(runs(args.runs, lambda: fio_gbps("seq-read-1m.fio", null_point / "null.bin")))
+        null_rand = fio_iops("rand-read-4k.fio", null_point / "null.bin", max(2, args.runtime // 2))
+        null.terminate()
+        null.wait(30)
+        rows.append(("machine: null Python FUSE (pyfuse3, memory) fio seq 1 MiB",
+                     f"{null_seq:.2f} GB/s", "the ceiling of a Python FUSE filesystem here"))
+        rows.append(("machine: null Python FUSE fio rand 4 KiB x4",
+                     f"{null_rand / 1000:.1f}k IOPS", "every read is a FUSE request"))
+
+        # through the mount
+        rows.append(("cold fill through the mount (local-dir UFS -> worker -> FUSE)",
+                     f"{gbps(cold, cold_s):.2f} GB/s", "read once to warm the worker"))
+        cpu_before = cpu_seconds(mount_pid), cpu_seconds(worker.pid)
+        seq = runs(args.runs, lambda: fio_gbps("seq-read-1m.fio", mnt / "big.bin"))
+        gib_read = args.runs * size / 2**30
+        mount_cpu = (cpu_seconds(mount_pid) - cpu_before[0]) / gib_read
+        worker_cpu = (cpu_seconds(worker.pid) - cpu_before[1]) / gib_read
+        rows.append(("fio seq read 1 MiB, 1 job (hot)", f"{max(seq):.2f} GB/s",
+                     f"runs {', '.join(f'{x:.2f}' for x in seq)}; "
+                     f"{max(seq) / null_seq:.0%} of null FUSE, {max(seq) / local_seq:.0%} of page "
+                     f"cache; CPU per GiB: mount {mount_cpu:.2f} s, worker {worker_cpu:.2f} s"))
+        before = mount_stats(mnt)
+        rand = fio_iops("rand-read-4k.fio", mnt / "big.bin", args.runtime)
+        after = mount_stats(mnt)
+        rows.append(("fio rand read 4 KiB, 4 jobs (hot)", f"{rand / 1000:.1f}k IOPS",
+                     f"{rand / null_rand:.1f}x null FUSE; "
+                     f"{after['segments_prefetched'] - before['segments_prefetched']} segments "
+                     f"prefetched, {after['blocks_stored'] - before['blocks_stored']} blocks "
+                     f"stored in the page cache, {after['direct_reads'] - before['direct_reads']} "
+                     "direct reads"))
+        p50, p99 = fio_latency_ms("rand-read-4k-qd1.fio", lat / "big.bin", max(2, args.runtime // 2))
+        rows.append(("fio rand read 4 KiB, 1 job, prefetch off: latency to the worker",
+                     f"p50 {p50:.3f} ms", f"p99 {p99:.3f} ms"))
+        files = sorted((mnt / "small").iterdir())
+        fb50, fb99 = first_byte_ms(files)
+        rows.append(("first byte: open + read 4 KiB of a hot file (kernel cache cold)",
+                     f"p50 {fb50:.3f} ms", f"p99 {fb99:.3f} ms, {len(files)} files"))
+        read_all(mnt / "big.bin")
+        reread = runs(args.runs, lambda: fio_gbps("reread-1m.fio", mnt / "big.bin"))
+        rows.append(("re-read from the kernel page cache (fio seq 1 MiB, kept across opens)",
+                     f"{max(reread):.2f} GB/s", f"{max(reread) / local_seq:.0%} of the local file"))
+        model = ufs / "models" / "model.safetensors"
+        read_all(model)
+        page_cache_model = max(runs(args.runs, lambda: load_safetensors_local(model)))
+        loads = runs(args.runs, lambda: load_safetensors(mnt / "models" / "model.safetensors"))
+        rows.append((f"safetensors load_file, {args.model_mib} MiB, mmap (hot)",
+                     f"{max(loads):.2f} GB/s",
+                     f"runs {', '.join(f'{x:.2f}' for x in loads)} (later runs find up to "
+                     f"fuse.memory of it in the mount's blocks); local page cache "
+                     f"{page_cache_model:.2f} GB/s"))
+    finally:
+        for point in points:
+            unmount(point)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{args.size_mib} MiB fio file, {args.model_mib} MiB safetensors, run of "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, best of {args.runs} where runs are listed\n")
+    print("| measurement | result | notes |")
+    print("|---|---|---|")
+    for name, value, note in rows:
+        print(f"| {name} | {value} | {note} |")
+
+
+def load_safetensors_local(path: Path) -> float:
+    """load_file from the local page cache (the file was just read, so it is there)."""
+    from safetensors.numpy import load_file
+
+    size = path.stat().st_size
+    t0 = time.perf_counter()
+    tensors = load_file(str(path))
+    elapsed = time.perf_counter() - t0
+    del tensors
+    return gbps(size, elapsed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,507 @@
+"""The request handlers of a depot mount (pyfuse3's low-level API, asyncio mode).
+
+Every handler runs as a task on the one event loop of the mount process, the same loop as the
+``CacheClient``: a request that waits on the network never holds up another one, and no request
+pays for a hand-off between threads. Handlers may only raise ``FUSEError``; every other error is
+turned into its errno here (``depot.fuse.errors``).
+
+Reads are the only data path for now. The mutating handlers live in ``ReadOnlyMixin`` and answer
+``EROFS``; the write path will replace that mixin (and ``open_for_write``) without touching the
+read side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    FUSEError,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+    XAttrNameT,
+)
+
+from depot.client.client import MIN_CHUNK, CacheClient
+from depot.core.config import DepotConfig
+from depot.core.errors import NotFound
+from depot.core.types import FileStatus
+from depot.fuse.errors import errno_of
+from depot.fuse.inodes import ROOT_INODE, Inode, InodeTable, join
+from depot.fuse.reader import BLOCK_MIN, Block, BlockCache, FileData, Handle, Reader, Reply
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+_STATFS_MAX_AGE = 5.0
+_BLKSIZE = 1024 * 1024  # st_blksize: cp, cat and friends size their buffers from it
+XATTR_VERSION = b"user.depot.version"  # the version (entity tag) of a file
+XATTR_STATS = b"user.depot.stats"  # the mount's read counters, as JSON
+
+
+def fuse_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Answer any failure of a handler with its errno (a handler may only raise ``FUSEError``)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except Exception as exc:
+            code = errno_of(exc)
+            if code in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+                log.debug("%s: %s", fn.__name__, exc)
+            else:
+                log.warning("%s failed (%s): %s", fn.__name__, errno.errorcode.get(code, code), exc)
+            raise FUSEError(code) from None
+
+    return wrapper
+
+
+def _rofs() -> FUSEError:
+    return FUSEError(errno.EROFS)
+
+
+class ReadOnlyMixin:
+    """Every call that would change the namespace answers ``EROFS`` (writes come with the
+    write-path work). With the default ``ro`` mount option the kernel answers these itself; they
+    are reached when the mount is made with ``-o rw``."""
+
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
+        raise _rofs()
+
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise _rofs()
+
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise _rofs()
+
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
+        raise _rofs()
+
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
+        raise _rofs()
+
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise _rofs()
+
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> None:
+        raise _rofs()
+
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise _rofs()
+
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        raise _rofs()
+
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        raise _rofs()
+
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
+    ) -> None:
+        raise _rofs()
+
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
+        raise _rofs()
+
+    async def open_for_write(self, inode: Inode, flags: int) -> FileInfo:
+        raise _rofs()
+
+
+@dataclass
+class _DirHandle:
+    inode: Inode
+    entries: list[FileStatus] = field(default_factory=list)
+
+
+class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
+    """The namespace of a depot cluster as a POSIX file system (read side)."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, client: CacheClient, config: DepotConfig, page_size: int) -> None:
+        super().__init__()
+        self.client = client
+        self.config = config
+        settings = config.fuse
+        self.settings = settings
+        self.uid = settings.uid if settings.uid is not None else os.geteuid()
+        self.gid = settings.gid if settings.gid is not None else os.getegid()
+        self.started_ns = time.time_ns()
+        chunk = page_size * max(1, -(-MIN_CHUNK // page_size))
+        block_size = chunk * max(1, -(-BLOCK_MIN // chunk))
+        self.cache = BlockCache(block_size, settings.memory)
+        self.reader = Reader(
+            client,
+            self.cache,
+            read_ahead=config.client.read_ahead,
+            prefetch=settings.prefetch,
+            prefetch_segment=settings.prefetch_segment,
+            random_threshold=settings.random_threshold,
+            parallelism=config.client.parallelism,
+            store=self._store,
+        )
+        root = FileStatus(path="/", size=0, mtime=0.0, is_dir=True)
+        self.table = InodeTable(root)
+        self.files: dict[int, Handle] = {}
+        self.dirs: dict[int, _DirHandle] = {}
+        self._next_fh = 1
+        # Kernel cache calls block (on pages that reads have locked): they run on this thread.
+        self._kernel = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="depot-fuse-kernel")
+        self._can_store = True
+        self._statfs: tuple[float, dict[str, Any] | None] = (0.0, None)
+
+    # plumbing -----------------------------------------------------------------------------------
+    @property
+    def open_files(self) -> int:
+        return len(self.files)
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.table.get(ino)
+        if inode is None:
+            raise FUSEError(errno.ESTALE)
+        return inode
+
+    def _attrs(self, inode: Inode) -> EntryAttributes:
+        status = inode.status
+        entry = EntryAttributes()
+        entry.st_ino = inode.ino
+        entry.generation = 0
+        entry.entry_timeout = self.settings.entry_timeout
+        entry.attr_timeout = self.settings.attr_timeout
+        if status.is_dir:
+            entry.st_mode = stat.S_IFDIR | self.settings.dir_mode
+            entry.st_size = 0
+            # 1, not 2: tools like find then do not infer the number of subdirectories from it.
+            entry.st_nlink = 1
+        else:
+            entry.st_mode = stat.S_IFREG | self.settings.file_mode
+            entry.st_size = status.size
+            entry.st_nlink = 1
+        entry.st_uid = self.uid
+        entry.st_gid = self.gid
+        entry.st_rdev = 0
+        entry.st_blksize = _BLKSIZE
+        entry.st_blocks = -(-entry.st_size // 512)
+        mtime = int(status.mtime * 1_000_000_000) if status.mtime > 0 else self.started_ns
+        entry.st_atime_ns = mtime
+        entry.st_ctime_ns = mtime
+        entry.st_mtime_ns = mtime
+        return entry
+
+    async def _stat(self, path: str) -> FileStatus:
+        try:
+            return await self.client.stat(path)
+        except NotFound:
+            if path == "/":  # no mount at "/": the root is the directory above every mount
+                return FileStatus(path="/", size=0, mtime=0.0, is_dir=True)
+            raise
+
+    def _record(self, path: str, status: FileStatus) -> Inode:
+        inode, stale = self.table.remember(path, status)
+        if stale is not None:
+            self._changed(inode)
+        return inode
+
+    def _changed(self, inode: Inode) -> None:
+        """The file has a new version: drop what the mount and the kernel hold of the old one."""
+        log.info("%s changed (now %s): dropping cached data", inode.path, inode.version)
+        if inode.data is not None:
+            inode.data.close()
+            inode.data = None
+        if inode.cached_version is not None:
+            inode.cached_version = None
+            self._kernel_call(pyfuse3.invalidate_inode, inode.ino)
+
+    def _kernel_call(self, fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+        def run() -> None:
+            try:
+                fn(*args)
+            except OSError as exc:
+                # ENOENT: the kernel already forgot the inode; nothing is cached for it.
+                if exc.errno == errno.ENOSYS and fn is pyfuse3.notify_store:
+                    self._can_store = False
+                log.debug("%s%r: %s", getattr(fn, "__name__", fn), args[:2], exc)
+
+        return self._kernel.submit(run)
+
+    def _store(self, data: FileData, block: Block) -> asyncio.Future[None] | None:
+        """Push a prefetched block into the kernel page cache (when the kernel caches this version)."""
+        inode = data.inode
+        if (
+            not self._can_store
+            or data.closed
+            or inode.cached_version != data.version
+            or self.table.get(inode.ino) is not inode
+        ):
+            return None
+        view = block.view[: block.count]
+        future = self._kernel_call(pyfuse3.notify_store, inode.ino, block.start, view)
+        return asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self._kernel.shutdown(wait=True)
+
+    async def aclose(self) -> None:
+        await self.reader.close()
+        for inode in self.table.inodes():
+            if inode.data is not None:
+                inode.data.close()
+        await asyncio.to_thread(self.close)
+
+    # names and attributes -----------------------------------------------------------------------
+    @fuse_errors
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        parent = self._inode(parent_inode)
+        if not parent.status.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        path = join(parent.path, os.fsdecode(name))
+        try:
+            status = await self.client.stat(path)
+        except NotFound:
+            if self.settings.negative_timeout > 0:
+                entry = EntryAttributes()
+                entry.st_ino = 0  # a negative entry, cached by the kernel for entry_timeout
+                entry.entry_timeout = self.settings.negative_timeout
+                return entry
+            raise
+        inode = self._record(path, status)
+        inode.lookups += 1
+        return self._attrs(inode)
+
+    @fuse_errors
+    async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
+        node = self._inode(inode)
+        status = await self._stat(node.path)
+        if status.is_dir != node.status.is_dir and node.ino != ROOT_INODE:
+            # The path now names something of another kind: this inode is gone.
+            raise FUSEError(errno.ENOENT)
+        stale = self.table.update(node, status)
+        if stale is not None:
+            self._changed(node)
+        return self._attrs(node)
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        for ino, count in inode_list:
+            gone = self.table.forget(ino, count)
+            if gone is not None and gone.data is not None:
+                gone.data.close()
+                gone.data = None
+
+    @fuse_errors
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        checked, stats = self._statfs
+        if time.monotonic() - checked > _STATFS_MAX_AGE:
+            try:
+                stats = await self.client.cache_stats()
+            except Exception as exc:  # df must work even when the worker does not answer
+                log.debug("statfs: cache stats unavailable: %s", exc)
+                stats = None
+            self._statfs = (time.monotonic(), stats)
+        frsize = 4096
+        capacity = int(stats.get("capacity_bytes", 0)) if stats else 0
+        used = int(stats.get("used_bytes", 0)) if stats else 0
+        result = StatvfsData()
+        result.f_bsize = _BLKSIZE
+        result.f_frsize = frsize
+        result.f_blocks = capacity // frsize
+        result.f_bfree = max(0, capacity - used) // frsize
+        result.f_bavail = result.f_bfree
+        result.f_files = len(self.table)
+        result.f_ffree = 0
+        result.f_favail = 0
+        result.f_namemax = 255
+        return result
+
+    @fuse_errors
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
+        node = self._inode(inode)
+        if name == XATTR_STATS:
+            return json.dumps(self.stats(), sort_keys=True).encode()
+        if name == XATTR_VERSION and node.version is not None:
+            return node.version.encode()
+        raise FUSEError(pyfuse3.ENOATTR)
+
+    @fuse_errors
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
+        node = self._inode(inode)
+        return [XATTR_STATS] if node.version is None else [XATTR_VERSION, XATTR_STATS]
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the read path (for ``getfattr -n user.depot.stats MOUNT``)."""
+        return {
+            **self.reader.stats,
+            "blocks_held": self.cache.live,
+            "block_size": self.cache.block_size,
+            "inodes": len(self.table),
+            "open_files": len(self.files),
+        }
+
+    # directories --------------------------------------------------------------------------------
+    @fuse_errors
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+        node = self._inode(inode)
+        if not node.status.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        entries = await self.client.list(node.path)
+        fh = self._fh()
+        self.dirs[fh] = _DirHandle(node, entries)
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
+        handle = self.dirs.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        node = handle.inode
+        # Ids: 1 is ".", 2 is "..", 3 + i is entries[i]; the kernel passes back the last one seen.
+        if start_id < 1:
+            if not pyfuse3.readdir_reply(token, b".", self._attrs(node), 1):
+                return
+            start_id = 1
+        if start_id < 2:
+            parent = self.table.by_path(node.path.rpartition("/")[0] or "/") or node
+            if not pyfuse3.readdir_reply(token, b"..", self._attrs(parent), 2):
+                return
+            start_id = 2
+        entries = handle.entries
+        for index in range(start_id - 2, len(entries)):
+            status = entries[index]
+            name = status.path.rstrip("/").rpartition("/")[2]
+            if not name:
+                continue
+            child = self._record(join(node.path, name), status)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), index + 3):
+                self.table.drop_if_unused(child)
+                break
+            child.lookups += 1  # readdirplus: the kernel now holds a reference to the entry
+
+    async def releasedir(self, fh: FileHandleT) -> None:
+        self.dirs.pop(fh, None)
+
+    # files --------------------------------------------------------------------------------------
+    @fuse_errors
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
+        node = self._inode(inode)
+        if flags & _WRITE_FLAGS:
+            return await self.open_for_write(node, flags)
+        if not node.fresh(self.settings.attr_timeout):
+            status = await self._stat(node.path)
+            if status.is_dir != node.status.is_dir:
+                raise FUSEError(errno.ENOENT)
+            if self.table.update(node, status) is not None:
+                self._changed(node)
+        if node.status.is_dir:
+            raise FUSEError(errno.EISDIR)
+        version = node.version
+        assert version is not None
+        # The kernel keeps the pages it has for this inode only if they are of this version.
+        keep = self.settings.kernel_cache and node.cached_version == version
+        node.cached_version = version
+        if node.data is None or node.data.version != version:
+            if node.data is not None:
+                node.data.close()
+            node.data = FileData(self.cache, node, version, node.status.size)
+        fh = self._fh()
+        self.files[fh] = Handle(fh, node, version, node.status.size, node.data)
+        node.opens += 1
+        return FileInfo(fh=fh, keep_cache=keep, direct_io=False)
+
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        handle = self.files.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        try:
+            reply: Reply = await self.reader.read(handle, off, size)
+        except Exception as exc:
+            code = errno_of(exc)
+            log.warning(
+                "read %s [%d, +%d) failed (%s): %s",
+                handle.path,
+                off,
+                size,
+                errno.errorcode.get(code, code),
+                exc,
+            )
+            raise FUSEError(code) from None
+        # pyfuse3 takes any buffer; a view of a pooled block is sent without a copy.
+        return cast(bytes, reply)
+
+    async def flush(self, fh: FileHandleT) -> None:
+        return None
+
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        return None
+
+    async def release(self, fh: FileHandleT) -> None:
+        handle = self.files.pop(fh, None)
+        if handle is None:
+            return
+        node = handle.inode
+        node.opens -= 1
+        gone = self.table.drop_if_unused(node)
+        if gone is not None and gone.data is not None:
+            gone.data.close()
+            gone.data = None
+
+
+__all__ = ["DepotOperations", "ReadOnlyMixin", "fuse_errors"]
