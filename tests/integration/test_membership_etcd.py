@@ -40,9 +40,16 @@ async def make_etcd(etcd_server: EtcdServer, etcd_cluster: str) -> AsyncIterator
     """``await make_etcd(lease_ttl=..., endpoints=...)``: a started instance on this test's cluster."""
     made: list[EtcdMembership] = []
 
-    async def make(lease_ttl: float = TTL, endpoints: list[str] | None = None) -> EtcdMembership:
+    async def make(
+        lease_ttl: float = TTL,
+        endpoints: list[str] | None = None,
+        request_timeout: float | None = None,
+    ) -> EtcdMembership:
         m = EtcdMembership(
-            endpoints or etcd_server.endpoints, cluster=etcd_cluster, lease_ttl=lease_ttl
+            endpoints or etcd_server.endpoints,
+            cluster=etcd_cluster,
+            lease_ttl=lease_ttl,
+            request_timeout=request_timeout,
         )
         await m.start()
         made.append(m)
@@ -57,7 +64,10 @@ class TestEtcdContract(DynamicMembershipContract, ClusterStoreContract):
     @pytest.fixture
     async def membership_factory(self, make_etcd: EtcdFactory) -> MembershipFactory:
         async def make() -> Membership:
-            return await make_etcd(lease_ttl=5)
+            # A generous call limit: on a loaded 2-core CI machine one etcd call can take over a
+            # second, and a call that times out is retried later, which the contract would see
+            # as a write not yet visible.
+            return await make_etcd(lease_ttl=5, request_timeout=5.0)
 
         return make
 
