@@ -271,17 +271,14 @@ def test_sequential_reads_prefetch_and_random_reads_do_not(fs: DepotFileSystem) 
         assert not f._blocks
 
 
-def test_writes_are_refused_clearly(fs: DepotFileSystem) -> None:
-    with pytest.raises(Unsupported, match="read-only"):
-        fs.open("/data/new.bin", "wb")
+def test_unsupported_modes_are_refused_clearly(fs: DepotFileSystem) -> None:
+    # Whole-file writes are supported (tests/integration/test_writes.py); appends are not.
+    with pytest.raises(Unsupported, match="mode"):
+        fs.open("/data/new.bin", "ab")
     with pytest.raises(NotImplementedError):
-        fs.open("/data/new.bin", "wb")
-    with pytest.raises(Unsupported):
-        fs.pipe_file("/data/new.bin", b"x")
-    with pytest.raises(Unsupported):
-        fs.rm("/data/small.txt")
-    with pytest.raises(Unsupported):
-        fs.mkdir("/data/newdir")
+        fs.open("/data/new.bin", "r+b")
+    with fs.open("/data/small.txt", "rb") as f, pytest.raises(Unsupported):
+        f.write(b"x")
 
 
 # -- pandas and pyarrow -------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def _human(n: float) -> str:
 
 @cli.group()
 def fs() -> None:
-    """Read the depot namespace: ls, stat, cat, head, cp."""
+    """The depot namespace: ls, stat, cat, head, cp, rm, mkdir."""
 
 
 @fs.command("ls")
@@ -350,6 +350,27 @@ def fs_head(path: str, count: int, endpoint: str | None, config_file: str | None
             sys.stderr.close()
 
 
+@fs.command("rm")
+@click.argument("path")
+@click.option("-r", "--recursive", is_flag=True, help="Delete a directory tree.")
+@endpoint_option
+@config_option
+def fs_rm(path: str, recursive: bool, endpoint: str | None, config_file: str | None) -> None:
+    """Delete a file (or a tree with -r) through the cluster."""
+    with _errors():
+        _filesystem(endpoint, config_file).rm(path, recursive=recursive)
+
+
+@fs.command("mkdir")
+@click.argument("path")
+@endpoint_option
+@config_option
+def fs_mkdir(path: str, endpoint: str | None, config_file: str | None) -> None:
+    """Make a directory (object stores keep none: it exists once a file is written under it)."""
+    with _errors():
+        _filesystem(endpoint, config_file).makedirs(path, exist_ok=True)
+
+
 @fs.command("cp")
 @click.argument("source")
 @click.argument("dest", type=click.Path())
@@ -357,9 +378,18 @@ def fs_head(path: str, count: int, endpoint: str | None, config_file: str | None
 @endpoint_option
 @config_option
 def fs_cp(source: str, dest: str, recursive: bool, endpoint: str | None, config_file: str | None) -> None:
-    """Copy a depot file (or tree with -r) to a local path."""
+    """Copy a depot file (or tree with -r) to a local path, or a local file to depot://PATH."""
     with _errors():
         fs_obj = _filesystem(endpoint, config_file)
+        if dest.startswith("depot:"):  # upload
+            local = Path(source)
+            if local.is_dir():
+                raise CliError(f"{source} is a directory (uploads take one file)")
+            if not local.is_file():
+                raise CliError(f"not found: {source}")
+            remote = dest + local.name if dest.endswith("/") else dest
+            fs_obj.put_file(str(local), remote)
+            return
         info = fs_obj.info(source)
         if info["type"] == "directory":
             if not recursive:

@@ -20,6 +20,8 @@ from urllib.parse import quote
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
 from depot.client.routing import UNREACHABLE, WorkerRouter
+from depot.client.shortcircuit import ShortCircuit
+from depot.client.uploads import WriteSource, open_source
 from depot.core.config import DepotConfig, MountConfig, load_config
 from depot.core.errors import DepotError, InvalidArgument, IsADirectory
 from depot.core.transport import (
@@ -45,6 +47,11 @@ INFO = "/api/v1/info"
 STATS = "/api/v1/cache/stats"
 HEALTH = "/healthz"
 JOBS = "/api/v1/jobs"
+WRITE = "/api/v1/write"
+FILE = "/api/v1/file"
+MKDIR = "/api/v1/mkdir"
+RENAME = "/api/v1/rename"
+CACHE_FREE = "/api/v1/cache/free"
 JOB_DONE = frozenset({"completed", "failed", "stopped"})
 # While waiting on a job, how long the workers may be unreachable before the wait gives up.
 JOB_WAIT_UNREACHABLE = 60.0
@@ -128,6 +135,8 @@ class CacheClient:
         self._page_size: int | None = None
         self._fallback: UfsFallback | None = None
         self._retired: list[UfsFallback] = []
+        #: Reads of a worker's pages on this node straight from its page files (``None``: off).
+        self.short_circuit = ShortCircuit(self.router, self.stat) if settings.short_circuit else None
 
     @property
     def pool(self) -> ConnectionPool:
@@ -146,6 +155,8 @@ class CacheClient:
         await self.close()
 
     async def close(self) -> None:
+        if self.short_circuit is not None:
+            await self.short_circuit.close()  # reports the last hits while the pools are open
         self.router.close()
         for fallback in [*self._retired, *([self._fallback] if self._fallback else [])]:
             await fallback.close()
@@ -195,6 +206,8 @@ class CacheClient:
 
     async def cache_stats(self) -> dict[str, Any]:
         """The worker's cache counters (``GET /api/v1/cache/stats``)."""
+        if self.short_circuit is not None:
+            await self.short_circuit.flush()  # this client's own short-circuit hits count too
         data = await self._get_json(STATS)
         if not isinstance(data, dict):
             raise WorkerUnreachable(f"worker {self.endpoint} sent malformed cache stats")
@@ -348,7 +361,10 @@ class CacheClient:
                     f"worker {self.endpoint} sent a malformed status for {path}"
                 ) from None
 
-        return await self._call(from_worker, lambda fb: fb.stat(path), path)
+        status = await self._call(from_worker, lambda fb: fb.stat(path), path)
+        if self.short_circuit is not None:
+            self.short_circuit.saw(status)
+        return status
 
     async def list(self, path: str) -> list[FileStatus]:
         """The entries of a directory, sorted by name."""
@@ -543,6 +559,10 @@ class CacheClient:
         self, path: str, start: int, end: int, dest: memoryview, version: str | None
     ) -> tuple[int, str | None]:
         """One ranged request into ``dest``: (bytes received, the version's tag)."""
+        if self.short_circuit is not None:
+            local = await self.short_circuit.read_into(path, start, end, dest, version)
+            if local is not None:
+                return local
 
         async def from_worker(pool: ConnectionPool) -> tuple[int, str | None]:
             headers = [("Range", f"bytes={start}-{end - 1}")]
@@ -641,6 +661,94 @@ class CacheClient:
     def _chunk_size(self, page_size: int) -> int:
         pages = max(1, -(-MIN_CHUNK // page_size))
         return page_size * pages
+
+    # writes (docs/writes.md) ---------------------------------------------------------------------
+    async def write(self, path: str, data: WriteSource) -> FileStatus:
+        """Write ``data`` as the whole new content of ``path``; returns the new status.
+
+        ``data``: bytes-like, a binary file object (read from its position, in chunks), or an
+        async iterable of bytes (spooled first: memory stays bounded). The write goes to the
+        worker that owns the path (segment 0 of its key); the next worker is tried only when the
+        owner refused the connection, before any byte was sent. There is no under-store fallback
+        for writes: an unreachable cluster is an error.
+        """
+        async with await open_source(data) as source:
+            upload = source.upload
+
+            async def send(pool: ConnectionPool) -> FileStatus:
+                response = await pool.request(path_query(WRITE, path), method="PUT", body=upload)
+                return self._status_of(response, path)
+
+            return await self._write_call(send, path)
+
+    async def delete(self, path: str) -> None:
+        """Delete a file (directories: delete their files; an empty one then disappears)."""
+
+        async def send(pool: ConnectionPool) -> None:
+            response = await pool.request(path_query(FILE, path), method="DELETE")
+            if response.status >= 300:
+                raise error_from_response(response, path)
+
+        await self._write_call(send, path)
+
+    async def mkdir(self, path: str) -> None:
+        """Check that a directory may be made at ``path`` (object stores keep none: it exists
+        once a file is written under it)."""
+
+        async def send(pool: ConnectionPool) -> None:
+            response = await pool.request(path_query(MKDIR, path), method="POST")
+            if response.status >= 300:
+                raise error_from_response(response, path)
+
+        await self._write_call(send, path)
+
+    async def rename(self, src: str, dst: str) -> FileStatus:
+        """Move a file (copy, then delete: not atomic on object stores)."""
+        target = f"{RENAME}?src={quote(src, safe='')}&dst={quote(dst, safe='')}"
+
+        async def send(pool: ConnectionPool) -> FileStatus:
+            response = await pool.request(target, method="POST")
+            return self._status_of(response, src)
+
+        status = await self._write_call(send, src)
+        # The worker that owns dst may remember it as missing (or as an older file): drop that.
+        handled = self.router.write_targets(src)[0]
+        owner = self.router.write_targets(dst)[0]
+        if owner != handled:
+            try:
+                await self.router.pool(owner).request(path_query(CACHE_FREE, dst), method="POST")
+            except DepotError as exc:
+                log.info("could not refresh %s on %s after a rename: %s", dst, owner, exc)
+        return status
+
+    @staticmethod
+    def _status_of(response: Response, path: str) -> FileStatus:
+        if response.status >= 300:
+            raise error_from_response(response, path)
+        try:
+            return FileStatus.from_dict(response.json())
+        except (KeyError, TypeError, ValueError):
+            raise WorkerUnreachable(f"worker sent a malformed status for {path}") from None
+
+    async def _write_call(self, send: Callable[[ConnectionPool], Awaitable[T]], path: str) -> T:
+        """Send a write to the owner of ``path``; the next worker only if the connection was
+        refused (no byte sent). Never the under store."""
+        router = self.router
+        await router.current_view()
+        error: DepotError | None = None
+        for endpoint in router.write_targets(path)[:FAILOVER_WORKERS]:
+            try:
+                result = await send(router.pool(endpoint))
+            except _UNREACHABLE as exc:
+                router.failed(endpoint, exc)
+                if not exc.connect_failed:
+                    raise  # bytes may have reached the worker: do not send them elsewhere
+                error = exc
+                continue
+            router.mark_up(endpoint)
+            return result
+        assert error is not None
+        raise error
 
     # fallback --------------------------------------------------------------------------------------
     def _mounts_for_fallback(self) -> builtins.list[MountConfig]:

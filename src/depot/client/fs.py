@@ -1,7 +1,8 @@
 """``depot://``: the fsspec filesystem over the worker API (async core, sync facade).
 
 ``fsspec.filesystem("depot", endpoint="http://127.0.0.1:7070")``; paths are namespace paths with
-or without the ``depot://`` prefix. Files open read-only; an open file pins the version it saw at
+or without the ``depot://`` prefix. Files open for reading (``rb``) or for writing a whole new
+file (``wb``: uploaded on close, docs/writes.md). A file open for reading pins the version it saw at
 open time, so it returns bytes of that version or raises ``StaleVersion``, never a mix. Sequential
 reads are served from read-ahead blocks fetched while the caller consumes the previous ones;
 large single reads are split into page-aligned requests fetched in parallel.
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime
+import io
 import os
+import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
@@ -32,7 +36,7 @@ from depot.core.types import FileStatus, parse_size
 
 T = TypeVar("T")
 
-_READ_ONLY = "depot:// is read-only for now (writes go to the under store directly)"
+_READ_ONLY = "this file is open for reading (open a file with mode 'wb' to write it)"
 
 
 class ReadOnlyFileSystem(Unsupported, NotImplementedError):
@@ -96,8 +100,23 @@ class _LoopState:
         return self._budget
 
 
+def _report_local_hits(
+    loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState],
+) -> None:
+    """Send the pending short-circuit hit counts of every loop's client (at exit or collection)."""
+    for loop, state in list(loops.items()):
+        short_circuit = state.client.short_circuit
+        if short_circuit is None or loop.is_closed() or not loop.is_running():
+            continue
+        future = asyncio.run_coroutine_threadsafe(short_circuit.flush(), loop)
+        if getattr(loop, "_thread_id", None) == threading.get_ident():
+            continue  # on the loop's own thread: it runs when this returns
+        with contextlib.suppress(Exception):
+            future.result(timeout=2.0)
+
+
 class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
-    """The depot namespace as an fsspec filesystem (read-only)."""
+    """The depot namespace as an fsspec filesystem (reads, and whole-file writes)."""
 
     protocol = "depot"
     root_marker = "/"
@@ -135,6 +154,9 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
         self._block_size: int | None = None
         self._buffers: BufferPool | None = None
         self._buffers_lock = threading.Lock()
+        # Reads served from the local page store are reported to the worker in batches; a
+        # script or CLI that exits without close() must not lose them (nor their LRU touches).
+        weakref.finalize(self, _report_local_hits, self._loops)
 
     # plumbing -----------------------------------------------------------------------------------
     def _loop_state(self) -> _LoopState:
@@ -425,9 +447,14 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
         autocommit: bool = True,
         cache_options: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> DepotFile:
+    ) -> Any:
+        if mode in ("wb", "xb"):
+            path = self._strip_protocol(path)
+            if mode == "xb" and self.exists(path):
+                raise FileExistsError(f"file exists: {path}")
+            return DepotWriteFile(self, path)
         if mode != "rb":
-            raise ReadOnlyFileSystem(f"{_READ_ONLY}: cannot open in mode {mode!r}", path)
+            raise ReadOnlyFileSystem(f"depot:// cannot open files in mode {mode!r}", path)
         return DepotFile(
             self,
             self._strip_protocol(path),
@@ -436,27 +463,152 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
             **kwargs,
         )
 
-    # writes are not served yet: say so clearly ---------------------------------------------------
+    # writes (docs/writes.md): whole files, uploaded through the path's owner worker ------------
     async def _pipe_file(self, path: str, value: Any, mode: str = "overwrite", **kw: Any) -> None:
-        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path))
+        path = self._strip_protocol(path)
+        if mode == "create" and await self._exists(path):
+            raise FileExistsError(f"file exists: {path}")
+        await self.client().write(path, value)
+        self.invalidate_cache(path)
 
-    async def _put_file(self, lpath: str, rpath: str, mode: str = "overwrite", **kw: Any) -> None:
-        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(rpath))
+    async def _put_file(
+        self,
+        lpath: str,
+        rpath: str,
+        callback: Callback = DEFAULT_CALLBACK,
+        mode: str = "overwrite",
+        **kw: Any,
+    ) -> None:
+        rpath = self._strip_protocol(rpath)
+        if os.path.isdir(lpath):
+            return  # directories exist through the files under them
+        if mode == "create" and await self._exists(rpath):
+            raise FileExistsError(f"file exists: {rpath}")
+        with open(lpath, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            callback.set_size(size)
+            await self.client().write(rpath, f)
+            callback.relative_update(size)
+        self.invalidate_cache(rpath)
 
     async def _rm_file(self, path: str, **kwargs: Any) -> None:
-        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path))
+        path = self._strip_protocol(path)
+        await self.client().delete(path)
+        self.invalidate_cache(path)
 
-    async def _rm(self, path: Any, recursive: bool = False, **kwargs: Any) -> None:
-        raise ReadOnlyFileSystem(_READ_ONLY, str(path))
+    async def _rm(
+        self, path: Any, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any
+    ) -> None:
+        paths = await self._expand_path(path, recursive=recursive, maxdepth=maxdepth)
+        for one in sorted(paths, reverse=True):  # files under a directory before it
+            try:
+                await self.client().delete(one)
+            except (IsADirectory, FileNotFoundError):
+                # A directory: it goes away with its files (object stores keep none).
+                if not recursive:
+                    raise
+            self.invalidate_cache(one)
 
     async def _cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
-        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path2))
+        path1, path2 = self._strip_protocol(path1), self._strip_protocol(path2)
+        client = self.client()
+        status = await client.stat(path1)
+        if status.is_dir:
+            return
+        version = version_of(status)
+        window = 8 * 1024 * 1024
+
+        async def chunks() -> Any:
+            pos = 0
+            while pos < status.size:
+                stop = min(status.size, pos + window)
+                yield await client.read_range(path1, pos, stop, version=version, size=status.size)
+                pos = stop
+
+        await client.write(path2, chunks())
+        self.invalidate_cache(path2)
+
+    async def _mv_file(self, path1: str, path2: str) -> None:
+        path1, path2 = self._strip_protocol(path1), self._strip_protocol(path2)
+        await self.client().rename(path1, path2)
+        self.invalidate_cache(path1)
+        self.invalidate_cache(path2)
+
+    def mv(
+        self,
+        path1: str,
+        path2: str,
+        recursive: bool = False,
+        maxdepth: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Move a file (copy, then delete: not atomic on object stores); trees as fsspec does."""
+        if isinstance(path1, str) and isinstance(path2, str) and self.isfile(path1):
+            sync(self.loop, self._mv_file, path1, path2)
+            return
+        super().mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
 
     async def _mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
-        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path))
+        await self.client().mkdir(self._strip_protocol(path))
 
     async def _makedirs(self, path: str, exist_ok: bool = False) -> None:
-        raise ReadOnlyFileSystem(_READ_ONLY, self._strip_protocol(path))
+        await self.client().mkdir(self._strip_protocol(path))
+
+
+class DepotWriteFile(io.RawIOBase):
+    """A file open for writing: bytes go to a spool (memory, then a temporary file) and the whole
+    file is uploaded on ``close``; readers see the new content after ``close`` returns."""
+
+    def __init__(self, fs: DepotFileSystem, path: str) -> None:
+        super().__init__()
+        if fs.loop is None:
+            raise NotImplementedError("open files need a filesystem with a running loop thread")
+        self.fs = fs
+        self.path = path
+        self.mode = "wb"
+        self._spool: Any = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115
+        self._discard = False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        view = memoryview(data).cast("B")
+        self._spool.write(view)
+        return view.nbytes
+
+    def tell(self) -> int:
+        return int(self._spool.tell())
+
+    async def _upload(self) -> None:
+        await self.fs.client().write(self.path, self._spool)
+
+    def discard(self) -> None:
+        """Close without uploading."""
+        self._discard = True
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if not self._discard:
+                self._spool.seek(0)
+                self.fs._run(self._upload())
+                self.fs.invalidate_cache(self.path)
+        finally:
+            self._spool.close()
+            super().close()
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:
+            self._discard = True  # an exception inside ``with``: leave the old file in place
+        self.close()
 
 
 class _Block:

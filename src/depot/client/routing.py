@@ -174,6 +174,20 @@ class WorkerRouter:
         up = [e for e in endpoints if not self.is_down(e)]
         return up + [e for e in endpoints if e not in up]
 
+    def write_targets(self, path: str) -> list[str]:
+        """Endpoints for a write of ``path``: the owner of its first segment first (no
+        spreading over replicas), so that every writer of one path reaches the same worker."""
+        view = self._view
+        endpoints: list[str] = []
+        if view is not None:
+            file_key = view.file_key(path)
+            if file_key is not None:
+                endpoints = [w.endpoint for w in view.route(file_key, 0)]
+        if not endpoints:
+            endpoints = [self.seed]
+        up = [e for e in endpoints if not self.is_down(e)]
+        return up + [e for e in endpoints if e not in up]
+
     def segment_end(self, offset: int) -> int | None:
         """Where the placement segment of ``offset`` ends, if reads must be cut there."""
         if self._view is None:

@@ -91,7 +91,20 @@ class MountConfig(_Model):
     ufs: str
     read_only: bool = False
     metadata: str = "max-age=60s"
+    # How writes through depot reach the under store (docs/writes.md): "through" (the UFS only)
+    # or "cache-through" (the UFS, and the written bytes into the page store). "write-back"
+    # (acknowledge after a durable local write, upload in the background) is coming.
+    write_mode: Literal["through", "cache-through"] = "through"
     options: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("write_mode", mode="before")
+    @classmethod
+    def _write_mode_available(cls, value: Any) -> Any:
+        if value == "write-back":
+            raise ValueError(
+                "write-back is not available yet (use 'through' or 'cache-through')"
+            )
+        return value
 
     @field_validator("options", mode="before")
     @classmethod
@@ -106,10 +119,17 @@ class WorkerConfig(_Model):
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     s3_port: int | None = Field(default=None, ge=0, le=65535)
     max_request_bytes: int = Field(default=64 * 1024**3, gt=0)
+    # Largest request body of a write (PUT /api/v1/write); larger ones get 413 before any byte.
+    max_write_bytes: int = Field(default=64 * 1024**3, gt=0)
+    # Writes over this size are uploaded in parts as they arrive (memory stays bounded);
+    # smaller ones are held in memory and put in one request.
+    write_multipart_threshold: int = Field(default=16 * 1024**2, ge=0)
     ufs_concurrency: int = Field(default=64, ge=1, le=1024)
     prefetch_pages: int = Field(default=32, ge=0, le=1024)
 
-    _parse_size = field_validator("max_request_bytes", mode="before")(_size)
+    _parse_size = field_validator(
+        "max_request_bytes", "max_write_bytes", "write_multipart_threshold", mode="before"
+    )(_size)
 
 
 class ClientConfig(_Model):
@@ -119,6 +139,9 @@ class ClientConfig(_Model):
     parallelism: int = Field(default=8, ge=1, le=256)
     timeout: float = Field(default=30.0, gt=0)
     connect_timeout: float = Field(default=2.0, gt=0)
+    # Read pages of a worker on the same node straight from its cache dirs (verified, counted
+    # as hits by the worker); used only where the node and the dirs are found to be shared.
+    short_circuit: bool = True
 
     _parse_size = field_validator("read_ahead", mode="before")(_size)
     _parse_duration = field_validator("timeout", "connect_timeout", mode="before")(_duration)

@@ -9,7 +9,11 @@ transport does only what the worker API needs, as cheaply as asyncio allows:
   small per-connection scratch buffer and body bytes that arrived with it are copied once;
 - a bounded pool of keep-alive connections per endpoint (LIFO, so warm connections are reused);
 - a stale keep-alive connection (closed by the server while idle) is replaced once,
-  transparently: every request is idempotent (GET, or a POST of an idempotent operation);
+  transparently: every request is idempotent (GET, or a POST of an idempotent operation, or a
+  whole-file PUT);
+- request bodies (writes) are streamed from an ``Upload`` with a ``Content-Length``, with flow
+  control (a chunk is sent when the socket took the previous ones); a worker that answers before
+  the whole body was sent (an early error) gets no more of it;
 - typed errors: a refused, reset or timed-out connection raises ``WorkerUnreachable`` or
   ``WorkerTimeout`` (both ``Unavailable``), so the caller can fall back to the under store, and a
   JSON error body is rebuilt into the error the worker reported.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -42,8 +46,18 @@ MAX_MEMORY_BODY = 256 * 1024 * 1024
 _USER_AGENT = "depot-client"
 # The idle timeout of a request is checked this many times per timeout.
 _WATCH_PERIODS = 4
-_METHODS = frozenset({"GET", "POST", "DELETE"})
-_BODY_METHODS = frozenset({"POST", "DELETE"})
+_METHODS = frozenset({"GET", "POST", "DELETE", "PUT"})
+_BODY_METHODS = frozenset({"POST", "DELETE", "PUT"})
+BodyChunk = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A request body: ``length`` bytes that ``chunks()`` yields from the start on every call
+    (a request resent on a fresh connection starts the body again)."""
+
+    length: int
+    chunks: Callable[[], AsyncIterator[BodyChunk]]
 
 
 class WorkerUnreachable(Unavailable):
@@ -182,8 +196,23 @@ class _Connection(asyncio.BufferedProtocol):
         self._headers: dict[str, str] = {}
         self._progress = 0
         self._error: DepotError | None = None
+        self._sent = 0  # request body bytes handed to the transport (the watchdog counts them)
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.keep_alive = True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # asyncio callbacks -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -193,6 +222,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._body = None
+        self._wake_drain()
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
@@ -382,19 +412,28 @@ class _Connection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.abort()
 
-    async def request(self, payload: bytes, dest: memoryview | None, idle_limit: float) -> Response:
+    async def request(
+        self,
+        payload: bytes,
+        dest: memoryview | None,
+        idle_limit: float,
+        body: Upload | None = None,
+    ) -> Response:
         assert self._transport is not None
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Response] = loop.create_future()
         self._waiter = waiter
         self._dest = dest
         self._progress = 0
+        self._sent = 0
         self._error = None
         self._transport.write(payload)
         watchdog = loop.call_later(
             idle_limit / _WATCH_PERIODS, self._watchdog, waiter, 0, loop.time(), idle_limit
         )
         try:
+            if body is not None:
+                await self._send_body(body, waiter)
             return await waiter
         except BaseException:
             # Cancelled or failed mid-response: the stream position is unknown and the caller's
@@ -405,6 +444,41 @@ class _Connection(asyncio.BufferedProtocol):
             watchdog.cancel()
             if self._waiter is waiter:
                 self._reset()
+
+    async def _send_body(self, body: Upload, waiter: asyncio.Future[Response]) -> None:
+        """Send the body chunk by chunk, waiting while the socket is behind; stop early if the
+        worker answered (or went away) first."""
+        transport = self._transport
+        assert transport is not None
+        chunks = body.chunks()
+        try:
+            async for chunk in chunks:
+                if waiter.done() or self.closed:
+                    break
+                if self._sent + len(chunk) > body.length:
+                    raise InvalidArgument(
+                        f"the request body is longer than its declared {body.length} bytes"
+                    )
+                transport.write(chunk)
+                self._sent += len(chunk)
+                if self._write_paused:
+                    drained = asyncio.get_running_loop().create_future()
+                    self._drain_waiter = drained
+                    try:
+                        await drained
+                    finally:
+                        self._drain_waiter = None
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
+        if self._sent != body.length:
+            if waiter.done() or self.closed:
+                self.keep_alive = False  # the rest of the body was never sent
+                return
+            raise InvalidArgument(
+                f"the request body ended after {self._sent} of its declared {body.length} bytes"
+            )
 
     def _watchdog(
         self, waiter: asyncio.Future[Response], seen: int, idle_since: float, timeout: float
@@ -420,8 +494,9 @@ class _Connection(asyncio.BufferedProtocol):
         loop = asyncio.get_running_loop()
         now = loop.time()
         period = timeout / _WATCH_PERIODS
-        if self._progress != seen:
-            seen, idle_since = self._progress, now
+        progress = self._progress + self._sent
+        if progress != seen:
+            seen, idle_since = progress, now
         elif now - idle_since >= timeout - period / 2:
             self._fail(WorkerTimeout(f"worker {self._label} sent nothing for {timeout:g}s"))
             return
@@ -460,7 +535,11 @@ class ConnectionPool:
         return len(self._idle)
 
     def _build(
-        self, target: str, headers: Iterable[tuple[str, str]], method: str = "GET"
+        self,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        method: str = "GET",
+        body_length: int = 0,
     ) -> bytes:
         if any(c in target for c in " \r\n"):
             raise InvalidArgument(f"invalid request target {target!r}")
@@ -468,7 +547,8 @@ class ConnectionPool:
             raise InvalidArgument(f"unsupported HTTP method {method!r}")
         lines = [f"{method} {target} ", self._prefix]
         if method in _BODY_METHODS:
-            lines.append("Content-Length: 0\r\n")  # no body: every parameter is in the query
+            # Parameters are in the query; only writes carry a body.
+            lines.append(f"Content-Length: {body_length}\r\n")
         for name, value in headers:
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
                 raise InvalidArgument(f"invalid value for HTTP header {name}")
@@ -517,6 +597,7 @@ class ConnectionPool:
         *,
         dest: memoryview | None = None,
         method: str = "GET",
+        body: Upload | None = None,
     ) -> Response:
         """Send ``GET target`` (or ``method``) and return the response (of any status).
 
@@ -525,10 +606,15 @@ class ConnectionPool:
         body). Requests carry no body (the worker API takes its parameters in the query). Send
         only idempotent operations: a stale keep-alive connection is replaced and the request
         sent again.
+
+        ``body`` (with ``POST``/``PUT``) is sent after the head, with its ``Content-Length``. A
+        refused connection raises with ``connect_failed`` set: no byte was sent.
         """
         if self._closed:
             raise Unavailable("the client was closed")
-        payload = self._build(target, headers, method)
+        if body is not None and method not in _BODY_METHODS:
+            raise InvalidArgument(f"a {method} request takes no body")
+        payload = self._build(target, headers, method, body.length if body is not None else 0)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
         limit = self.timeout
@@ -545,12 +631,12 @@ class ConnectionPool:
                 conn = await self._connect()
             try:
                 try:
-                    response = await conn.request(payload, dest, limit)
+                    response = await conn.request(payload, dest, limit, body)
                 except _StaleConnection:
                     if not reused:
                         raise
                     conn = await self._connect()
-                    response = await conn.request(payload, dest, limit)
+                    response = await conn.request(payload, dest, limit, body)
             except _StaleConnection as exc:
                 raise WorkerUnreachable(exc.message) from None
             except OSError as exc:

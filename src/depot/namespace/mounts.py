@@ -51,6 +51,8 @@ class Mount:
     read_only: bool = False
     policy: MetadataPolicy = DEFAULT_POLICY
     options: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
+    # "through" or "cache-through" (docs/writes.md).
+    write_mode: str = "through"
 
     def __post_init__(self) -> None:
         try:
@@ -133,6 +135,7 @@ class MountTable:
                         read_only=config.read_only,
                         policy=MetadataPolicy.parse(config.metadata),
                         options=config.options,
+                        write_mode=config.write_mode,
                     )
                 )
             except ConfigError as exc:

@@ -67,6 +67,11 @@ class PageStore(abc.ABC):
     def contains(self, page: PageId) -> bool:
         return self.page_length(page) is not None
 
+    def touch(self, page: PageId) -> bool:
+        """Count a use of ``page`` served without this store (a short-circuit read by a local
+        client) towards its eviction order; True if the page is stored."""
+        return self.contains(page)
+
     @abc.abstractmethod
     def file_pages(self, file_key: str) -> list[int]:
         """Sorted indexes of the stored pages of one file version. Cheap: no disk access."""

@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import xxhash
-
 from depot.core.config import DEFAULT_PAGE_SIZE, CacheConfig
 from depot.core.errors import ConfigError, DepotError, InvalidArgument, InvalidRange, Unavailable
 from depot.core.types import PageId
 from depot.pagestore import format as fmt
 from depot.pagestore.base import Buffer, PageStore, PageStoreStats
+from depot.pagestore.direct import META_NAME, PAGES_DIR
+from depot.pagestore.direct import CorruptPage as _CorruptPage
+from depot.pagestore.direct import read_blocks as _read_blocks
 from depot.pagestore.eviction import make_policy
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BLOCK_SIZE = fmt.BLOCK_SIZE
-META_NAME = "depot-pagestore.json"
 LOCK_NAME = ".lock"
-PAGES_DIR = "pages"
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 _MEDIA_ERRORS = frozenset({errno.EIO, errno.ENODATA, getattr(errno, "EUCLEAN", 117)})
-_hash = xxhash.xxh3_64_intdigest
-
-
-class _CorruptPage(Exception):
-    """A page's bytes, footer or file do not check out; the page must be dropped."""
 
 
 @dataclass(eq=False, slots=True)
@@ -312,6 +306,12 @@ class LocalPageStore(PageStore):
 
     def file_pages(self, file_key: str) -> list[int]:
         return sorted(self._by_file.get(file_key, ()))
+
+    def touch(self, page: PageId) -> bool:
+        if page not in self._index:
+            return False
+        self._policy.touch(page)
+        return True
 
     def page_file(self, page: PageId) -> Path | None:
         """The file that holds ``page`` (for tools and tests), or None if absent."""
@@ -821,76 +821,6 @@ class LocalPageStore(PageStore):
 
 
 # --------------------------------------------------------------------- thread-side helpers
-
-
-def _read_blocks(
-    fd: int,
-    length: int,
-    sums: array[int],
-    offset: int,
-    out: memoryview,
-    flags: int,
-    scratch: memoryview,
-) -> None:
-    """Read the blocks covering ``[offset, offset + len(out))``, verify them, fill ``out``.
-
-    Whole blocks inside the range are read straight into ``out`` and verified there; only a
-    partly covered first or last block goes through ``scratch`` (2 blocks long) to be verified
-    before its slice is copied out. Raises ``BlockingIOError`` if ``flags`` has RWF_NOWAIT and
-    the data is not all cached, ``_CorruptPage`` on a checksum mismatch or a short file.
-    """
-    bs = BLOCK_SIZE
-    n = len(out)
-    end = offset + n
-    first = offset // bs
-    last = (end - 1) // bs
-    start = first * bs
-    stop = min((last + 1) * bs, length)
-    iov: list[memoryview] = []
-    blocks: list[tuple[int, memoryview]] = []
-    copies: list[tuple[memoryview, memoryview]] = []
-    if first == last:
-        if offset == start and end == stop:
-            iov.append(out)
-            blocks.append((first, out))
-        else:
-            buf = scratch[: stop - start]
-            iov.append(buf)
-            blocks.append((first, buf))
-            copies.append((out, buf[offset - start : end - start]))
-    else:
-        head_end = (first + 1) * bs  # file offset where the first block ends
-        if offset == start:
-            body_from = offset
-        else:
-            buf = scratch[:bs]
-            iov.append(buf)
-            blocks.append((first, buf))
-            copies.append((out[: head_end - offset], buf[offset - start :]))
-            body_from = head_end
-        tail_start = last * bs
-        body_to = stop if end == stop else tail_start
-        if body_to > body_from:
-            body = out[body_from - offset : body_to - offset]
-            iov.append(body)
-            for b in range(body_from // bs, (body_to - 1) // bs + 1):
-                lo = b * bs - body_from
-                blocks.append((b, body[lo : lo + bs]))
-        if end != stop:
-            buf = scratch[bs : bs + stop - tail_start]
-            iov.append(buf)
-            blocks.append((last, buf))
-            copies.append((out[tail_start - offset :], buf[: end - tail_start]))
-    got = os.preadv(fd, iov, start, flags)
-    if got != stop - start:
-        if flags and got >= 0:
-            raise BlockingIOError(errno.EAGAIN, "partly cached")
-        raise _CorruptPage(f"short read: {got} of {stop - start} bytes")
-    for b, view in blocks:
-        if _hash(view, b) != sums[b]:
-            raise _CorruptPage(f"checksum mismatch in block {b}")
-    for dst, src in copies:
-        dst[:] = src
 
 
 def _load_sums(fd: int, entry: _Entry, flags: int) -> array[int]:

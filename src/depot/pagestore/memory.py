@@ -52,6 +52,12 @@ class MemoryPageStore(PageStore):
         self._policy.touch(page)
         return True
 
+    def touch(self, page: PageId) -> bool:
+        if page not in self._pages:
+            return False
+        self._policy.touch(page)
+        return True
+
     async def put(self, page: PageId, data: Buffer) -> bool:
         size = len(data)
         if size > self.page_size:

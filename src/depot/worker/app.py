@@ -20,10 +20,13 @@ from depot.core.errors import (
 )
 from depot.core.types import ByteRange
 from depot.namespace.paths import normalize_path
+from depot.pagestore.direct import decode_touched, describe
+from depot.pagestore.local import LocalPageStore
 from depot.placement.view import ClusterView
 from depot.worker.http import Request, ResponseWriter, error_json
 from depot.worker.jobs import JobRunner, JobSpec, parse_bool
 from depot.worker.service import ReadThroughService, mount_summary
+from depot.worker.writes import WriteService
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ TRANSPORT_KEEPS_REFERENCES = sys.version_info >= (3, 12)
 
 class MethodNotAllowed(InvalidArgument):
     http_status = 405
+
+
+WRITE_ROUTE = "/api/v1/write"
 
 
 def _json(writer: ResponseWriter, data: Any, status: int = 200) -> None:
@@ -98,8 +104,10 @@ class WorkerApp:
         worker_id: str,
         max_request_bytes: int,
         cluster_view: Callable[[], ClusterView] | None = None,
+        writes: WriteService | None = None,
     ) -> None:
         self.service = service
+        self.writes = writes if writes is not None else WriteService(service)
         self.worker_id = worker_id
         self.cluster_view = cluster_view
         self.max_request_bytes = max_request_bytes
@@ -121,8 +129,19 @@ class WorkerApp:
         self._action_routes: dict[str, dict[str, Route]] = {
             "/api/v1/cache/load": {"POST": self.cache_load},
             "/api/v1/cache/free": {"POST": self.cache_free},
+            "/api/v1/cache/hits": {"POST": self.cache_hits},
             "/api/v1/jobs": {"GET": self.jobs_list, "POST": self.jobs_create},
+            # writes (worker/writes.py, docs/writes.md)
+            WRITE_ROUTE: {"PUT": self.write},
+            "/api/v1/file": {"DELETE": self.delete},
+            "/api/v1/mkdir": {"POST": self.mkdir},
+            "/api/v1/rename": {"POST": self.rename},
         }
+
+    @staticmethod
+    def streams(method: str, path: str) -> bool:
+        """Whether the HTTP server streams this request's body to the handler (writes)."""
+        return method == "PUT" and path == WRITE_ROUTE
 
     async def __call__(self, request: Request, writer: ResponseWriter) -> None:
         route = self._routes.get(request.path)
@@ -177,6 +196,19 @@ class WorkerApp:
         result = await self.service.free(path, recursive=recursive)
         _json(writer, {"path": normalize_path(path), **result})
 
+    async def cache_hits(self, request: Request, writer: ResponseWriter) -> None:
+        """Hits a local client served from this worker's page files itself (short-circuit
+        reads): counted in the cache stats; the pages named in ``touch`` count as used."""
+        params = query_params(request)
+        pages = _offset(params, "pages", 0)
+        nbytes = _offset(params, "bytes", 0)
+        try:
+            touched = decode_touched(params.get("touch", ""))
+        except ValueError as exc:
+            raise InvalidArgument(f"touch: {exc}") from None
+        stored = self.service.record_short_circuit(pages, nbytes, touched)
+        _json(writer, {"pages": pages, "bytes": nbytes, "touched": stored})
+
     async def jobs_create(self, request: Request, writer: ResponseWriter) -> None:
         spec = JobSpec.from_params(query_params(request))
         _json(writer, await self._jobs().submit(spec))
@@ -195,6 +227,33 @@ class WorkerApp:
         job_id = request.path.rsplit("/", 2)[1]
         _json(writer, await self._jobs().request_stop(job_id, local=local))
 
+    # writes --------------------------------------------------------------------------------------
+    async def write(self, request: Request, writer: ResponseWriter) -> None:
+        """Whole-file write: the body is the new content; answers with the new status."""
+        path = _require_path(query_params(request))
+        stream = request.stream
+        if stream is None:  # the server streams every PUT of this route
+            raise InvalidArgument("a write needs a request body")
+        status = await self.writes.write(path, stream, stream.length)
+        _json(writer, status.to_dict())
+
+    async def delete(self, request: Request, writer: ResponseWriter) -> None:
+        path = _require_path(query_params(request))
+        await self.writes.delete(path)
+        _json(writer, {"path": normalize_path(path), "deleted": True})
+
+    async def mkdir(self, request: Request, writer: ResponseWriter) -> None:
+        status = await self.writes.mkdir(_require_path(query_params(request)))
+        _json(writer, status.to_dict())
+
+    async def rename(self, request: Request, writer: ResponseWriter) -> None:
+        params = query_params(request)
+        src, dst = params.get("src"), params.get("dst")
+        if src is None or dst is None:
+            raise InvalidArgument("missing query parameter 'src' or 'dst'")
+        status = await self.writes.rename(src, dst)
+        _json(writer, {"src": normalize_path(src), **status.to_dict()})
+
     async def health(self, request: Request, writer: ResponseWriter) -> None:
         _json(writer, {"status": "ok"})
 
@@ -206,8 +265,16 @@ class WorkerApp:
                 "worker_id": self.worker_id,
                 "page_size": self.service.pages.page_size,
                 "mounts": mount_summary(self.service.mounts),
+                **self._local_info(),
             },
         )
+
+    def _local_info(self) -> dict[str, Any]:
+        """Where this worker's pages are, for a client on the same node (short-circuit reads)."""
+        pages = self.service.pages
+        if not isinstance(pages, LocalPageStore):
+            return {}
+        return {"local": describe([d.path for d in pages.dir_stats()], pages.page_size)}
 
     async def cluster(self, request: Request, writer: ResponseWriter) -> None:
         """The ring view clients route by: workers, placement settings, mounts (no secrets)."""
@@ -221,7 +288,7 @@ class WorkerApp:
         writer.send(200, self._openapi, JSON)
 
     async def cache_stats(self, request: Request, writer: ResponseWriter) -> None:
-        _json(writer, self.service.cache_stats())
+        _json(writer, {**self.service.cache_stats(), "writes": self.writes.stats_dict()})
 
     async def stat(self, request: Request, writer: ResponseWriter) -> None:
         status = await self.service.stat(_require_path(query_params(request)))

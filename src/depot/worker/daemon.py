@@ -21,6 +21,7 @@ from depot.worker.cluster import ClusterNode
 from depot.worker.http import HttpServer
 from depot.worker.jobs import FileJobStore, JobRunner
 from depot.worker.service import ReadThroughService
+from depot.worker.writes import WriteService
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,19 @@ class Worker:
                 prefetch_pages=cfg.worker.prefetch_pages,
                 segment_size=0 if cfg.cluster.membership == "embedded" else cfg.cluster.segment_size,
             )
+            writes = WriteService(
+                self.service, multipart_threshold=cfg.worker.write_multipart_threshold
+            )
             app = WorkerApp(
                 self.service,
                 worker_id=self.worker_id,
                 max_request_bytes=cfg.worker.max_request_bytes,
                 cluster_view=lambda: self._cluster_node().view,
+                writes=writes,
             )
-            self.server = HttpServer(app)
+            self.server = HttpServer(
+                app, streaming=app.streams, max_stream_bytes=cfg.worker.max_write_bytes
+            )
             self.port = await self.server.start(cfg.worker.host, cfg.worker.port)
             pages = self._pages
             self.cluster = ClusterNode(

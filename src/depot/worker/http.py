@@ -5,6 +5,14 @@ a 2-core node, and the measured frameworks cost 3-5x more per request than a pla
 (see docs/benchmarks.md). This server does only what the worker needs: keep-alive, one request at
 a time per connection (pipelined requests are queued), bounded heads and bodies, timeouts against
 slow clients, flow-controlled streaming of large responses, and a clean 4xx for anything malformed.
+
+Request bodies are buffered (up to ``max_body_bytes``) and handed over as ``Request.body``, except
+for the requests the ``streaming(method, path)`` hook picks (whole-file writes): those need a
+``Content-Length`` (411 without one, 413 over ``max_stream_bytes``) and reach the handler as
+``Request.stream``, a ``RequestBody`` read chunk by chunk with backpressure (reading from the
+socket pauses while the handler is behind). ``Expect: 100-continue`` is answered when the handler
+first reads. A body that ends early (the client went away) raises ``ConnectionResetError`` in the
+reader, so a write in progress is aborted.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -53,9 +62,110 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     keep_alive: bool = True
+    # The body of a streamed request (see HttpServer's ``streaming``), else None.
+    stream: RequestBody | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
+
+
+# Bytes of a streamed body held for a handler that is behind: reading the socket pauses above.
+STREAM_HIGH_WATER = 4 * 1024 * 1024
+STREAM_LOW_WATER = 1024 * 1024
+# A handler that answers before reading all of a streamed body (an early error): up to this many
+# remaining bytes are read and dropped so the connection stays usable; more, and it is closed.
+DISCARD_LIMIT = 8 * 1024 * 1024
+
+
+class RequestTimeout(InvalidArgument):
+    errno_value = 110  # ETIMEDOUT
+    code = "RequestTimeout"
+    http_status = 408
+
+
+class RequestBody:
+    """The body of a streamed request: ``length`` bytes, read in chunks as they arrive."""
+
+    def __init__(self, proto: HttpProtocol, length: int, expect_continue: bool) -> None:
+        self._proto = proto
+        self.length = length
+        self.received = 0
+        self.consumed = 0
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.continue_pending = expect_continue and length > 0
+
+    @property
+    def complete(self) -> bool:
+        """Every byte of the body has arrived (not necessarily been read)."""
+        return self.received >= self.length
+
+    def feed(self, data: bytes) -> bytes:
+        """Take the body's share of ``data``; return what lies past the body's end."""
+        take = min(len(data), self.length - self.received)
+        if take:
+            piece = data if take == len(data) else data[:take]
+            self._chunks.append(piece)
+            self._buffered += take
+            self.received += take
+            self.continue_pending = False
+            self._wake()
+            if self._buffered > STREAM_HIGH_WATER:
+                self._proto.pause_reading()
+        return data[take:]
+
+    def fail(self, error: BaseException) -> None:
+        if self._error is None and not self.complete:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next chunk of the body; ``b""`` once it has all been read."""
+        while not self._chunks:
+            if self.consumed >= self.length:
+                return b""
+            if self._error is not None:
+                raise self._error
+            if self.continue_pending:
+                self.continue_pending = False
+                self._proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._proto.resume_reading()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await asyncio.wait_for(waiter, self._proto.body_timeout)
+            except TimeoutError:
+                self._error = RequestTimeout(
+                    f"no body bytes for {self._proto.body_timeout:g}s "
+                    f"({self.received} of {self.length} received)"
+                )
+                raise self._error from None
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        self.consumed += len(chunk)
+        if self._buffered < STREAM_LOW_WATER:
+            self._proto.resume_reading()
+        return chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return
+            yield chunk
+
+    async def read_all(self) -> bytes:
+        parts = [chunk async for chunk in self]
+        return b"".join(parts)
 
 
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
@@ -204,6 +314,12 @@ class HttpProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self.keep_alive = True
+        self._body: RequestBody | None = None  # a streamed body still arriving
+        self._streaming = False  # the request being handled has a streamed body
+
+    @property
+    def body_timeout(self) -> float:
+        return self._server.idle_timeout
 
     # connection lifecycle -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -220,10 +336,18 @@ class HttpProtocol(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client closed the connection"))
-        if self._task is not None and not self._task.done():
+        body = self._body
+        if body is not None:
+            body.fail(ConnectionResetError("client closed the connection before the end of the body"))
+        if self._task is not None and not self._task.done() and not self._streaming:
+            # A streamed write is not cancelled: a body cut short fails its reader (the upload
+            # is aborted); one that arrived whole is completed and its answer dropped.
             self._task.cancel()
 
     def eof_received(self) -> bool:
+        body = self._body
+        if body is not None:  # the client stopped sending before the end of the body
+            body.fail(ConnectionResetError("the request body ended early"))
         if self._task is None:
             self.close()
         else:
@@ -259,6 +383,16 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.abort()
 
     # flow control ----------------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
     def pause_writing(self) -> None:
         self._paused_writing = True
 
@@ -302,6 +436,13 @@ class HttpProtocol(asyncio.Protocol):
 
     # request parsing -------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        body = self._body
+        if body is not None:
+            data = body.feed(data)
+            if body.complete:
+                self._body = None
+            if not data:
+                return
         self._buf += data
         if self._task is None:
             self._next_request()
@@ -334,6 +475,15 @@ class HttpProtocol(asyncio.Protocol):
         if end > MAX_HEAD_BYTES:
             raise HttpError(431, "request head too large")
         method, target, version, headers = _parse_head(bytes(buf[:end]))
+        path, _, query = target.partition("?")
+        if not path.startswith("/"):
+            raise HttpError(400, "request target must be an absolute path")
+        try:
+            path = unquote(path, errors="strict")
+        except UnicodeDecodeError:
+            raise HttpError(400, "request path is not valid UTF-8") from None
+        streaming = self._server.streaming
+        streamed = streaming is not None and streaming(method, path)
         body_len = 0
         if "transfer-encoding" in headers:
             raise HttpError(501, "chunked request bodies are not supported")
@@ -342,22 +492,31 @@ class HttpProtocol(asyncio.Protocol):
             if not text.isdigit() or len(text) > 18:
                 raise HttpError(400, "malformed Content-Length")
             body_len = int(text)
-            if body_len > self._server.max_body_bytes:
-                raise HttpError(413, "request body too large")
+            limit = self._server.max_stream_bytes if streamed else self._server.max_body_bytes
+            if body_len > limit:
+                raise HttpError(413, f"request body of {body_len} bytes is over the limit of {limit}")
+        elif streamed:
+            raise HttpError(411, "Content-Length is required")
+        conn = headers.get("connection", "").lower()
+        keep_alive = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
+        if streamed:
+            del buf[: end + 4]
+            expect = "100-continue" in headers.get("expect", "").lower() and version == "HTTP/1.1"
+            stream = RequestBody(self, body_len, expect)
+            if buf:
+                rest = stream.feed(bytes(buf))
+                buf[:] = rest
+            if not stream.complete:
+                self._body = stream
+            self._streaming = True
+            self.keep_alive = keep_alive
+            return Request(method, target, path, query, version, headers, b"", keep_alive, stream)
         total = end + 4 + body_len
         if len(buf) < total:
             return None
         body = bytes(buf[end + 4 : total])
         del buf[:total]
-        conn = headers.get("connection", "").lower()
-        keep_alive = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
-        path, _, query = target.partition("?")
-        if not path.startswith("/"):
-            raise HttpError(400, "request target must be an absolute path")
-        try:
-            path = unquote(path, errors="strict")
-        except UnicodeDecodeError:
-            raise HttpError(400, "request path is not valid UTF-8") from None
+        self._streaming = False
         self.keep_alive = keep_alive
         return Request(method, target, path, query, version, headers, body, keep_alive)
 
@@ -400,7 +559,11 @@ class HttpProtocol(asyncio.Protocol):
                 with contextlib.suppress(ConnectionError):
                     writer.send(status, body, error_headers(err))
         finally:
+            stream = request.stream
+            if stream is not None and not stream.complete and not self._closed:
+                await self._skip_rest(stream)
             self._task = None
+            self._streaming = False
         if self._closed:
             return
         if not self.keep_alive or writer.aborted:
@@ -412,6 +575,21 @@ class HttpProtocol(asyncio.Protocol):
         self._arm_timer(self._server.idle_timeout)
         if self._buf:
             self._next_request()
+
+
+    async def _skip_rest(self, stream: RequestBody) -> None:
+        """The handler answered without reading the whole body: drop a small remainder so the
+        connection stays usable, else close it (its next request cannot be found)."""
+        if stream.continue_pending or stream.length - stream.received > DISCARD_LIMIT:
+            self.keep_alive = False
+            self._body = None
+            return
+        try:
+            while await stream.read():
+                pass
+        except (OSError, RequestTimeout):
+            self.keep_alive = False
+            self._body = None
 
 
 def _error_body(status: int, code: str, message: str) -> bytes:
@@ -444,8 +622,13 @@ class HttpServer:
         idle_timeout: float = 75.0,
         head_timeout: float = 30.0,
         protocol_error: ProtocolErrorResponder | None = None,
+        streaming: Callable[[str, str], bool] | None = None,
+        max_stream_bytes: int = 64 * 1024**3,
     ) -> None:
         self.handler = handler
+        # (method, path) -> whether the request's body is streamed to the handler.
+        self.streaming = streaming
+        self.max_stream_bytes = max_stream_bytes
         # Builds (body, headers) of the answer to a malformed request, which no handler sees:
         # the S3 gateway answers those in S3 XML. Default: the worker API's JSON error.
         self.protocol_error = protocol_error
@@ -480,6 +663,8 @@ __all__ = [
     "InvalidArgument",
     "ProtocolErrorResponder",
     "Request",
+    "RequestBody",
+    "RequestTimeout",
     "RequestTooLarge",
     "ResponseWriter",
     "error_headers",

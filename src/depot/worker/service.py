@@ -18,7 +18,7 @@ import builtins
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,10 @@ class ReadStats:
     loaded_pages: int = 0
     loaded_bytes: int = 0
     freed_pages: int = 0
+    # Pages and bytes local clients read straight from the page files (reported by them, also
+    # counted in hits and bytes_from_cache).
+    short_circuit_hits: int = 0
+    short_circuit_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         total = self.hits + self.misses
@@ -77,6 +81,8 @@ class ReadStats:
             "loaded_pages": self.loaded_pages,
             "loaded_bytes": self.loaded_bytes,
             "freed_pages": self.freed_pages,
+            "short_circuit_hits": self.short_circuit_hits,
+            "short_circuit_bytes": self.short_circuit_bytes,
             "metadata": {
                 "hits": self.metadata_hits,
                 "misses": self.metadata_misses,
@@ -319,6 +325,17 @@ class ReadThroughService:
         if status.is_dir:
             raise IsADirectory("is a directory", resolved.path)
         if if_match is not None and if_match != status.entity_tag:
+            # The reader knows another version (a write through another worker, say): look at
+            # the under store once before refusing.
+            cache_key = resolved.mount.object_uri(resolved.key)
+            fresh = await self._meta_flight.do(
+                cache_key, lambda: self._revalidate(resolved, cache_key)
+            )
+            if fresh is None:
+                raise NotFound("no such file", resolved.path)
+            if not fresh.is_dir:
+                status = fresh
+        if if_match is not None and if_match != status.entity_tag:
             raise StaleVersion(
                 "the file changed since it was opened (version "
                 f"{if_match} is no longer current)",
@@ -486,6 +503,18 @@ class ReadThroughService:
             if waiter is not None:
                 waiter.set()
 
+    def record_short_circuit(
+        self, pages: int, nbytes: int, touched: Iterable[PageId] = ()
+    ) -> int:
+        """Account reads a local client served from the page files itself (as hits), and mark
+        the pages it names as used for eviction. Returns how many of those are still stored."""
+        stats = self.stats
+        stats.hits += pages
+        stats.bytes_from_cache += nbytes
+        stats.short_circuit_hits += pages
+        stats.short_circuit_bytes += nbytes
+        return sum(1 for page in touched if self.pages.touch(page))
+
     # preload and free (jobs) ------------------------------------------------------------------
     async def load_range(
         self, opened: OpenedFile, start: int, end: int, *, verify: bool = False
@@ -622,6 +651,12 @@ def _with_path(status: FileStatus, path: str) -> FileStatus:
 
 def mount_summary(mounts: MountTable) -> list[Mapping[str, Any]]:
     return [
-        {"path": m.path, "ufs": m.ufs_uri, "read_only": m.read_only, "metadata": str(m.policy)}
+        {
+            "path": m.path,
+            "ufs": m.ufs_uri,
+            "read_only": m.read_only,
+            "metadata": str(m.policy),
+            "write_mode": m.write_mode,
+        }
         for m in mounts.mounts
     ]

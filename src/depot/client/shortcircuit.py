@@ -1,0 +1,356 @@
+"""Short-circuit local reads: pages of a worker on the same node, read from its page files.
+
+When the worker that owns a chunk runs on this node (same kernel boot id, its cache dirs visible
+at the same paths and holding its id file; see ``depot.pagestore.direct.check_local``), the
+client reads the chunk's pages straight from the page files instead of over HTTP:
+
+- the file's version comes from a stat through the worker (``CacheClient.stat``), reused for at
+  most ``STATUS_REUSE`` seconds and never longer than the mount's metadata policy allows; a read
+  pinned to another version (``If-Match``) is left to HTTP, which answers it or says it is stale;
+- the page ids are derived exactly as the worker derives them
+  (``FileId(ufs_uri, version_tag).key``, the ufs URI from the cluster view's mount table), and
+  the page file paths from the page ids alone;
+- every 64 KiB block a read touches is verified (xxh3, the page store's own code) before the
+  bytes count as read; they land straight in the caller's buffer (``os.preadv``);
+- a page that is missing (evicted, not cached yet, another worker's segment) or does not check
+  out sends the whole chunk to the worker over HTTP, which reads the page itself (and drops and
+  fetches again a damaged one). Page files are immutable once renamed into place and an open fd
+  survives an unlink, so eviction while reading cannot give a torn page.
+
+Hits are counted by the client and reported to the worker about once a second and on close
+(``POST /api/v1/cache/hits``), with the page ids read, so that the worker's hit counters and its
+LRU/LFU order account for them. Reads run on the event loop when the bytes are in the page cache
+(``RWF_NOWAIT``) and in a thread otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from depot.client.routing import UNREACHABLE, WorkerRouter
+from depot.core.errors import DepotError
+from depot.core.singleflight import SingleFlight
+from depot.core.types import FileId, FileStatus, PageId
+from depot.namespace.paths import normalize_path
+from depot.namespace.policy import PolicyKind
+from depot.pagestore.direct import (
+    BLOCK_SIZE,
+    RWF_NOWAIT,
+    CorruptPage,
+    LocalStore,
+    PageFiles,
+    check_local,
+    encode_touched,
+    host_identity,
+)
+
+log = logging.getLogger(__name__)
+
+INFO = "/api/v1/info"
+HITS = "/api/v1/cache/hits"
+# A status from the worker is reused this long at most (never past the mount's policy).
+STATUS_REUSE = 1.0
+# How long the answer "is this worker local?" is kept before asking again.
+PROBE_TTL = 30.0
+REPORT_INTERVAL = 1.0
+MAX_TOUCH_CHARS = 32 * 1024
+_STATUS_CACHE = 4096
+
+
+@dataclass(slots=True)
+class ShortCircuitStats:
+    """What the short-circuit path did in this client."""
+
+    reads: int = 0  # chunks served from page files
+    pages: int = 0
+    bytes: int = 0
+    missing: int = 0  # chunks sent to HTTP: a page was not in the local store
+    corrupt: int = 0  # chunks sent to HTTP: a page did not check out
+    skipped: int = 0  # chunks sent to HTTP: pinned to a version that is not current
+    reports: int = 0  # hit reports sent to workers
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class _Local:
+    store: LocalStore | None
+    files: PageFiles | None
+    checked_at: float
+
+
+@dataclass(slots=True)
+class _Pending:
+    pages: int = 0
+    bytes: int = 0
+    touched: dict[str, set[int]] = field(default_factory=dict)
+
+
+class ShortCircuit:
+    """The short-circuit read path of one ``CacheClient`` (one event loop)."""
+
+    def __init__(
+        self,
+        router: WorkerRouter,
+        stat: Callable[[str], Awaitable[FileStatus]],
+        *,
+        report_interval: float = REPORT_INTERVAL,
+    ) -> None:
+        self.router = router
+        self._stat = stat
+        self.report_interval = report_interval
+        self.stats = ShortCircuitStats()
+        self._locals: dict[str, _Local] = {}
+        self._probes: SingleFlight[_Local] = SingleFlight()
+        self._statuses: OrderedDict[str, tuple[FileStatus, float]] = OrderedDict()
+        self._stat_flight: SingleFlight[FileStatus] = SingleFlight()
+        self._pending: dict[str, _Pending] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._reporting: set[asyncio.Task[None]] = set()
+        self._closed = False
+        #: This node's identity (``depot.pagestore.direct.host_identity``), compared with the
+        #: one each worker advertises.
+        self.identity = host_identity()
+
+    # which workers are local ------------------------------------------------------------------
+    async def local_store(self, endpoint: str) -> _Local:
+        """Whether ``endpoint``'s page store can be read here (asked once per ``PROBE_TTL``)."""
+        known = self._locals.get(endpoint)
+        if known is not None and time.monotonic() - known.checked_at < PROBE_TTL:
+            return known
+        return await self._probes.do(endpoint, lambda: self._probe(endpoint))
+
+    async def _probe(self, endpoint: str) -> _Local:
+        store: LocalStore | None = None
+        try:
+            response = await self.router.pool(endpoint).request(INFO)
+            info = response.json() if response.status == 200 else None
+            store, why = check_local(info, self.identity)
+        except (*UNREACHABLE, DepotError, ValueError) as exc:
+            why = f"no info ({exc})"
+        if store is None:
+            log.debug("no short-circuit reads from %s: %s", endpoint, why)
+        else:
+            log.info("short-circuit reads from %s: pages in %s", endpoint, list(store.dirs))
+        local = _Local(store, store.files() if store else None, time.monotonic())
+        self._locals[endpoint] = local
+        return local
+
+    # versions ---------------------------------------------------------------------------------
+    def saw(self, status: FileStatus) -> None:
+        """Remember a status the client got from a worker (a stat), as of now."""
+        if status.is_dir:
+            return
+        key = status.path
+        self._statuses[key] = (status, time.monotonic())
+        self._statuses.move_to_end(key)
+        while len(self._statuses) > _STATUS_CACHE:
+            self._statuses.popitem(last=False)
+
+    async def _status(self, path: str, kind: PolicyKind, max_age: float) -> FileStatus:
+        if kind is PolicyKind.IMMUTABLE:
+            reuse = float("inf")
+        elif kind is PolicyKind.ALWAYS:
+            reuse = 0.0
+        else:
+            reuse = min(STATUS_REUSE, max_age)
+        known = self._statuses.get(path)
+        if known is not None and 0.0 <= time.monotonic() - known[1] < reuse:
+            return known[0]
+
+        async def fetch() -> FileStatus:
+            status = await self._stat(path)
+            self.saw(status)
+            return status
+
+        return await self._stat_flight.do(path, fetch)
+
+    # reads ------------------------------------------------------------------------------------
+    async def read_into(
+        self, path: str, start: int, end: int, dest: memoryview, version: str | None
+    ) -> tuple[int, str] | None:
+        """Read ``[start, end)`` of ``path`` into ``dest`` from the local page files.
+
+        Returns (bytes read, the version's entity tag), or None when the chunk must go to the
+        worker over HTTP (nothing short-circuit could serve, or any doubt).
+        """
+        if self._closed:
+            return None
+        router = self.router
+        view = await router.current_view()
+        if view is None:
+            return None
+        endpoint = router.targets(path, start)[0]
+        if router.is_down(endpoint):
+            return None
+        local = await self.local_store(endpoint)
+        files = local.files
+        if files is None:
+            return None
+        try:
+            resolved = view.table.resolve(path)
+            canonical = normalize_path(path)
+            policy = resolved.mount.policy
+            status = await self._status(canonical, policy.kind, policy.max_age)
+        except (*UNREACHABLE, DepotError):
+            return None  # let the worker answer (and report the error)
+        if status.is_dir:
+            return None
+        tag = status.entity_tag
+        if version is not None and version != tag:
+            self.stats.skipped += 1
+            return None
+        stop = min(end, status.size)
+        if stop <= start:
+            return None
+        key = FileId(resolved.mount.object_uri(resolved.key), status.version_tag).key
+        page_size = files.page_size
+        jobs: list[tuple[PageId, int, int, memoryview]] = []
+        pos = start
+        while pos < stop:
+            index = pos // page_size
+            page_start = index * page_size
+            page_end = min(page_start + page_size, status.size)
+            hi = min(stop, page_end)
+            jobs.append(
+                (PageId(key, index), page_end - page_start, pos - page_start,
+                 dest[pos - start : hi - start])
+            )
+            pos = hi
+        try:
+            done = _read_pages(files, jobs, RWF_NOWAIT, None) if RWF_NOWAIT else 0
+            if done < len(jobs):
+                done += await _in_thread(_read_pages, files, jobs[done:], 0, _scratch())
+        except CorruptPage as exc:
+            self.stats.corrupt += 1
+            log.warning("short-circuit read of %s: %s; reading it through the worker", path, exc)
+            return None
+        except _Missing:
+            self.stats.missing += 1
+            return None
+        except OSError as exc:
+            log.warning("short-circuit read of %s failed: %s; reading it through the worker",
+                        path, exc)
+            return None
+        nbytes = stop - start
+        self.stats.reads += 1
+        self.stats.pages += len(jobs)
+        self.stats.bytes += nbytes
+        self._count(endpoint, key, [job[0].index for job in jobs], nbytes)
+        return nbytes, tag
+
+    # hit reports ------------------------------------------------------------------------------
+    def _count(self, endpoint: str, key: str, indexes: list[int], nbytes: int) -> None:
+        pending = self._pending.get(endpoint)
+        if pending is None:
+            pending = self._pending[endpoint] = _Pending()
+        pending.pages += len(indexes)
+        pending.bytes += nbytes
+        pending.touched.setdefault(key, set()).update(indexes)
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.report_interval, self._report_soon)
+
+    def _report_soon(self) -> None:
+        self._timer = None
+        task = asyncio.ensure_future(self.flush())
+        self._reporting.add(task)
+        task.add_done_callback(self._reporting.discard)
+
+    async def flush(self) -> None:
+        """Send the hits counted so far to their workers now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, {}
+        for endpoint, counts in pending.items():
+            query = f"pages={counts.pages}&bytes={counts.bytes}"
+            touch = encode_touched(counts.touched)
+            if len(touch) <= MAX_TOUCH_CHARS:  # else: counted, recency not refreshed
+                query += "&touch=" + quote(touch, safe=":,-")
+            try:
+                response = await self.router.pool(endpoint).request(
+                    f"{HITS}?{query}", method="POST"
+                )
+            except (*UNREACHABLE, DepotError) as exc:
+                log.debug("could not report short-circuit hits to %s: %s", endpoint, exc)
+                continue
+            if response.status < 300:
+                self.stats.reports += 1
+
+    async def close(self) -> None:
+        """Report what is left; later reads go over HTTP."""
+        self._closed = True
+        if self._reporting:
+            await asyncio.gather(*self._reporting, return_exceptions=True)
+        await self.flush()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.stats.to_dict(),
+            "local_workers": sorted(e for e, loc in self._locals.items() if loc.store),
+        }
+
+
+class _Missing(Exception):
+    """A page of the chunk is not in the local store."""
+
+
+def _scratch() -> memoryview:
+    return memoryview(bytearray(2 * BLOCK_SIZE))
+
+
+def _read_pages(
+    files: PageFiles,
+    jobs: list[tuple[PageId, int, int, memoryview]],
+    flags: int,
+    scratch: memoryview | None,
+) -> int:
+    """Read the pages of ``jobs`` in order; returns how many were read before one would block
+    (with ``RWF_NOWAIT``). Raises ``_Missing`` or ``CorruptPage``."""
+    for done, (page, length, offset, out) in enumerate(jobs):
+        try:
+            if not files.read_into(page, length, offset, out, flags, scratch):
+                raise _Missing(str(page))
+        except BlockingIOError:
+            if not flags:
+                raise
+            return done
+        except OSError as exc:
+            if flags and exc.errno == errno.EOPNOTSUPP:  # no RWF_NOWAIT on this filesystem
+                return done
+            raise
+    return len(jobs)
+
+
+async def _in_thread(fn: Callable[..., int], *args: Any) -> int:
+    """Run ``fn`` in a thread to the end even if the caller is cancelled: it writes into the
+    caller's buffer, which must not be reused before it is done."""
+    job = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(job)
+            break
+        except asyncio.CancelledError:
+            if job.done():
+                result = job.result()
+                cancelled = True
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+__all__ = ["ShortCircuit", "ShortCircuitStats"]

@@ -1,0 +1,354 @@
+"""Writes through a worker: whole-file put, delete, mkdir and rename (docs/writes.md).
+
+Modes, per mount (``write_mode``):
+
+- ``through``: the bytes go to the under store only; nothing is cached;
+- ``cache-through``: the bytes go to the under store and, cut at page boundaries while they
+  stream, into the page store under the new version, so the next read is all hits.
+
+Either way the write is acknowledged only once the under store holds the object, and then this
+worker's metadata for the path is the new object's status (a ``head`` after the put), the parent's
+listing is dropped and the old version's pages are dropped. Writes of one path are serialized on
+the worker (the last one to finish wins); clients send them to the path's ring owner, so two
+writers of one path are ordered on one worker.
+
+Small writes (up to ``multipart_threshold``) are held in memory and put in one request; larger
+ones are uploaded in parts as they arrive (memory stays bounded). Object stores make a new object
+visible only when the put (or the multipart upload) completes, so an upload cut short leaves
+nothing under the final name and the old version is still served.
+
+``write-back`` (acknowledge after a durable local write, upload in the background, a journal that
+survives a crash) is the next step; its entry point will be ``WriteService.write`` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from depot.core.errors import (
+    AlreadyExists,
+    IsADirectory,
+    NotFound,
+    ReadOnly,
+    Unsupported,
+)
+from depot.core.types import FileId, FileStatus, PageId
+from depot.namespace.mounts import Resolved
+from depot.ufs.base import Buffer, ObjectInfo, UnderStore
+from depot.worker.service import ReadThroughService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class WriteStats:
+    writes: int = 0
+    bytes_written: int = 0
+    multipart_writes: int = 0
+    pages_cached: int = 0
+    deletes: int = 0
+    renames: int = 0
+    failed: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "writes": self.writes,
+            "bytes_written": self.bytes_written,
+            "multipart_writes": self.multipart_writes,
+            "pages_cached": self.pages_cached,
+            "deletes": self.deletes,
+            "renames": self.renames,
+            "failed": self.failed,
+        }
+
+
+class _PathLocks:
+    """One lock per object URI, dropped when nobody holds or waits on it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, *keys: str) -> AsyncIterator[None]:
+        ordered = sorted(set(keys))  # one global order: two renames cannot deadlock
+        taken: list[str] = []
+        acquired: set[str] = set()
+        try:
+            for key in ordered:
+                lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+                self._locks[key] = (lock, users + 1)
+                taken.append(key)
+                await lock.acquire()
+                acquired.add(key)
+            yield
+        finally:
+            for key in reversed(taken):
+                lock, users = self._locks[key]
+                if key in acquired:
+                    lock.release()
+                if users <= 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+class _PageCutter:
+    """Cuts a byte stream into pages of ``page_size`` (the last one may be shorter)."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self._buf = bytearray()
+        self.index = 0
+
+    def add(self, data: Buffer) -> list[tuple[int, bytes]]:
+        self._buf += data
+        out: list[tuple[int, bytes]] = []
+        size = self.page_size
+        while len(self._buf) >= size:
+            out.append((self.index, bytes(self._buf[:size])))
+            del self._buf[:size]
+            self.index += 1
+        return out
+
+    def finish(self) -> list[tuple[int, bytes]]:
+        if not self._buf:
+            return []
+        out = [(self.index, bytes(self._buf))]
+        self._buf.clear()
+        self.index += 1
+        return out
+
+
+def _status_from_info(path: str, info: ObjectInfo) -> FileStatus:
+    return FileStatus(
+        path=path, size=info.size, mtime=info.mtime, is_dir=info.is_dir, etag=info.etag,
+        version=info.version,
+    )
+
+
+class WriteService:
+    """Writes of the namespace, on top of the read-through service's caches."""
+
+    def __init__(
+        self,
+        service: ReadThroughService,
+        *,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        part_size: int = DEFAULT_PART_SIZE,
+    ) -> None:
+        self.service = service
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self._locks = _PathLocks()
+        self.stats = WriteStats()
+
+    # helpers ------------------------------------------------------------------------------------
+    def _writable(self, path: str) -> Resolved:
+        resolved = self.service.resolve(path)
+        if resolved.mount.read_only:
+            raise ReadOnly("the mount is read-only", resolved.path)
+        return resolved
+
+    def _file_target(self, path: str) -> Resolved:
+        resolved = self._writable(path)
+        if resolved.key == "":
+            raise IsADirectory("is a directory (the root of a mount)", resolved.path)
+        return resolved
+
+    def _invalidate_parent(self, resolved: Resolved) -> None:
+        key = resolved.key
+        parent = key.rsplit("/", 1)[0] if "/" in key else ""
+        metadata = self.service.metadata
+        metadata.invalidate(resolved.mount.object_uri(parent) + "/")
+        metadata.invalidate(resolved.uri + "/")
+
+    async def _is_nonempty_dir(self, store: UnderStore, key: str) -> bool:
+        page = await store.list(key + "/", delimiter="/", limit=1)
+        return bool(page.objects or page.prefixes)
+
+    def _committed(self, resolved: Resolved, info: ObjectInfo) -> FileStatus:
+        status = _status_from_info(resolved.path, info)
+        self.service._record_status(resolved.uri, status)
+        self._invalidate_parent(resolved)
+        return status
+
+    # write --------------------------------------------------------------------------------------
+    async def write(self, path: str, body: AsyncIterable[bytes], length: int) -> FileStatus:
+        """Write ``length`` bytes from ``body`` as the whole new content of ``path``.
+
+        Returns the new status once the under store holds the object. If ``body`` fails or ends
+        early, the upload is aborted and the object (and the caches) keep the old version.
+        """
+        resolved = self._file_target(path)
+        mount = resolved.mount
+        store = self.service.store_for(mount)
+        cache = mount.write_mode == "cache-through"
+        pages = self.service.pages
+        async with self._locks.hold(resolved.uri):
+            try:
+                if length <= self.multipart_threshold:
+                    data = bytearray()
+                    async for chunk in body:
+                        data += chunk
+                    if len(data) != length:
+                        raise ConnectionResetError(
+                            f"the body ended after {len(data)} of {length} bytes"
+                        )
+                    info = await store.put(resolved.key, bytes(data))
+                    status = _status_from_info(resolved.path, info)
+                    if cache:
+                        cutter = _PageCutter(pages.page_size)
+                        final = FileId(resolved.uri, status.version_tag).key
+                        for index, page in [*cutter.add(data), *cutter.finish()]:
+                            await self._cache_page(PageId(final, index), page)
+                else:
+                    status = await self._write_multipart(resolved, store, body, length, cache)
+            except BaseException:
+                self.stats.failed += 1
+                raise
+            self.service._record_status(resolved.uri, status)
+            self._invalidate_parent(resolved)
+        self.stats.writes += 1
+        self.stats.bytes_written += length
+        return status
+
+    async def _cache_page(self, page: PageId, data: bytes) -> None:
+        try:
+            if await self.service.pages.put(page, data):
+                self.stats.pages_cached += 1
+        except OSError as exc:  # a full or failing cache disk costs a later miss, not the write
+            log.warning("could not cache written page %s: %s", page, exc)
+
+    async def _write_multipart(
+        self,
+        resolved: Resolved,
+        store: UnderStore,
+        body: AsyncIterable[bytes],
+        length: int,
+        cache: bool,
+    ) -> FileStatus:
+        """Upload in parts as the body arrives; with ``cache``, pages go to the page store under a
+        provisional key meanwhile and move to the new version's key once it is known."""
+        pages = self.service.pages
+        pending = FileId(resolved.uri, f"w:{uuid.uuid4().hex}").key
+        cutter = _PageCutter(pages.page_size) if cache else None
+        received = 0
+
+        async def chunks() -> AsyncIterator[Buffer]:
+            nonlocal received
+            async for chunk in body:
+                received += len(chunk)
+                if cutter is not None:
+                    for index, page in cutter.add(chunk):
+                        await self._put_quiet(PageId(pending, index), page)
+                yield chunk
+            if received != length:
+                raise ConnectionResetError(f"the body ended after {received} of {length} bytes")
+            if cutter is not None:
+                for index, page in cutter.finish():
+                    await self._put_quiet(PageId(pending, index), page)
+
+        try:
+            info = await store.put_multipart(resolved.key, chunks(), part_size=self.part_size)
+            self.stats.multipart_writes += 1
+            status = _status_from_info(resolved.path, info)
+            if cutter is not None:
+                final = FileId(resolved.uri, status.version_tag).key
+                for index in range(cutter.index):
+                    data = await pages.get(PageId(pending, index))
+                    if data is not None:
+                        await self._cache_page(PageId(final, index), data)
+            return status
+        finally:
+            if cutter is not None:
+                with contextlib.suppress(OSError):
+                    await pages.delete_file(pending)
+
+    async def _put_quiet(self, page: PageId, data: bytes) -> None:
+        try:
+            await self.service.pages.put(page, data)
+        except OSError as exc:
+            log.warning("could not stage written page %s: %s", page, exc)
+
+    # delete, mkdir, rename --------------------------------------------------------------------
+    async def delete(self, path: str) -> None:
+        """Delete a file. A directory is refused while it has entries (delete those first)."""
+        resolved = self._file_target(path)
+        store = self.service.store_for(resolved.mount)
+        async with self._locks.hold(resolved.uri):
+            try:
+                await store.head(resolved.key)
+            except NotFound:
+                if await self._is_nonempty_dir(store, resolved.key):
+                    raise IsADirectory(
+                        "is a directory that is not empty (delete its files first)", resolved.path
+                    ) from None
+                raise
+            await store.delete(resolved.key)
+            self.service._record_status(resolved.uri, None)
+            self._invalidate_parent(resolved)
+        self.stats.deletes += 1
+
+    async def mkdir(self, path: str) -> FileStatus:
+        """Object stores have no directories: a directory exists while keys lie under it, so
+        this creates nothing. It checks the path is writable and holds no file."""
+        resolved = self._writable(path)
+        if resolved.key:
+            store = self.service.store_for(resolved.mount)
+            try:
+                await store.head(resolved.key)
+            except NotFound:
+                pass
+            else:
+                raise AlreadyExists("a file exists at this path", resolved.path)
+        return FileStatus(path=resolved.path, size=0, mtime=0.0, is_dir=True)
+
+    async def rename(self, src: str, dst: str) -> FileStatus:
+        """Move a file: copy to ``dst``, then delete ``src`` (object stores have no rename, so
+        for a moment both exist; a failure between the two leaves both)."""
+        rs, rd = self._file_target(src), self._file_target(dst)
+        if rs.uri == rd.uri:
+            return await self.service.stat(rs.path)
+        src_store = self.service.store_for(rs.mount)
+        dst_store = self.service.store_for(rd.mount)
+        async with self._locks.hold(rs.uri, rd.uri):
+            try:
+                info = await src_store.head(rs.key)
+            except NotFound:
+                if await self._is_nonempty_dir(src_store, rs.key):
+                    raise Unsupported("renaming a directory is not supported", rs.path) from None
+                raise
+            if info.size <= self.multipart_threshold:
+                data = await src_store.get_range(rs.key, 0, info.size, etag=info.etag)
+                new = await dst_store.put(rd.key, data)
+            else:
+                new = await dst_store.put_multipart(
+                    rd.key, self._copy_chunks(src_store, rs.key, info), part_size=self.part_size
+                )
+            status = self._committed(rd, new)
+            await src_store.delete(rs.key)
+            self.service._record_status(rs.uri, None)
+            self._invalidate_parent(rs)
+        self.stats.renames += 1
+        return status
+
+    async def _copy_chunks(
+        self, store: UnderStore, key: str, info: ObjectInfo
+    ) -> AsyncIterator[Buffer]:
+        pos = 0
+        while pos < info.size:
+            end = min(info.size, pos + self.part_size)
+            yield await store.get_range(key, pos, end, etag=info.etag)
+            pos = end
+
+    def stats_dict(self) -> dict[str, Any]:
+        return self.stats.to_dict()
