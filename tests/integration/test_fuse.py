@@ -128,7 +128,9 @@ class Worker:
                 self.proc.wait(10)
 
 
-def start_worker(root: Path, ufs: Path, name: str) -> Worker:
+def start_worker(
+    root: Path, ufs: Path, name: str, mounts: list[dict[str, Any]] | None = None
+) -> Worker:
     port = free_port()
     config = root / f"{name}.yaml"
     config.write_text(
@@ -137,7 +139,7 @@ def start_worker(root: Path, ufs: Path, name: str) -> Worker:
                 "worker": {"host": "127.0.0.1", "port": port},
                 "cache": {"dirs": [{"path": str(root / f"{name}-cache"), "size": "512MiB"}],
                           "page_size": "1MiB"},
-                "mounts": [{"path": "/", "ufs": ufs.as_uri(), "metadata": "always"}],
+                "mounts": mounts or [{"path": "/", "ufs": ufs.as_uri(), "metadata": "always"}],
                 "client": {"endpoint": f"http://127.0.0.1:{port}"},
             }
         )
@@ -306,6 +308,8 @@ def test_mount_options() -> None:
     options = kernel_options(FuseConfig(allow_other=True), kernel)
     assert "ro" not in options and "allow_other" in options and "fsname=models" in options
     assert "ro" in kernel_options(FuseConfig(), set())
+    assert "ro" not in kernel_options(FuseConfig(read_only=False), set())  # writes from config
+    assert "ro" in kernel_options(FuseConfig(read_only=False), {"ro"})
     with pytest.raises(depot_errors.ConfigError, match="unknown mount option"):
         parse_options(["nosuchthing"])
     with pytest.raises(depot_errors.ConfigError, match="contradict"):
@@ -573,7 +577,7 @@ def test_writes_are_read_only(mnt: Path) -> None:
 # -- mount life cycle -------------------------------------------------------------------------------
 
 
-def test_rw_mount_answers_erofs_and_stale_mount_is_refused(
+def test_rw_mount_refusals_and_stale_mount_is_refused(
     env: tuple[Path, Worker, Mount], tmp_path: Path
 ) -> None:
     """A second mount with -o rw (writes reach the handlers), then killed: a stale mount point."""
@@ -583,18 +587,26 @@ def test_rw_mount_answers_erofs_and_stale_mount_is_refused(
     try:
         target = point / "data" / "small.txt"
         assert target.read_bytes() == b"hello depot\n"
-        for attempt in (
-            lambda: os.open(target, os.O_RDWR),
-            lambda: os.open(point / "data" / "created", os.O_WRONLY | os.O_CREAT),
-            lambda: os.mkdir(point / "data" / "d"),
-            lambda: os.unlink(target),
-            lambda: os.rename(target, point / "data" / "m"),
-            lambda: os.truncate(target, 1),
-            lambda: os.chmod(target, 0o600),
+        # Writes reach the handlers now: what an object store cannot do is refused, no change.
+        for attempt, code in (
+            (lambda: os.link(target, point / "data" / "hard"), errno.EPERM),
+            (lambda: os.symlink("small.txt", point / "data" / "sym"), errno.EPERM),
+            (lambda: os.open(target, os.O_WRONLY | os.O_APPEND), errno.EOPNOTSUPP),
+            (lambda: os.truncate(target, 1), errno.EOPNOTSUPP),
+            (lambda: os.setxattr(target, "user.x", b"1"), errno.EOPNOTSUPP),
         ):
             with pytest.raises(OSError) as info:
                 attempt()
-            assert info.value.errno == errno.EROFS
+            assert info.value.errno == code, attempt
+        fd = os.open(target, os.O_RDWR)  # no O_TRUNC: writing into the stored bytes is refused
+        try:
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"X", 0)
+            assert info.value.errno == errno.EOPNOTSUPP
+            assert os.pread(fd, 5, 0) == b"hello"
+        finally:
+            os.close(fd)
+        assert target.read_bytes() == b"hello depot\n"
         os.kill(mount.pid, signal.SIGKILL)
         wait_for(lambda: not alive(mount.pid), 10, "the filesystem process to die")
         assert state(str(point)) is State.STALE
@@ -717,3 +729,190 @@ def test_worker_killed_during_reads(tmp_path: Path) -> None:
     finally:
         stop_mount(mount)
         worker.stop()
+
+
+# -- writes (-o rw) ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WriteEnv:
+    root: Path
+    worker: Worker
+    mount: Mount
+
+    def ufs(self, name: str) -> Path:
+        return self.root / f"ufs-{name}"
+
+
+@pytest.fixture(scope="module")
+def wenv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WriteEnv]:
+    """A worker with a `through` mount (/w), a `cache-through` one (/ct) and a read-only one
+    (/ro), mounted with -o rw."""
+    root = tmp_path_factory.mktemp("fusew")
+    mounts = []
+    for name, extra in (("w", {}), ("ct", {"write_mode": "cache-through"}),
+                        ("ro", {"read_only": True})):
+        (root / f"ufs-{name}").mkdir()
+        mounts.append({"path": f"/{name}", "ufs": (root / f"ufs-{name}").as_uri(),
+                       "metadata": "always", **extra})
+    (root / "ufs-ro" / "kept.txt").write_bytes(b"kept\n")
+    (root / "ufs-w" / "existing.bin").write_bytes(b"0123456789")
+    worker = start_worker(root, root / "ufs-w", "wworker", mounts)
+    mount = None
+    try:
+        mount = mount_background(
+            root / "mnt",
+            worker.config,
+            "rw,attr_timeout=0.3,entry_timeout=0.3,negative_timeout=0",
+            f"staging_dir={root / 'staging'}",
+            log=root / "wmount.log",
+        )
+        yield WriteEnv(root, worker, mount)
+    finally:
+        if mount is not None:
+            stop_mount(mount)
+        worker.stop()
+    log = (root / "wmount.log").read_text()
+    assert "Traceback" not in log and "(EIO)" not in log, log[-3000:]
+
+
+def test_cp_python_and_overwrite(wenv: WriteEnv, tmp_path: Path) -> None:
+    mnt, ufs = wenv.mount.path / "w", wenv.ufs("w")
+    source = tmp_path / "src.bin"
+    payload = _pattern(3 * MiB + 17, 31)
+    source.write_bytes(payload)
+    subprocess.run(["cp", str(source), str(mnt / "copied.bin")], check=True)
+    assert (mnt / "copied.bin").read_bytes() == payload
+    assert (ufs / "copied.bin").read_bytes() == payload
+    assert (mnt / "copied.bin").stat().st_size == len(payload)
+    # Python sequential writes; the file is listed (and growing) while it is written
+    with open(mnt / "py.bin", "wb") as f:
+        for i in range(10):
+            f.write(_pattern(100_000, 40 + i))
+            f.flush()
+        assert "py.bin" in os.listdir(mnt)
+        assert (mnt / "py.bin").stat().st_size == 1_000_000
+        assert not (ufs / "py.bin").exists()  # uploaded on close, not before
+    assert (ufs / "py.bin").read_bytes() == b"".join(_pattern(100_000, 40 + i) for i in range(10))
+    # O_TRUNC overwrite (shell redirection); readers on the mount see the new bytes at once
+    assert (mnt / "copied.bin").read_bytes()[:10] == payload[:10]
+    subprocess.run(["sh", "-c", f"echo replaced > '{mnt / 'copied.bin'}'"], check=True)
+    assert (mnt / "copied.bin").read_bytes() == b"replaced\n"
+    assert (ufs / "copied.bin").read_bytes() == b"replaced\n"
+    # touch: an empty file; truncate to 0 of an existing file
+    subprocess.run(["touch", str(mnt / "empty")], check=True)
+    assert (ufs / "empty").read_bytes() == b""
+    os.truncate(mnt / "py.bin", 0)
+    assert (ufs / "py.bin").read_bytes() == b"" and (mnt / "py.bin").stat().st_size == 0
+
+
+def test_tar_extract_and_diff(wenv: WriteEnv, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for rel, size in (("a.txt", 10), ("sub/b.bin", 300_000), ("sub/deep/c.json", 0),
+                      ("sub/deep/d", 2 * MiB + 3)):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(_pattern(size, size))
+    (tree / "emptydir").mkdir()
+    archive = tmp_path / "t.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tree, arcname="tree")
+    mnt = wenv.mount.path / "w"
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(mnt)], check=True, capture_output=True)
+    result = subprocess.run(["diff", "-r", str(tree), str(mnt / "tree")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ufs_diff = subprocess.run(["diff", "-r", str(tree / "sub"), str(wenv.ufs("w") / "tree" / "sub")],
+                              capture_output=True, text=True)
+    assert ufs_diff.returncode == 0, ufs_diff.stdout
+
+
+def test_mkdir_rmdir_unlink_mv(wenv: WriteEnv) -> None:
+    mnt, ufs = wenv.mount.path / "w", wenv.ufs("w")
+    os.mkdir(mnt / "d")
+    assert (mnt / "d").is_dir() and "d" in os.listdir(mnt)  # empty: shown by this mount only
+    with pytest.raises(FileExistsError):
+        os.mkdir(mnt / "d")
+    (mnt / "d" / "f.txt").write_bytes(b"f")
+    with pytest.raises(OSError) as info:
+        os.rmdir(mnt / "d")
+    assert info.value.errno == errno.ENOTEMPTY
+    os.rename(mnt / "d" / "f.txt", mnt / "d" / "g.txt")
+    assert os.listdir(mnt / "d") == ["g.txt"]
+    assert (ufs / "d" / "g.txt").read_bytes() == b"f" and not (ufs / "d" / "f.txt").exists()
+    assert (mnt / "d" / "g.txt").read_bytes() == b"f"
+    with pytest.raises(OSError) as info:
+        os.rename(mnt / "d", mnt / "e")  # a directory with entries
+    assert info.value.errno == errno.EOPNOTSUPP
+    os.unlink(mnt / "d" / "g.txt")
+    assert not (ufs / "d" / "g.txt").exists()
+    with pytest.raises(FileNotFoundError):
+        (mnt / "d" / "g.txt").stat()
+    os.rmdir(mnt / "d")
+    assert not (mnt / "d").exists()
+
+
+def test_unsupported_writes(wenv: WriteEnv) -> None:
+    mnt, ufs = wenv.mount.path / "w", wenv.ufs("w")
+    existing = mnt / "existing.bin"
+    fd = os.open(existing, os.O_WRONLY)  # random write into an existing object
+    try:
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"XX", 4)
+        assert info.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    assert (ufs / "existing.bin").read_bytes() == b"0123456789"
+    with open(mnt / "seek.bin", "wb", buffering=0) as f:  # seek back while writing
+        f.write(b"abcdef")
+        f.seek(2)
+        with pytest.raises(OSError) as info:
+            f.write(b"Z")
+        assert info.value.errno == errno.EOPNOTSUPP
+    assert (ufs / "seek.bin").read_bytes() == b"abcdef"
+    with pytest.raises(OSError) as info:
+        os.link(existing, mnt / "hard")
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(OSError) as info:
+        os.truncate(existing, 3)
+    assert info.value.errno == errno.EOPNOTSUPP
+    os.chmod(existing, 0o600)  # accepted, not stored
+    os.utime(existing, (1, 1))
+    assert (ufs / "existing.bin").read_bytes() == b"0123456789"
+
+
+def test_read_only_mount_refuses(wenv: WriteEnv) -> None:
+    ro = wenv.mount.path / "ro"
+    assert (ro / "kept.txt").read_bytes() == b"kept\n"
+    for attempt in (
+        lambda: open(ro / "new.txt", "wb"),  # noqa: SIM115
+        lambda: os.open(ro / "kept.txt", os.O_WRONLY | os.O_TRUNC),
+        lambda: os.unlink(ro / "kept.txt"),
+        lambda: os.rename(ro / "kept.txt", ro / "moved.txt"),
+        lambda: os.mkdir(ro / "d"),
+    ):
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS, attempt
+    assert (wenv.ufs("ro") / "kept.txt").read_bytes() == b"kept\n"
+
+
+def test_other_client_and_cache_through(wenv: WriteEnv) -> None:
+    import fsspec
+
+    payload = _pattern(5 * MiB + 99, 77)
+    with open(wenv.mount.path / "ct" / "model.bin", "wb") as f:
+        f.write(payload)
+    fs = fsspec.filesystem("depot", endpoint=wenv.worker.endpoint)
+    assert fs.cat_file("/ct/model.bin") == payload  # another client, right after close
+
+    def stats() -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{wenv.worker.endpoint}/api/v1/cache/stats") as r:
+            data: dict[str, Any] = json.loads(r.read())
+        return data
+
+    before = stats()
+    assert (wenv.mount.path / "ct" / "model.bin").read_bytes() == payload
+    after = stats()
+    assert after["misses"] == before["misses"] and after["ufs_reads"] == before["ufs_reads"]

@@ -8,7 +8,9 @@ conditional requests, presigned URLs, wrong keys and write attempts.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -253,18 +255,13 @@ def test_boto3_wrong_keys_and_writes(gateway: Gateway) -> None:
         urllib.request.urlopen(unsigned)
     assert info.value.code == 403 and b"<Code>AccessDenied</Code>" in info.value.read()
     s3 = boto(gateway)
-    for call in (
-        lambda: s3.put_object(Bucket="bkt", Key="new.txt", Body=b"x"),
-        lambda: s3.delete_object(Bucket="bkt", Key="hello.txt"),
-        lambda: s3.copy_object(Bucket="bkt", Key="c.txt", CopySource="bkt/hello.txt"),
-        lambda: s3.create_bucket(Bucket="newbucket"),
-        lambda: s3.create_multipart_upload(Bucket="bkt", Key="m"),
-        lambda: s3.delete_objects(Bucket="bkt", Delete={"Objects": [{"Key": "hello.txt"}]}),
-    ):
-        with pytest.raises(ClientError) as info:
-            call()
-        assert info.value.response["Error"]["Code"] == "NotImplemented"
-        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 501
+    with pytest.raises(ClientError) as info:
+        s3.put_object_acl(Bucket="bkt", Key="hello.txt", ACL="private")
+    assert info.value.response["Error"]["Code"] == "NotImplemented"
+    with pytest.raises(ClientError) as info:
+        boto(gateway, secret="wrong").put_object(Bucket="bkt", Key="new.txt", Body=b"x")
+    assert info.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    assert not (gateway.data / "bkt" / "new.txt").exists()
     assert (gateway.data / "bkt" / "hello.txt").read_bytes() == b"hello depot\n"
 
 
@@ -312,7 +309,11 @@ def test_aws_cli(gateway: Gateway, tmp_path: Path) -> None:
     bad = aws(gateway, tmp_path, "s3api", "head-object", "--bucket", "bkt", "--key", "nope")
     assert bad.returncode != 0 and "404" in bad.stderr
     put = aws(gateway, tmp_path, "s3", "cp", str(out / "part"), "s3://bkt/uploaded")
-    assert put.returncode != 0 and "NotImplemented" in put.stderr
+    assert put.returncode == 0, put.stderr
+    assert (gateway.data / "bkt" / "uploaded").read_bytes() == b"depot"
+    rm = aws(gateway, tmp_path, "s3", "rm", "s3://bkt/uploaded")
+    assert rm.returncode == 0, rm.stderr
+    assert not (gateway.data / "bkt" / "uploaded").exists()
 
 
 # --- s3fs -------------------------------------------------------------------------------------------
@@ -436,3 +437,259 @@ def test_rclone(gateway: Gateway, tmp_path: Path) -> None:
     size = run("size", "--json", "depot:many")
     assert size.returncode == 0, size.stderr
     assert json.loads(size.stdout)["count"] == MANY
+
+
+# --- writes -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway over a writable cache-through mount (``/``) and a read-only one (``/ro``)."""
+    data = tmp_path_factory.mktemp("s3wufs")
+    (data / "wb").mkdir()
+    (data / "wb" / "seed.txt").write_bytes(b"seed")
+    ro = tmp_path_factory.mktemp("s3roufs")
+    (ro / "x.txt").write_bytes(b"read only")
+    cache = tmp_path_factory.mktemp("s3wcache")
+    staging = tmp_path_factory.mktemp("s3staging")
+    mounts = [
+        {"path": "/", "ufs": data.as_uri(), "write_mode": "cache-through"},
+        {"path": "/ro", "ufs": ro.as_uri(), "read_only": True},
+    ]
+    with LocalWorker(cache_dir=cache, cache_size="512MiB", mounts=mounts) as worker:
+        config = load_config(
+            environ={},
+            overrides={
+                "s3": {"access_key": AK, "secret_key": SK, "region": REGION, "staging_dir": str(staging)},
+                "mounts": mounts,
+            },
+        )
+
+        async def start() -> GatewayServer:
+            client = CacheClient(worker.endpoint, config=config)
+            return await start_gateway(config, client, "127.0.0.1", 0, environ={})
+
+        running: GatewayServer = worker.call(start())
+        try:
+            yield Gateway(running.endpoint, running.port, data, worker, running)
+        finally:
+            worker.call(running.stop())
+
+
+def _payload(size: int, seed: int = 1) -> bytes:
+    block = hashlib.sha256(b"w%d" % seed).digest() * 2048
+    return (block * (size // len(block) + 1))[:size]
+
+
+def test_boto3_put_delete_copy(wgateway: Gateway) -> None:
+    from botocore.exceptions import ClientError
+
+    s3 = boto(wgateway)
+    body = _payload(100_000)
+    put = s3.put_object(Bucket="wb", Key="a/obj.bin", Body=body)
+    assert put["ETag"] == f'"{hashlib.md5(body).hexdigest()}"'
+    assert (wgateway.data / "wb" / "a" / "obj.bin").read_bytes() == body
+    assert s3.get_object(Bucket="wb", Key="a/obj.bin")["Body"].read() == body
+    s3.put_object(Bucket="wb", Key="a/obj.bin", Body=b"v2")  # overwrite: readers see the new one
+    assert s3.get_object(Bucket="wb", Key="a/obj.bin")["Body"].read() == b"v2"
+    copied = s3.copy_object(Bucket="wb", Key="b/copy.bin", CopySource={"Bucket": "wb", "Key": "a/obj.bin"})
+    assert copied["CopyObjectResult"]["ETag"] == f'"{hashlib.md5(b"v2").hexdigest()}"'
+    assert (wgateway.data / "wb" / "b" / "copy.bin").read_bytes() == b"v2"
+    with pytest.raises(ClientError) as info:
+        s3.copy_object(Bucket="wb", Key="a/obj.bin", CopySource="wb/a/obj.bin")
+    assert info.value.response["Error"]["Code"] == "InvalidRequest"
+    s3.copy_object(Bucket="wb", Key="a/obj.bin", CopySource="wb/a/obj.bin", MetadataDirective="REPLACE")
+    with pytest.raises(ClientError) as info:
+        s3.copy_object(Bucket="wb", Key="c", CopySource="wb/nope")
+    assert info.value.response["Error"]["Code"] == "NoSuchKey"
+    assert s3.delete_object(Bucket="wb", Key="b/copy.bin")["ResponseMetadata"]["HTTPStatusCode"] == 204
+    assert not (wgateway.data / "wb" / "b" / "copy.bin").exists()
+    assert s3.delete_object(Bucket="wb", Key="never/there")["ResponseMetadata"]["HTTPStatusCode"] == 204
+    with pytest.raises(ClientError) as info:
+        s3.put_object(Bucket="nobucket", Key="k", Body=b"x")
+    assert info.value.response["Error"]["Code"] == "NoSuchBucket"
+    # DeleteObjects: per-key results, quiet mode, malformed XML
+    for i in range(3):
+        s3.put_object(Bucket="wb", Key=f"del/{i}", Body=b"%d" % i)
+    out = s3.delete_objects(Bucket="wb", Delete={"Objects": [{"Key": "del/0"}, {"Key": "del/1"}, {"Key": "missing"}]})
+    assert sorted(d["Key"] for d in out["Deleted"]) == ["del/0", "del/1", "missing"]
+    quiet = s3.delete_objects(Bucket="wb", Delete={"Objects": [{"Key": "del/2"}], "Quiet": True})
+    assert "Deleted" not in quiet and "Errors" not in quiet
+    assert not (wgateway.data / "wb" / "del").exists() or not any((wgateway.data / "wb" / "del").iterdir())
+    ro = s3.delete_objects(Bucket="ro", Delete={"Objects": [{"Key": "x.txt"}]})
+    assert ro["Errors"][0]["Code"] == "AccessDenied"
+
+
+def test_raw_errors_bad_digest_and_xml(wgateway: Gateway) -> None:
+    import requests  # type: ignore[import-untyped]
+    from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
+    from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+    from botocore.credentials import Credentials  # type: ignore[import-untyped]
+
+    def send(method: str, path: str, body: bytes, headers: dict[str, str]) -> Any:
+        req = AWSRequest(method=method, url=f"{wgateway.endpoint}{path}", data=body, headers=headers)
+        S3SigV4Auth(Credentials(AK, SK), "s3", REGION).add_auth(req)
+        return requests.request(method, req.url, data=body, headers=dict(req.headers), timeout=10)
+
+    bad_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    r = send("PUT", "/wb/md5.txt", b"payload", {"Content-MD5": bad_md5})
+    assert r.status_code == 400 and b"<Code>BadDigest</Code>" in r.content
+    assert not (wgateway.data / "wb" / "md5.txt").exists()
+    good_md5 = base64.b64encode(hashlib.md5(b"payload").digest()).decode()
+    assert send("PUT", "/wb/md5.txt", b"payload", {"Content-MD5": good_md5}).status_code == 200
+    r = send("POST", "/wb?delete", b"<Delete><Object><Key>x</Key></Object>", {})
+    assert r.status_code == 400 and b"<Code>MalformedXML</Code>" in r.content
+    bomb = b'<!DOCTYPE d [<!ENTITY a "aaaa">]><Delete><Object><Key>&a;</Key></Object></Delete>'
+    assert b"MalformedXML" in send("POST", "/wb?delete", bomb, {}).content
+    many = b"<Delete>" + b"<Object><Key>k</Key></Object>" * 1001 + b"</Delete>"
+    assert b"MalformedXML" in send("POST", "/wb?delete", many, {}).content
+    # read-only mount
+    r = send("PUT", "/ro/new.txt", b"x", {})
+    assert r.status_code == 403 and b"<Code>AccessDenied</Code>" in r.content
+    assert not (wgateway.data / "ro").exists()
+
+
+def _aws_chunked(body: bytes, checksum: str, chunk: int = 65536) -> bytes:
+    out = bytearray()
+    for pos in range(0, len(body), chunk):
+        piece = body[pos : pos + chunk]
+        out += b"%x\r\n" % len(piece) + piece + b"\r\n"
+    out += b"0\r\n" + f"x-amz-checksum-crc32:{checksum}\r\n\r\n".encode()
+    return bytes(out)
+
+
+def test_aws_chunked_trailer(wgateway: Gateway) -> None:
+    import zlib
+
+    import requests
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    body = _payload(200_000, 7)
+    good = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+    bad = base64.b64encode((zlib.crc32(body) ^ 1).to_bytes(4, "big")).decode()
+    for key, checksum, status in [("chunked-bad", bad, 400), ("chunked", good, 200)]:
+        encoded = _aws_chunked(body, checksum)
+        headers = {
+            "Content-Encoding": "aws-chunked",
+            "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            "x-amz-trailer": "x-amz-checksum-crc32",
+            "x-amz-decoded-content-length": str(len(body)),
+        }
+        req = AWSRequest(method="PUT", url=f"{wgateway.endpoint}/wb/{key}", headers=headers)
+        req.context["checksum"] = {"request_algorithm": {"in": "trailer", "algorithm": "crc32", "name": "x-amz-checksum-crc32"}}
+        S3SigV4Auth(Credentials(AK, SK), "s3", REGION).add_auth(req)
+        r = requests.put(req.url, data=encoded, headers=dict(req.headers), timeout=10)
+        assert r.status_code == status, r.content
+        if status == 400:
+            assert b"<Code>BadDigest</Code>" in r.content
+            assert not (wgateway.data / "wb" / key).exists()
+        else:
+            assert (wgateway.data / "wb" / key).read_bytes() == body
+
+
+def test_boto3_multipart(wgateway: Gateway, tmp_path: Path) -> None:
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import ClientError
+
+    s3 = boto(wgateway, max_pool_connections=8)
+    body = _payload(20 * MiB + 123, 3)
+    src = tmp_path / "big"
+    src.write_bytes(body)
+    config = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)
+    s3.upload_file(str(src), "wb", "mp/big.bin", Config=config)
+    assert (wgateway.data / "wb" / "mp" / "big.bin").read_bytes() == body
+    head = s3.head_object(Bucket="wb", Key="mp/big.bin")
+    assert head["ContentLength"] == len(body)
+    # errors: order, size, unknown ids; abort cleans the staging
+    up = s3.create_multipart_upload(Bucket="wb", Key="mp/err")["UploadId"]
+    e1 = s3.upload_part(Bucket="wb", Key="mp/err", UploadId=up, PartNumber=1, Body=b"small")["ETag"]
+    e2 = s3.upload_part(Bucket="wb", Key="mp/err", UploadId=up, PartNumber=2, Body=b"tail")["ETag"]
+    assert e1 == f'"{hashlib.md5(b"small").hexdigest()}"'
+    parts = s3.list_parts(Bucket="wb", Key="mp/err", UploadId=up)["Parts"]
+    assert [(p["PartNumber"], p["Size"]) for p in parts] == [(1, 5), (2, 4)]
+    uploads = s3.list_multipart_uploads(Bucket="wb")["Uploads"]
+    assert [u["UploadId"] for u in uploads] == [up]
+    for parts_list, code in [
+        ([{"PartNumber": 2, "ETag": e2}, {"PartNumber": 1, "ETag": e1}], "InvalidPartOrder"),
+        ([{"PartNumber": 1, "ETag": e1}, {"PartNumber": 2, "ETag": e2}], "EntityTooSmall"),
+        ([{"PartNumber": 1, "ETag": e2}], "InvalidPart"),
+    ]:
+        with pytest.raises(ClientError) as info:
+            s3.complete_multipart_upload(Bucket="wb", Key="mp/err", UploadId=up, MultipartUpload={"Parts": parts_list})
+        assert info.value.response["Error"]["Code"] == code
+    assert not (wgateway.data / "wb" / "mp" / "err").exists()
+    single = s3.complete_multipart_upload(Bucket="wb", Key="mp/err", UploadId=up, MultipartUpload={"Parts": [{"PartNumber": 2, "ETag": e2}]})
+    assert single["ETag"].endswith('-1"') and (wgateway.data / "wb" / "mp" / "err").read_bytes() == b"tail"
+    up2 = s3.create_multipart_upload(Bucket="wb", Key="mp/aborted")["UploadId"]
+    s3.upload_part(Bucket="wb", Key="mp/aborted", UploadId=up2, PartNumber=1, Body=b"x")
+    staging = Path(wgateway.running.gateway.handlers["UploadPart"].__self__.staging.root)  # type: ignore[attr-defined]
+    assert (staging / up2).is_dir()
+    s3.abort_multipart_upload(Bucket="wb", Key="mp/aborted", UploadId=up2)
+    assert not (staging / up2).exists() and not list(staging.iterdir())
+    for call in (
+        lambda: s3.abort_multipart_upload(Bucket="wb", Key="mp/aborted", UploadId=up2),
+        lambda: s3.upload_part(Bucket="wb", Key="mp/x", UploadId="0" * 32, PartNumber=1, Body=b"x"),
+        lambda: s3.list_parts(Bucket="wb", Key="mp/x", UploadId="../../etc"),
+    ):
+        with pytest.raises(ClientError) as info:
+            call()
+        assert info.value.response["Error"]["Code"] == "NoSuchUpload"
+    with pytest.raises(ClientError) as info:
+        s3.create_multipart_upload(Bucket="ro", Key="m")
+    assert info.value.response["Error"]["Code"] == "AccessDenied"
+
+
+def test_aws_cli_writes(wgateway: Gateway, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "one.txt").write_bytes(b"one")
+    (tree / "sub" / "two.txt").write_bytes(b"two" * 1000)
+    sync = aws(wgateway, tmp_path, "s3", "sync", str(tree), "s3://wb/synced/")
+    assert sync.returncode == 0, sync.stderr
+    assert (wgateway.data / "wb" / "synced" / "sub" / "two.txt").read_bytes() == b"two" * 1000
+    again = aws(wgateway, tmp_path, "s3", "sync", str(tree), "s3://wb/synced/")
+    assert again.returncode == 0 and "upload:" not in again.stdout
+    rm = aws(wgateway, tmp_path, "s3", "rm", "--recursive", "s3://wb/synced/")
+    assert rm.returncode == 0, rm.stderr
+    assert not (wgateway.data / "wb" / "synced" / "one.txt").exists()
+
+
+def test_s3fs_pyarrow_obstore_writes(wgateway: Gateway) -> None:
+    import obstore as obs
+    import s3fs
+    from obstore.store import S3Store
+    from pyarrow import fs as pafs
+
+    fs = s3fs.S3FileSystem(
+        key=AK, secret=SK, endpoint_url=wgateway.endpoint, client_kwargs={"region_name": REGION},
+        skip_instance_cache=True, use_listings_cache=False,
+    )
+    fs.pipe("wb/s3fs/piped.bin", b"piped bytes")
+    assert (wgateway.data / "wb" / "s3fs" / "piped.bin").read_bytes() == b"piped bytes"
+    big = _payload(12 * MiB, 5)
+    with fs.open("wb/s3fs/big.bin", "wb", block_size=5 * MiB) as f:
+        f.write(big)
+    assert (wgateway.data / "wb" / "s3fs" / "big.bin").read_bytes() == big
+    fs.rm("wb/s3fs/piped.bin")
+    assert not (wgateway.data / "wb" / "s3fs" / "piped.bin").exists()
+
+    s3 = pafs.S3FileSystem(
+        access_key=AK, secret_key=SK, region=REGION, scheme="http",
+        endpoint_override=f"127.0.0.1:{wgateway.port}", allow_bucket_creation=False,
+    )
+    table = pa.table({"id": list(range(5000)), "v": [float(i) for i in range(5000)]})
+    pq.write_table(table, "wb/arrow/t.parquet", filesystem=s3)
+    assert pq.read_table(wgateway.data / "wb" / "arrow" / "t.parquet").equals(table)
+
+    store = S3Store(
+        "wb", endpoint=wgateway.endpoint, access_key_id=AK, secret_access_key=SK, region=REGION,
+        virtual_hosted_style_request=False, client_options={"allow_http": True},
+    )
+    obs.put(store, "obs/small.bin", b"small")
+    assert (wgateway.data / "wb" / "obs" / "small.bin").read_bytes() == b"small"
+    obs.put(store, "obs/multi.bin", io.BytesIO(big), chunk_size=5 * MiB, use_multipart=True)
+    assert (wgateway.data / "wb" / "obs" / "multi.bin").read_bytes() == big
+    obs.delete(store, "obs/small.bin")
+    assert not (wgateway.data / "wb" / "obs" / "small.bin").exists()

@@ -69,7 +69,7 @@ async def test_start_and_stop_on_a_free_port() -> None:
     running = await start_gateway(config(anonymous=True), Client(), "127.0.0.1", 0, environ={})  # type: ignore[arg-type]
     assert running.port > 0 and running.endpoint == f"http://127.0.0.1:{running.port}"
     reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-    writer.write(b"GET /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+    writer.write(b"GET /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n")
     data = await asyncio.wait_for(reader.read(-1), 5)
     assert data.startswith(b"HTTP/1.1 413") and b"<Code>EntityTooLarge</Code>" in data
     writer.close()

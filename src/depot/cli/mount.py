@@ -29,8 +29,9 @@ _OPTIONS_HELP = (
     "Mount options, comma-separated (repeatable): attr_timeout=S, entry_timeout=S, "
     "negative_timeout=S, uid=N, gid=N, file_mode=0444, dir_mode=0555, allow_other, "
     "read_ahead_kb=N, kernel_cache / no_kernel_cache, concurrency=N, memory=SIZE, "
-    "prefetch / no_prefetch, prefetch_segment=SIZE, random_threshold=N, shutdown_grace=S; "
-    "kernel options ro, rw, allow_root, auto_unmount, fsname=NAME."
+    "prefetch / no_prefetch, prefetch_segment=SIZE, random_threshold=N, shutdown_grace=S, "
+    "staging_dir=DIR; kernel options ro, rw (enables writes), allow_root, auto_unmount, "
+    "fsname=NAME."
 )
 
 
@@ -126,7 +127,7 @@ def mount(
     endpoint: str | None,
     config_file: str | None,
 ) -> None:
-    """Mount the depot namespace on MOUNT_POINT (read-only for now)."""
+    """Mount the depot namespace on MOUNT_POINT (read-only unless -o rw)."""
     from depot.fuse.mounts import canonical, check_mount_point
     from depot.fuse.options import parse_options
     from depot.fuse.serve import MountRequest, import_pyfuse3, run

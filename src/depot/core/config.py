@@ -218,6 +218,9 @@ class S3Config(_Model):
     clock_skew: float = Field(default=900.0, gt=0)
     # Requests served at once; more get 503 SlowDown.
     max_inflight: int = Field(default=1024, ge=1, le=1_000_000)
+    # Where multipart upload parts are staged until Complete/Abort (docs/s3.md); None: an
+    # ``s3-staging`` directory under the first cache dir.
+    staging_dir: Path | None = None
 
     _parse_duration = field_validator("clock_skew", mode="before")(_duration)
 
@@ -267,6 +270,10 @@ class FuseConfig(_Model):
     random_threshold: int = Field(default=4, ge=1)
     # Seconds to keep serving open files after SIGTERM/SIGINT (the mount is detached at once).
     shutdown_grace: float = Field(default=5.0, ge=0)
+    # Writes (docs/fuse.md#writes): off unless `-o rw` or `read_only: false`; files being written
+    # are staged in `staging_dir` (default: the system temp dir) and uploaded on close.
+    read_only: bool = True
+    staging_dir: str | None = None
 
     _parse_size = field_validator("memory", "prefetch_segment", mode="before")(_size)
     _parse_duration = field_validator(

@@ -1,6 +1,7 @@
-"""``depot mount``: the depot namespace as a POSIX file system (FUSE, read-only for now).
+"""``depot mount``: the depot namespace as a POSIX file system (FUSE; writes with ``-o rw``).
 
 - ``depot.fuse.ops``: the request handlers (pyfuse3 low-level API on the client's asyncio loop);
+- ``depot.fuse.staging``: files being written, spooled locally and uploaded on close;
 - ``depot.fuse.reader``: read-ahead, random-read detection and segment prefetch, pooled buffers;
 - ``depot.fuse.inodes``: inode numbers and what is known of each;
 - ``depot.fuse.errors``: depot errors as errno values;

@@ -16,6 +16,7 @@ from depot.core.types import FileStatus
 
 if TYPE_CHECKING:
     from depot.fuse.reader import FileData
+    from depot.fuse.staging import Staged
 
 ROOT_INODE = 1
 
@@ -27,7 +28,17 @@ def join(parent: str, name: str) -> str:
 class Inode:
     """One inode: its path, its last known status, the kernel's references and open files."""
 
-    __slots__ = ("cached_version", "checked", "data", "ino", "lookups", "opens", "path", "status")
+    __slots__ = (
+        "cached_version",
+        "checked",
+        "data",
+        "ino",
+        "lookups",
+        "opens",
+        "path",
+        "staged",
+        "status",
+    )
 
     def __init__(self, ino: int, path: str, status: FileStatus) -> None:
         self.ino = ino
@@ -41,6 +52,8 @@ class Inode:
         self.cached_version: str | None = None
         #: Blocks of file data the mount process holds for the current version.
         self.data: FileData | None = None
+        #: The spool of the file while it is open for writing (None: not being written).
+        self.staged: Staged | None = None
 
     @property
     def version(self) -> str | None:
@@ -109,6 +122,20 @@ class InodeTable:
         if self._by_path.get(inode.path) is inode:
             del self._by_path[inode.path]
         return inode
+
+    def unlink(self, inode: Inode) -> None:
+        """The path no longer names ``inode`` (the number lives on until the kernel forgets it)."""
+        if self._by_path.get(inode.path) is inode and inode.ino != ROOT_INODE:
+            del self._by_path[inode.path]
+
+    def move(self, inode: Inode, path: str) -> None:
+        """``inode`` is now named ``path`` (what was there before is unlinked)."""
+        self.unlink(inode)
+        replaced = self._by_path.get(path)
+        if replaced is not None:
+            self.unlink(replaced)
+        inode.path = path
+        self._by_path[path] = inode
 
     def inodes(self) -> list[Inode]:
         return list(self._by_ino.values())

@@ -5,9 +5,11 @@ Every handler runs as a task on the one event loop of the mount process, the sam
 pays for a hand-off between threads. Handlers may only raise ``FUSEError``; every other error is
 turned into its errno here (``depot.fuse.errors``).
 
-Reads are the only data path for now. The mutating handlers live in ``ReadOnlyMixin`` and answer
-``EROFS``; the write path will replace that mixin (and ``open_for_write``) without touching the
-read side.
+Writes (``-o rw``): a file opened for writing is staged locally (``depot.fuse.staging``) and
+uploaded whole on close with ``CacheClient.write``; mkdir, rmdir, unlink and rename go to the
+client's calls of the same names. What an object store cannot do answers ``EOPNOTSUPP`` or
+``EPERM`` (docs/fuse.md#writes). A read-only mount is ``ro`` for the kernel, which answers
+``EROFS`` itself; the handlers refuse too.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ from pyfuse3 import (
 
 from depot.client.client import MIN_CHUNK, CacheClient
 from depot.core.config import DepotConfig
-from depot.core.errors import NotFound
+from depot.core.errors import AlreadyExists, IsADirectory, NotFound, Unsupported
 from depot.core.types import FileStatus
 from depot.fuse.errors import errno_of
 from depot.fuse.inodes import ROOT_INODE, Inode, InodeTable, join
 from depot.fuse.reader import BLOCK_MIN, Block, BlockCache, FileData, Handle, Reader, Reply
+from depot.fuse.staging import Staged
 
 log = logging.getLogger(__name__)
 
@@ -82,80 +85,15 @@ def fuse_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
     return wrapper
 
 
-def _rofs() -> FUSEError:
-    return FUSEError(errno.EROFS)
+def _refuse(code: int) -> FUSEError:
+    return FUSEError(code)
 
 
-class ReadOnlyMixin:
-    """Every call that would change the namespace answers ``EROFS`` (writes come with the
-    write-path work). With the default ``ro`` mount option the kernel answers these itself; they
-    are reached when the mount is made with ``-o rw``."""
-
-    async def setattr(
-        self,
-        inode: InodeT,
-        attr: EntryAttributes,
-        fields: SetattrFields,
-        fh: FileHandleT | None,
-        ctx: RequestContext,
-    ) -> EntryAttributes:
-        raise _rofs()
-
-    async def mknod(
-        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise _rofs()
-
-    async def mkdir(
-        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise _rofs()
-
-    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
-        raise _rofs()
-
-    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
-        raise _rofs()
-
-    async def symlink(
-        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise _rofs()
-
-    async def rename(
-        self,
-        parent_inode_old: InodeT,
-        name_old: FileNameT,
-        parent_inode_new: InodeT,
-        name_new: FileNameT,
-        flags: FlagT,
-        ctx: RequestContext,
-    ) -> None:
-        raise _rofs()
-
-    async def link(
-        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise _rofs()
-
-    async def create(
-        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT, ctx: RequestContext
-    ) -> tuple[FileInfo, EntryAttributes]:
-        raise _rofs()
-
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        raise _rofs()
-
-    async def setxattr(
-        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
-    ) -> None:
-        raise _rofs()
-
-    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
-        raise _rofs()
-
-    async def open_for_write(self, inode: Inode, flags: int) -> FileInfo:
-        raise _rofs()
+@dataclass
+class _WriteHandle:
+    fh: int
+    inode: Inode
+    staged: Staged
 
 
 @dataclass
@@ -164,21 +102,40 @@ class _DirHandle:
     entries: list[FileStatus] = field(default_factory=list)
 
 
-class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
-    """The namespace of a depot cluster as a POSIX file system (read side)."""
+class DepotOperations(pyfuse3.Operations):
+    """The namespace of a depot cluster as a POSIX file system."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, client: CacheClient, config: DepotConfig, page_size: int) -> None:
+    def __init__(
+        self, client: CacheClient, config: DepotConfig, page_size: int, *, writable: bool = False
+    ) -> None:
         super().__init__()
+        self.writable = writable
         self.client = client
         self.config = config
         settings = config.fuse
         self.settings = settings
         self.uid = settings.uid if settings.uid is not None else os.geteuid()
         self.gid = settings.gid if settings.gid is not None else os.getegid()
+        # A writable mount shows writable modes unless they were set (the kernel checks them).
+        chosen = settings.model_fields_set
+        self.file_mode = settings.file_mode
+        self.dir_mode = settings.dir_mode
+        if writable and "file_mode" not in chosen:
+            self.file_mode = 0o644
+        if writable and "dir_mode" not in chosen:
+            self.dir_mode = 0o755
+        self.staging_dir = settings.staging_dir
+        if writable and self.staging_dir:
+            os.makedirs(self.staging_dir, exist_ok=True)
+        #: Directories made with mkdir here: object stores show a directory only while it has
+        #: entries, so an empty one lives in this mount until rmdir (or unmount).
+        self.pending_dirs: set[str] = set()
+        self.writers: dict[int, _WriteHandle] = {}
+        self.writing: dict[int, Inode] = {}
         self.started_ns = time.time_ns()
         chunk = page_size * max(1, -(-MIN_CHUNK // page_size))
         block_size = chunk * max(1, -(-BLOCK_MIN // chunk))
@@ -206,7 +163,7 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
     # plumbing -----------------------------------------------------------------------------------
     @property
     def open_files(self) -> int:
-        return len(self.files)
+        return len(self.files) + len(self.writers)
 
     def _fh(self) -> int:
         fh = self._next_fh
@@ -227,20 +184,22 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
         entry.entry_timeout = self.settings.entry_timeout
         entry.attr_timeout = self.settings.attr_timeout
         if status.is_dir:
-            entry.st_mode = stat.S_IFDIR | self.settings.dir_mode
+            entry.st_mode = stat.S_IFDIR | self.dir_mode
             entry.st_size = 0
             # 1, not 2: tools like find then do not infer the number of subdirectories from it.
             entry.st_nlink = 1
         else:
-            entry.st_mode = stat.S_IFREG | self.settings.file_mode
-            entry.st_size = status.size
+            entry.st_mode = stat.S_IFREG | self.file_mode
+            staged = inode.staged
+            entry.st_size = staged.size if staged is not None else status.size
             entry.st_nlink = 1
         entry.st_uid = self.uid
         entry.st_gid = self.gid
         entry.st_rdev = 0
         entry.st_blksize = _BLKSIZE
         entry.st_blocks = -(-entry.st_size // 512)
-        mtime = int(status.mtime * 1_000_000_000) if status.mtime > 0 else self.started_ns
+        seconds = inode.staged.mtime if inode.staged is not None else status.mtime
+        mtime = int(seconds * 1_000_000_000) if seconds > 0 else self.started_ns
         entry.st_atime_ns = mtime
         entry.st_ctime_ns = mtime
         entry.st_mtime_ns = mtime
@@ -250,8 +209,9 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
         try:
             return await self.client.stat(path)
         except NotFound:
-            if path == "/":  # no mount at "/": the root is the directory above every mount
-                return FileStatus(path="/", size=0, mtime=0.0, is_dir=True)
+            if path == "/" or path in self.pending_dirs:
+                # no mount at "/": the root is the directory above every mount
+                return FileStatus(path=path, size=0, mtime=0.0, is_dir=True)
             raise
 
     def _record(self, path: str, status: FileStatus) -> Inode:
@@ -315,8 +275,12 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
         if not parent.status.is_dir:
             raise FUSEError(errno.ENOTDIR)
         path = join(parent.path, os.fsdecode(name))
+        known = self.table.by_path(path)
+        if known is not None and known.staged is not None:  # being written: not in the store yet
+            known.lookups += 1
+            return self._attrs(known)
         try:
-            status = await self.client.stat(path)
+            status = await self._stat(path)
         except NotFound:
             if self.settings.negative_timeout > 0:
                 entry = EntryAttributes()
@@ -331,6 +295,8 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
         node = self._inode(inode)
+        if node.staged is not None:
+            return self._attrs(node)
         status = await self._stat(node.path)
         if status.is_dir != node.status.is_dir and node.ino != ROOT_INODE:
             # The path now names something of another kind: this inode is gone.
@@ -402,7 +368,16 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
         node = self._inode(inode)
         if not node.status.is_dir:
             raise FUSEError(errno.ENOTDIR)
-        entries = await self.client.list(node.path)
+        local = self._local_children(node.path)
+        try:
+            entries = await self.client.list(node.path)
+        except NotFound:
+            if not local and node.path not in self.pending_dirs:
+                raise
+            entries = []
+        if local:
+            names = {e.path.rstrip("/").rpartition("/")[2] for e in entries}
+            entries += [e for e in local if e.path.rpartition("/")[2] not in names]
         fh = self._fh()
         self.dirs[fh] = _DirHandle(node, entries)
         return fh
@@ -469,7 +444,7 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         handle = self.files.get(fh)
         if handle is None:
-            raise FUSEError(errno.EBADF)
+            return await self._read_staged(fh, off, size)
         try:
             reply: Reply = await self.reader.read(handle, off, size)
         except Exception as exc:
@@ -486,15 +461,20 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
         # pyfuse3 takes any buffer; a view of a pooled block is sent without a copy.
         return cast(bytes, reply)
 
+    @fuse_errors
     async def flush(self, fh: FileHandleT) -> None:
-        return None
+        writer = self.writers.get(fh)
+        if writer is not None:
+            await self._upload(writer.inode, writer.staged)
 
+    @fuse_errors
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
-        return None
+        await self.flush(fh)
 
     async def release(self, fh: FileHandleT) -> None:
         handle = self.files.pop(fh, None)
         if handle is None:
+            await self._release_writer(fh)
             return
         node = handle.inode
         node.opens -= 1
@@ -503,5 +483,346 @@ class DepotOperations(ReadOnlyMixin, pyfuse3.Operations):
             gone.data.close()
             gone.data = None
 
+    # writes (docs/fuse.md#writes) ---------------------------------------------------------------
+    def _writable(self) -> None:
+        if not self.writable:
+            raise FUSEError(errno.EROFS)
 
-__all__ = ["DepotOperations", "ReadOnlyMixin", "fuse_errors"]
+    def _child(self, parent_inode: int, name: bytes) -> str:
+        parent = self._inode(parent_inode)
+        if not parent.status.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        return join(parent.path, os.fsdecode(name))
+
+    def _local_children(self, path: str) -> list[FileStatus]:
+        """Entries of ``path`` only this mount knows: empty directories made here, files being
+        written that the store does not list yet."""
+        prefix = "/" if path == "/" else path + "/"
+        found = [
+            FileStatus(path=p, size=0, mtime=0.0, is_dir=True)
+            for p in self.pending_dirs
+            if p.startswith(prefix) and "/" not in p[len(prefix) :]
+        ]
+        for inode in self.writing.values():
+            staged = inode.staged
+            p = inode.path
+            inside = p.startswith(prefix) and "/" not in p[len(prefix) :]
+            if staged is not None and not staged.unlinked and inside:
+                found.append(FileStatus(path=p, size=staged.size, mtime=staged.mtime))
+        return found
+
+    def _has_local_descendants(self, path: str) -> bool:
+        prefix = path + "/"
+        return any(p.startswith(prefix) for p in self.pending_dirs) or any(
+            i.path.startswith(prefix) and i.staged is not None and not i.staged.unlinked
+            for i in self.writing.values()
+        )
+
+    async def _check_writable(self, path: str) -> None:
+        """``ReadOnly`` (EROFS) now rather than at close when the path's mount refuses writes;
+        ``AlreadyExists`` when a file is there (the worker's mkdir check, which creates nothing)."""
+        await self.client.mkdir(path)
+
+    def _stage(self, node: Inode, *, truncated: bool) -> Staged:
+        staged = Staged(
+            node.path, self.staging_dir, base_size=node.status.size, truncated=truncated
+        )
+        node.staged = staged
+        self.writing[node.ino] = node
+        return staged
+
+    def _open_writer(self, node: Inode, staged: Staged) -> FileInfo:
+        staged.handles += 1
+        node.opens += 1
+        fh = self._fh()
+        self.writers[fh] = _WriteHandle(fh, node, staged)
+        # No keep_cache: the kernel drops the pages it held of the old content.
+        return FileInfo(fh=fh, keep_cache=False, direct_io=False)
+
+    def _uploaded(self, node: Inode, status: FileStatus) -> None:
+        """``node`` has new content in the store: record it, drop every cached byte of the old."""
+        self.table.update(node, status)
+        if node.data is not None:
+            node.data.close()
+            node.data = None
+        node.cached_version = None
+        self._kernel_call(pyfuse3.invalidate_inode, node.ino)
+
+    async def _upload(self, node: Inode, staged: Staged) -> None:
+        async with staged.lock:
+            if not staged.dirty or staged.unlinked:
+                return
+            staged.dirty = False
+            try:
+                await asyncio.to_thread(staged.file.seek, 0)
+                status = await self.client.write(node.path, staged.file)
+            except BaseException:
+                staged.dirty = True
+                staged.failed = True
+                raise
+            log.debug("uploaded %s (%d bytes)", node.path, status.size)
+            if not staged.unlinked:
+                self._uploaded(node, status)
+
+    async def _release_writer(self, fh: int) -> None:
+        writer = self.writers.pop(fh, None)
+        if writer is None:
+            return
+        node, staged = writer.inode, writer.staged
+        staged.handles -= 1
+        if staged.handles == 0:
+            if staged.dirty and not staged.failed and not staged.unlinked:
+                try:  # no flush came (it always does on close): upload, report in the log
+                    await self._upload(node, staged)
+                except Exception as exc:
+                    log.warning("uploading %s on release failed: %s", node.path, exc)
+            staged.close()
+            node.staged = None
+            self.writing.pop(node.ino, None)
+        node.opens -= 1
+        gone = self.table.drop_if_unused(node)
+        if gone is not None and gone.data is not None:
+            gone.data.close()
+            gone.data = None
+
+    async def _read_staged(self, fh: int, off: int, size: int) -> bytes:
+        writer = self.writers.get(fh)
+        if writer is None:
+            raise FUSEError(errno.EBADF)
+        staged = writer.staged
+        if staged.truncated:
+            return staged.read(off, size)
+        node = writer.inode
+        try:
+            return await self.client.read_range(
+                node.path, off, min(off + size, node.status.size), version=node.version
+            )
+        except Exception as exc:
+            raise FUSEError(errno_of(exc)) from None
+
+    async def open_for_write(self, node: Inode, flags: int) -> FileInfo:
+        self._writable()
+        if flags & os.O_APPEND:
+            raise FUSEError(errno.EOPNOTSUPP)  # depot replaces whole files; no appends
+        truncate = bool(flags & os.O_TRUNC)
+        staged = node.staged
+        if staged is None:
+            try:
+                await self._check_writable(node.path)
+            except AlreadyExists:
+                pass
+            status = await self._stat(node.path)
+            if status.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if self.table.update(node, status) is not None:
+                self._changed(node)
+            staged = self._stage(node, truncated=truncate)
+        elif truncate:
+            staged.truncate()
+        return self._open_writer(node, staged)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        self._writable()
+        path = self._child(parent_inode, name)
+        if flags & os.O_APPEND:
+            raise FUSEError(errno.EOPNOTSUPP)
+        try:
+            await self._check_writable(path)
+        except AlreadyExists:
+            if flags & os.O_EXCL:
+                raise
+        node = self.table.by_path(path)
+        if node is None or node.status.is_dir:
+            node = self._record(path, FileStatus(path=path, size=0, mtime=time.time()))
+        staged = node.staged
+        if staged is None:
+            staged = self._stage(node, truncated=True)
+        else:
+            staged.truncate()
+        info = self._open_writer(node, staged)
+        node.lookups += 1
+        return info, self._attrs(node)
+
+    @fuse_errors
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        writer = self.writers.get(fh)
+        if writer is None:
+            raise FUSEError(errno.EBADF)
+        try:
+            return writer.staged.write(off, buf)
+        except Unsupported as exc:
+            log.info("refused (EOPNOTSUPP): %s", exc)
+            raise FUSEError(errno.EOPNOTSUPP) from None
+
+    @fuse_errors
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
+        self._writable()
+        node = self._inode(inode)
+        if fields.update_size:
+            size = attr.st_size
+            staged = node.staged
+            if node.status.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if staged is not None:
+                if size == 0:
+                    staged.truncate()
+                elif size != staged.size:
+                    raise FUSEError(errno.EOPNOTSUPP)
+            elif size == 0 and node.status.size != 0:
+                self._uploaded(node, await self.client.write(node.path, b""))
+            elif size != node.status.size:
+                raise FUSEError(errno.EOPNOTSUPP)
+        # Modes, owners and times are not stored by object stores: accepted and ignored.
+        return self._attrs(node)
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        self._writable()
+        if not stat.S_ISREG(mode):
+            raise FUSEError(errno.EPERM)  # no devices, fifos or sockets in an object store
+        path = self._child(parent_inode, name)
+        status = await self.client.write(path, b"")
+        node = self._record(path, status)
+        node.lookups += 1
+        return self._attrs(node)
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
+    ) -> EntryAttributes:
+        self._writable()
+        path = self._child(parent_inode, name)
+        await self.client.mkdir(path)
+        self.pending_dirs.add(path)
+        node = self._record(path, FileStatus(path=path, size=0, mtime=time.time(), is_dir=True))
+        node.lookups += 1
+        return self._attrs(node)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
+        self._writable()
+        path = self._child(parent_inode, name)
+        try:
+            entries = await self.client.list(path)
+        except NotFound:
+            entries = []
+            if path not in self.pending_dirs:
+                raise
+        if entries or self._has_local_descendants(path):
+            raise FUSEError(errno.ENOTEMPTY)
+        if path in self.pending_dirs:
+            self.pending_dirs.discard(path)
+        else:  # an empty directory the store keeps (a local directory): remove it if it can
+            try:
+                await self.client.delete(path)
+            except (NotFound, IsADirectory):
+                pass
+        node = self.table.by_path(path)
+        if node is not None:
+            self.table.unlink(node)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
+        self._writable()
+        path = self._child(parent_inode, name)
+        node = self.table.by_path(path)
+        staged = node.staged if node is not None else None
+        try:
+            await self.client.delete(path)
+        except NotFound:
+            if staged is None:
+                raise
+        if staged is not None:
+            staged.unlinked = True
+        if node is not None:
+            self.table.unlink(node)
+
+    @fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> None:
+        self._writable()
+        src = self._child(parent_inode_old, name_old)
+        dst = self._child(parent_inode_new, name_new)
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise FUSEError(errno.EOPNOTSUPP)  # RENAME_EXCHANGE: no atomic swap in a store
+        node = self.table.by_path(src)
+        if node is None:
+            node = self._record(src, await self._stat(src))
+        if flags & pyfuse3.RENAME_NOREPLACE and self.table.by_path(dst) is not None:
+            raise FUSEError(errno.EEXIST)
+        if node.status.is_dir:
+            empty_here = src in self.pending_dirs and not self._has_local_descendants(src)
+            if not empty_here or await self._lists_entries(src):
+                raise FUSEError(errno.EOPNOTSUPP)  # directory renames: not in object stores
+            self.pending_dirs.discard(src)
+            self.pending_dirs.add(dst)
+            self.table.move(node, dst)
+            return
+        staged = node.staged
+        status: FileStatus | None
+        try:
+            status = await self.client.rename(src, dst)
+        except NotFound:
+            if staged is None:
+                raise
+            status = None  # not uploaded yet: the upload on close goes to the new name
+        replaced = self.table.by_path(dst)
+        if replaced is not None and replaced is not node:
+            if replaced.staged is not None:
+                replaced.staged.unlinked = True
+            self.table.unlink(replaced)
+        self.table.move(node, dst)
+        if staged is not None:
+            staged.path = dst
+        if status is not None:
+            self._uploaded(node, status)
+
+    async def _lists_entries(self, path: str) -> bool:
+        try:
+            return bool(await self.client.list(path))
+        except NotFound:
+            return False
+
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        self._writable()
+        raise FUSEError(errno.EPERM)  # hard links do not exist in object stores
+
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        self._writable()
+        raise FUSEError(errno.EPERM)  # nor do symbolic links
+
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
+    ) -> None:
+        self._writable()
+        raise FUSEError(errno.EOPNOTSUPP)
+
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
+        self._writable()
+        raise FUSEError(errno.EOPNOTSUPP)
+
+
+__all__ = ["DepotOperations", "fuse_errors"]

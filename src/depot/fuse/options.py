@@ -55,11 +55,13 @@ def parse_options(values: Iterable[str]) -> tuple[dict[str, Any], set[str]]:
 
 
 def kernel_options(settings: FuseConfig, extra: set[str]) -> set[str]:
-    """The option set for libfuse: read-only unless ``rw``, permission checks by the kernel."""
+    """The option set for libfuse: read-only unless ``rw`` (or ``fuse.read_only: false``),
+    permission checks by the kernel."""
     options = {"subtype=depot", "default_permissions"}
     if not any(o.startswith("fsname=") for o in extra):
         options.add("fsname=depot")
-    if "rw" not in extra:
+    writable = "rw" in extra or not settings.read_only
+    if "ro" in extra or not writable:
         options.add("ro")
     if settings.allow_other:
         options.add("allow_other")

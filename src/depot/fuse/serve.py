@@ -95,8 +95,8 @@ async def _serve(request: MountRequest, ready: ReadyFn | None) -> None:
                 client.endpoint,
             )
         page_size = await client.page_size()
-        ops = DepotOperations(client, config, page_size)
         options = kernel_options(settings, request.kernel)
+        ops = DepotOperations(client, config, page_size, writable="ro" not in options)
         try:
             pyfuse3.init(ops, mount_point, options)
         except RuntimeError as exc:

@@ -39,7 +39,33 @@ CODES: dict[str, tuple[int, str]] = {
     ),
     "BadDigest": (400, "The Content-MD5 you specified did not match what was received."),
     "EntityTooLarge": (413, "Your proposed upload exceeds the maximum allowed object size."),
+    "BucketAlreadyOwnedByYou": (
+        409,
+        "Your previous request to create the named bucket succeeded and you already own it.",
+    ),
+    "BucketNotEmpty": (409, "The bucket you tried to delete is not empty"),
+    "EntityTooSmall": (400, "Your proposed upload is smaller than the minimum allowed object size."),
+    "IncompleteBody": (
+        400,
+        "You did not provide the number of bytes specified by the Content-Length HTTP header",
+    ),
     "InternalError": (500, "We encountered an internal error. Please try again."),
+    "InvalidDigest": (400, "The Content-MD5 you specified was invalid."),
+    "InvalidPart": (
+        400,
+        "One or more of the specified parts could not be found. The part might not have been "
+        "uploaded, or the specified entity tag might not have matched the part's entity tag.",
+    ),
+    "InvalidPartOrder": (
+        400,
+        "The list of parts was not in ascending order. Parts must be ordered by part number.",
+    ),
+    "MissingContentLength": (411, "You must provide the Content-Length HTTP header."),
+    "NoSuchUpload": (
+        404,
+        "The specified upload does not exist. The upload ID may be invalid, or the upload may "
+        "have been aborted or completed.",
+    ),
     "InvalidAccessKeyId": (
         403,
         "The AWS Access Key Id you provided does not exist in our records.",

@@ -7,10 +7,10 @@ worker, then the under store) -> S3 headers and XML. Every failure is an S3 XML 
 right code and status; nothing but an ``InternalError`` leaves for an unexpected exception.
 
 Routing: the operation table names every S3 operation the gateway knows, reads and writes.
-Read operations have handlers; write operations (PutObject, CopyObject, DeleteObject(s),
-multipart, CreateBucket/DeleteBucket) are named in the table without a handler and answer
-``NotImplemented`` (501) until the depot write path exists: ``register(op, handler)`` plugs one
-in without touching the router.
+Read operations have handlers here; write operations (PutObject, CopyObject, DeleteObject(s),
+multipart, CreateBucket/DeleteBucket) are plugged in by ``depot.s3.writes.install_writes``
+(``register(op, handler)``) when the client can write, and answer ``NotImplemented`` (501)
+otherwise.
 
 The GET path is lean: bytes are received from the worker straight into pooled, pre-touched
 blocks and written from those blocks to the socket (no copy in between), several blocks ahead
@@ -130,6 +130,27 @@ class ObjectReader(Protocol):
     ) -> int: ...
 
 
+# A streamed write body up to this size may come without x-amz-content-sha256 (read first).
+SMALL_SIGNED_BODY = 1024 * 1024
+
+
+class BodyReader(Protocol):
+    async def read(self) -> bytes: ...
+
+
+class Replay:
+    """A body already read, served again to a handler that reads a ``RequestBody``."""
+
+    def __init__(self, body: bytes) -> None:
+        self.length = len(body)
+        self._body: bytes | None = body
+
+    async def read(self) -> bytes:
+        body, self._body = self._body, None
+        return body or b""
+
+
+
 @dataclass(slots=True)
 class _Read:
     """A block read in flight: into ``buf``, bytes ``[lo, hi)`` of one version."""
@@ -154,6 +175,16 @@ class S3Request:
     params: dict[str, str]
     principal: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # What the signature check learnt (aws-chunked bodies chain their chunk signatures from it).
+    signed: SignedRequest | None = None
+    # A streamed body read before its signature could be checked (see _parse).
+    replay: bytes | None = None
+
+    def body_reader(self) -> BodyReader | None:
+        """The request body, read chunk by chunk (``RequestBody`` or a replay of it)."""
+        if self.replay is not None:
+            return Replay(self.replay)
+        return self.http.stream
 
     @property
     def resource(self) -> str:
@@ -269,7 +300,7 @@ class S3Gateway:
         try:
             if self.inflight > self.max_inflight:
                 raise S3Error("SlowDown", headers=[("Retry-After", "1")])
-            ctx = self._parse(request, writer, request_id)
+            ctx = await self._parse(request, writer, request_id)
             await self._dispatch(ctx)
         except S3Error as err:
             self._send_error(request, writer, request_id, err)
@@ -288,8 +319,19 @@ class S3Gateway:
         finally:
             self.inflight -= 1
 
-    def _parse(self, request: Request, writer: ResponseWriter, request_id: str) -> S3Request:
+    async def _parse(self, request: Request, writer: ResponseWriter, request_id: str) -> S3Request:
         pairs = parse_query(request.query)
+        stream = request.stream
+        replay: bytes | None = None
+        if (
+            stream is not None
+            and "authorization" in request.headers
+            and "x-amz-content-sha256" not in request.headers
+            and stream.length <= SMALL_SIGNED_BODY
+        ):
+            # A signed write without x-amz-content-sha256 is signed over its body's hash: read
+            # the (small) body first. Larger ones must send the header (MissingSecurityHeader).
+            replay = request.body = await stream.read_all()
         params: dict[str, str] = {}
         for name, value in pairs:
             params.setdefault(name, value)
@@ -297,11 +339,13 @@ class S3Gateway:
         bucket, _, key = path[1:].partition("/")
         ctx = S3Request(request, writer, request_id, bucket, key, params)
         raw_path = request.target.partition("?")[0]
-        ctx.principal = self.verifier.verify(
-            SignedRequest(
-                request.method, raw_path, path, request.query, pairs, request.headers, request.body
-            )
+        signed = SignedRequest(
+            request.method, raw_path, path, request.query, pairs, request.headers, request.body,
+            streamed=stream is not None and replay is None,
         )
+        ctx.principal = self.verifier.verify(signed)
+        ctx.signed = signed
+        ctx.replay = replay
         return ctx
 
     async def _dispatch(self, ctx: S3Request) -> None:
@@ -328,7 +372,7 @@ class S3Gateway:
                 operation = "CopyObject"
             raise S3Error(
                 "NotImplemented",
-                f"{operation} is not implemented yet: depot's S3 gateway is read-only for now",
+                f"{operation} is not implemented: this gateway's client cannot write",
             )
         await handler(ctx)
 

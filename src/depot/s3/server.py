@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from depot.core.config import DepotConfig, S3Config
 from depot.core.errors import ConfigError
@@ -18,8 +19,21 @@ log = logging.getLogger(__name__)
 ACCESS_KEY_ENV = "DEPOT_S3_ACCESS_KEY"
 SECRET_KEY_ENV = "DEPOT_S3_SECRET_KEY"
 DEFAULT_S3_PORT = 7071
-# Read requests carry no body; the bound only keeps a hostile client from holding memory.
-MAX_BODY_BYTES = 1024 * 1024
+# Buffered bodies: the XML of DeleteObjects (1000 keys) and CompleteMultipartUpload (10,000
+# parts). PUT bodies (objects, parts) stream instead, up to S3's 5 GiB (plus aws-chunked framing).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_PUT_BYTES = 5 * 1024**3 + 64 * 1024**2
+
+
+def _streamed(method: str, path: str) -> bool:
+    return method == "PUT"
+
+
+def staging_dir(config: DepotConfig) -> Path:
+    """Where multipart parts are staged: ``s3.staging_dir``, else under the first cache dir."""
+    if config.s3.staging_dir is not None:
+        return config.s3.staging_dir
+    return config.cache.dirs[0].path / "s3-staging"
 
 
 def gateway_credentials(
@@ -49,7 +63,12 @@ def build_gateway(
         )
     if config.s3.anonymous:
         log.warning("S3 gateway: anonymous access is enabled")
-    return S3Gateway(client, config.s3, credentials=credentials)
+    gateway = S3Gateway(client, config.s3, credentials=credentials)
+    from depot.s3.writes import ObjectWriter, install_writes
+
+    if isinstance(client, ObjectWriter):
+        install_writes(gateway, client, staging_dir(config))
+    return gateway
 
 
 @dataclass(slots=True)
@@ -88,7 +107,14 @@ async def start_gateway(
     set; ``depot s3`` calls it with a client of any worker. The client is not closed on stop.
     """
     gateway = build_gateway(config, client, environ)
-    server = HttpServer(gateway, max_body_bytes=MAX_BODY_BYTES, protocol_error=protocol_error)
+    server = HttpServer(
+        gateway,
+        max_body_bytes=MAX_BODY_BYTES,
+        protocol_error=protocol_error,
+        streaming=_streamed,
+        max_stream_bytes=MAX_PUT_BYTES,
+        chunked_streams=True,
+    )
     bound = await server.start(host, port)
     log.info("S3 gateway listening on %s:%d (reads through %s)", host, bound, client.endpoint)
     return GatewayServer(server, gateway, host, bound)

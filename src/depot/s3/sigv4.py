@@ -163,6 +163,14 @@ class SignedRequest:
     params: list[tuple[str, str]]  # decoded query pairs
     headers: Mapping[str, str]  # lower-case names
     body: bytes = b""
+    # The body streams to the handler after verification (writes): the payload hash is
+    # checked by the handler as the bytes arrive (depot.s3.bodies), not here.
+    streamed: bool = False
+    # Set by a verified Authorization header: what aws-chunked chunk signatures chain from.
+    signing_key: bytes | None = None
+    seed_signature: str | None = None
+    scope: str = ""
+    amz_date: str = ""
 
 
 class SigV4Verifier:
@@ -264,13 +272,21 @@ class SigV4Verifier:
                 )
         payload = headers.get("x-amz-content-sha256")
         if payload is None:
+            if request.streamed:
+                raise S3Error("MissingSecurityHeader", "Missing required header for this "
+                              "request: x-amz-content-sha256", MissingHeaderName="x-amz-content-sha256")
             payload = hashlib.sha256(request.body).hexdigest()
         else:
-            self._check_payload(payload, request.body)
+            self._check_payload(payload, None if request.streamed else request.body)
         self._check_signature(
             request, signed, payload, amz_date, (access_key, scope, secret), fields["Signature"],
             skip=None,
         )
+        date, region, service, _ = scope.split("/")
+        request.signing_key = self.signing_key(secret, date, region, service)
+        request.seed_signature = fields["Signature"].strip().lower()
+        request.scope = scope
+        request.amz_date = amz_date
         return access_key
 
     # presigned URL -----------------------------------------------------------------------------------
@@ -310,7 +326,7 @@ class SigV4Verifier:
         payload = params.get("X-Amz-Content-Sha256") or request.headers.get(
             "x-amz-content-sha256", UNSIGNED_PAYLOAD
         )
-        self._check_payload(payload, request.body)
+        self._check_payload(payload, None if request.streamed else request.body)
         self._check_signature(
             request, signed, payload, amz_date, (access_key, scope, secret),
             params["X-Amz-Signature"], skip="X-Amz-Signature",
@@ -339,7 +355,8 @@ class SigV4Verifier:
         return access_key, f"{date}/{region}/{service}/{terminator}", secret
 
     @staticmethod
-    def _check_payload(payload: str, body: bytes) -> None:
+    def _check_payload(payload: str, body: bytes | None) -> None:
+        """``body`` None: streamed, only the form of ``payload`` is checked here."""
         if payload == UNSIGNED_PAYLOAD or payload.startswith("STREAMING-"):
             return
         if len(payload) != 64 or not set(payload) <= _HEX:
@@ -349,6 +366,8 @@ class SigV4Verifier:
                 ArgumentName="x-amz-content-sha256",
                 ArgumentValue=payload[:80],
             )
+        if body is None:
+            return
         computed = EMPTY_SHA256 if not body else hashlib.sha256(body).hexdigest()
         if payload != computed:
             raise S3Error(

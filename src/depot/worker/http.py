@@ -168,6 +168,88 @@ class RequestBody:
         return b"".join(parts)
 
 
+class ChunkedRequestBody(RequestBody):
+    """A streamed body sent with ``Transfer-Encoding: chunked`` (only for streamed requests of a
+    server built with ``chunked_streams=True``): de-chunked as it arrives; ``length`` is unknown
+    (``max_length``, the limit) until the last chunk, then the decoded size."""
+
+    def __init__(self, proto: HttpProtocol, max_length: int, expect_continue: bool) -> None:
+        super().__init__(proto, max_length, expect_continue)
+        self.continue_pending = expect_continue
+        self._raw = bytearray()
+        self._left = -1  # data bytes left in the current chunk; -1: a size line is next
+        self._state = "size"  # size, data, crlf, trailer, done
+
+    @property
+    def complete(self) -> bool:
+        return self._state == "done"
+
+    def feed(self, data: bytes) -> bytes:
+        raw = self._raw
+        raw += data
+        self.continue_pending = False
+        while True:
+            if self._state in ("size", "crlf", "trailer"):
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    if len(raw) > 8192:
+                        self.fail(HttpError(400, "malformed chunked body"))
+                        raw.clear()
+                    break
+                line = bytes(raw[:end])
+                del raw[: end + 2]
+                if self._state == "size":
+                    text = line.split(b";", 1)[0].strip()
+                    try:
+                        size = int(text, 16)
+                    except ValueError:
+                        self.fail(HttpError(400, "malformed chunk size"))
+                        raw.clear()
+                        break
+                    if size == 0:
+                        self._state = "trailer"
+                    elif self.received + size > self.length:
+                        self.fail(RequestTooLarge(f"request body over the limit of {self.length}"))
+                        raw.clear()
+                        break
+                    else:
+                        self._left, self._state = size, "data"
+                elif self._state == "crlf":
+                    if line:
+                        self.fail(HttpError(400, "malformed chunked body"))
+                        raw.clear()
+                        break
+                    self._state = "size"
+                elif not line:  # the end of the trailer section
+                    self._state = "done"
+                    self.length = self.received
+                    self._wake()
+                    rest = bytes(raw)
+                    raw.clear()
+                    return rest
+            else:  # data
+                if not raw:
+                    break
+                take = min(len(raw), self._left)
+                piece = bytes(raw[:take])
+                del raw[:take]
+                self._left -= take
+                self._chunks.append(piece)
+                self._buffered += take
+                self.received += take
+                self._wake()
+                if self._left == 0:
+                    self._state = "crlf"
+        if self._buffered > STREAM_HIGH_WATER:
+            self._proto.pause_reading()
+        return b""
+
+    def fail(self, error: BaseException) -> None:
+        if self._error is None and not self.complete:
+            self._error = error
+            self._wake()
+
+
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
 # (status, message) -> (body, headers) of the answer to a request the server itself refuses.
 ProtocolErrorResponder = Callable[[int, str], tuple[bytes, Iterable[tuple[str, str]]]]
@@ -485,8 +567,16 @@ class HttpProtocol(asyncio.Protocol):
         streaming = self._server.streaming
         streamed = streaming is not None and streaming(method, path)
         body_len = 0
+        chunked = False
         if "transfer-encoding" in headers:
-            raise HttpError(501, "chunked request bodies are not supported")
+            if not (
+                streamed
+                and self._server.chunked_streams
+                and headers["transfer-encoding"].strip().lower() == "chunked"
+                and "content-length" not in headers
+            ):
+                raise HttpError(501, "chunked request bodies are not supported")
+            chunked = True
         if "content-length" in headers:
             text = headers["content-length"]
             if not text.isdigit() or len(text) > 18:
@@ -495,14 +585,18 @@ class HttpProtocol(asyncio.Protocol):
             limit = self._server.max_stream_bytes if streamed else self._server.max_body_bytes
             if body_len > limit:
                 raise HttpError(413, f"request body of {body_len} bytes is over the limit of {limit}")
-        elif streamed:
+        elif streamed and not chunked:
             raise HttpError(411, "Content-Length is required")
         conn = headers.get("connection", "").lower()
         keep_alive = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
         if streamed:
             del buf[: end + 4]
             expect = "100-continue" in headers.get("expect", "").lower() and version == "HTTP/1.1"
-            stream = RequestBody(self, body_len, expect)
+            stream = (
+                ChunkedRequestBody(self, self._server.max_stream_bytes, expect)
+                if chunked
+                else RequestBody(self, body_len, expect)
+            )
             if buf:
                 rest = stream.feed(bytes(buf))
                 buf[:] = rest
@@ -624,11 +718,15 @@ class HttpServer:
         protocol_error: ProtocolErrorResponder | None = None,
         streaming: Callable[[str, str], bool] | None = None,
         max_stream_bytes: int = 64 * 1024**3,
+        chunked_streams: bool = False,
     ) -> None:
         self.handler = handler
         # (method, path) -> whether the request's body is streamed to the handler.
         self.streaming = streaming
         self.max_stream_bytes = max_stream_bytes
+        # Streamed requests may come with ``Transfer-Encoding: chunked`` (the S3 gateway: SDKs
+        # send aws-chunked bodies that way); the worker API requires Content-Length.
+        self.chunked_streams = chunked_streams
         # Builds (body, headers) of the answer to a malformed request, which no handler sees:
         # the S3 gateway answers those in S3 XML. Default: the worker API's JSON error.
         self.protocol_error = protocol_error
