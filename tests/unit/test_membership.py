@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -254,3 +255,79 @@ async def test_etcd_unreachable_from_the_start() -> None:
         await m.close()
     with pytest.raises(Unavailable):
         await m.register(worker_info(0))
+
+
+# --- etcd view ordering (no server: events fed by hand) --------------------------------------
+
+
+def _etcd_view() -> EtcdMembership:
+    return EtcdMembership(["http://127.0.0.1:1"], cluster="order", lease_ttl=2)
+
+
+def _event(m: EtcdMembership, kind: str, info: WorkerInfo, revision: int) -> SimpleNamespace:
+    key = m.workers_prefix.encode() + info.worker_id.encode()
+    kv = SimpleNamespace(key=key, value=info.to_json(), mod_revision=revision)
+    return SimpleNamespace(kind=kind, kv=kv)
+
+
+def _listing(*entries: tuple[WorkerInfo, int]) -> dict[str, tuple[WorkerInfo | None, int]]:
+    return {info.worker_id: (info, revision) for info, revision in entries}
+
+
+async def test_etcd_late_event_does_not_undo_an_own_write() -> None:
+    """The restarted-worker race: another instance's older put arrives after our own put."""
+    m = _etcd_view()
+    old, moved = worker_info(0), worker_info(0, endpoint=ENDPOINTS[5], started_at=1.8e9)
+    m._install_listing({}, 10)
+    m._apply_own_write(moved.worker_id, moved, 12)
+    assert await m.workers() == [moved]
+    m._apply(_event(m, "PUT", old, 11))  # committed before ours, delivered after
+    assert await m.workers() == [moved]
+    generation = m.generation
+    m._apply(_event(m, "PUT", moved, 12))  # the watch catches up with our write: no change
+    assert await m.workers() == [moved] and m.generation == generation
+    m._apply(_event(m, "PUT", old, 13))  # a later write wins
+    assert await m.workers() == [old]
+
+
+async def test_etcd_replayed_events_older_than_the_listing_are_ignored() -> None:
+    """A watch stream that starts before the listing (aetcd can hand a timed-out watch to the
+    next caller) must not bring back entries that were replaced or deleted before it."""
+    m = _etcd_view()
+    moved = worker_info(0, used_bytes=5)
+    m._install_listing(_listing((moved, 15)), 20)
+    for kind, info, revision in [
+        ("PUT", worker_info(0), 11),
+        ("PUT", worker_info(1), 12),  # deleted before the listing
+        ("DELETE", worker_info(0), 13),
+        ("PUT", moved, 15),
+    ]:
+        m._apply(_event(m, kind, info, revision))
+    assert await m.workers() == [moved]
+    m._apply(_event(m, "PUT", worker_info(2), 21))
+    assert await m.workers() == [moved, worker_info(2)]
+
+
+async def test_etcd_own_delete_is_not_undone_by_an_older_put() -> None:
+    m = _etcd_view()
+    m._install_listing(_listing((worker_info(0), 5)), 10)
+    m._apply_own_write(worker_info(0).worker_id, None, 12)
+    assert await m.workers() == []
+    m._apply(_event(m, "PUT", worker_info(0, used_bytes=1), 11))
+    assert await m.workers() == []
+    m._apply(_event(m, "DELETE", worker_info(0), 12))
+    m._apply(_event(m, "PUT", worker_info(0, used_bytes=2), 13))
+    assert await m.workers() == [worker_info(0, used_bytes=2)]
+
+
+async def test_etcd_listing_keeps_own_writes_it_predates() -> None:
+    m = _etcd_view()
+    m._install_listing(_listing((worker_info(0), 5)), 10)
+    m._apply_own_write(worker_info(1).worker_id, worker_info(1), 12)
+    m._apply_own_write(worker_info(0).worker_id, None, 13)
+    m._install_listing(_listing((worker_info(0), 5)), 11)  # served before our writes
+    assert await m.workers() == [worker_info(1)]
+    m._install_listing(_listing((worker_info(1), 12)), 14)  # after them: authoritative
+    assert await m.workers() == [worker_info(1)]
+    m._install_listing({}, 3)  # etcd lost its data: the listing wins outright
+    assert await m.workers() == []

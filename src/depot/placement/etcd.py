@@ -17,6 +17,16 @@ it reconnects with backoff and reads the prefix again. Until then the last view 
 and ``workers()`` keeps serving it: routing reads on a slightly old ring is far better than
 routing none.
 
+The view never goes back in revision order. Each entry remembers the etcd revision it reflects
+(a deleted one leaves a tombstone until the watch has passed its revision), and an event older
+than that, or older than the revision the view is complete up to, is dropped: a watch stream
+that is slow to die, or one that aetcd hands to the wrong caller (a watch created after its
+create request timed out, delivering from its older start revision), cannot bring back an entry
+that was replaced since. Own writes go into the view as soon as etcd acknowledged them, at the
+revision etcd gave them, so ``register``/``update``/``deregister`` read their own writes on
+return even when the watch lags under load; they then wait (bounded) for the watch to catch up
+to that revision, so the rest of the view is as fresh as the write.
+
 etcd down. Calls that need etcd (the KV API, deregistering another instance's worker) raise
 ``Unavailable``; ``register``/``update`` keep what they were asked and write it once etcd answers;
 ``healthy`` is False. The session loop keeps retrying; when etcd is back and the lease has expired
@@ -155,7 +165,9 @@ class EtcdMembership(Membership, ClusterStore):
         self._dirty = False  # some wanted entry may be missing from etcd
         self._session_lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._view_revision = 0
+        self._view_revision = 0  # the view holds every change of etcd up to this revision
+        self._revisions: dict[str, int] = {}  # per worker id: the revision its entry reflects
+        self._tombstones: set[str] = set()  # ids of _revisions whose entry was deleted
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._first_sync = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -327,6 +339,10 @@ class EtcdMembership(Membership, ClusterStore):
         """The view reflects etcd up to ``revision``: wake writers waiting to see their write."""
         if revision > self._view_revision:
             self._view_revision = revision
+            # A tombstone at or below the view revision is covered by that revision: drop it.
+            for worker_id in [w for w in self._tombstones if self._revisions[w] <= revision]:
+                self._tombstones.discard(worker_id)
+                del self._revisions[worker_id]
         keep: list[tuple[int, asyncio.Future[None]]] = []
         for wanted, fut in self._revision_waiters:
             if wanted <= self._view_revision:
@@ -335,6 +351,71 @@ class EtcdMembership(Membership, ClusterStore):
             else:
                 keep.append((wanted, fut))
         self._revision_waiters = keep
+
+    def _is_stale(self, worker_id: str, revision: int) -> bool:
+        """Whether a change of ``worker_id`` at ``revision`` is older than what the view has.
+
+        Equal revisions are not stale: one transaction may change several keys at one revision,
+        and applying an event the view already reflects changes nothing.
+        """
+        return revision < self._view_revision or revision < self._revisions.get(worker_id, 0)
+
+    def _set_entry(
+        self, view: dict[str, WorkerInfo], worker_id: str, info: WorkerInfo | None, revision: int
+    ) -> None:
+        """Put (``info``) or delete (None) one entry of ``view`` at ``revision``."""
+        self._revisions[worker_id] = revision
+        if info is None:
+            view.pop(worker_id, None)
+            self._tombstones.add(worker_id)
+        else:
+            view[worker_id] = info
+            self._tombstones.discard(worker_id)
+
+    def _apply_own_write(self, worker_id: str, info: WorkerInfo | None, revision: int) -> None:
+        """Read-your-writes: show an acknowledged own put (or delete: None) at once.
+
+        The watch delivers the same change later at the same revision (a no-op then); a change
+        that etcd made after it arrives with a higher revision and wins.
+        """
+        if revision <= 0 or self._is_stale(worker_id, revision):
+            return
+        view = dict(self._view)
+        self._set_entry(view, worker_id, info, revision)
+        self._publish(view)
+
+    def _install_listing(
+        self, entries: dict[str, tuple[WorkerInfo | None, int]], revision: int
+    ) -> None:
+        """Replace the view by a listing of the prefix at ``revision`` (authoritative).
+
+        Own writes applied at a revision above the listing's (acknowledged after etcd served
+        the listing) are kept: the watch, which starts right after the listing, delivers them.
+        A listing below the view revision means etcd lost its data (a new cluster on the same
+        address): then nothing of the old view is kept.
+        """
+        reset = revision < self._view_revision
+        view: dict[str, WorkerInfo] = {}
+        revisions: dict[str, int] = {}
+        tombstones: set[str] = set()
+        for worker_id, (info, mod_revision) in entries.items():
+            revisions[worker_id] = mod_revision
+            if info is not None:
+                view[worker_id] = info
+        if not reset:
+            for worker_id, own_revision in self._revisions.items():
+                if own_revision > revision:
+                    revisions[worker_id] = own_revision
+                    if worker_id in self._tombstones:
+                        view.pop(worker_id, None)
+                        tombstones.add(worker_id)
+                    elif worker_id in self._view:
+                        view[worker_id] = self._view[worker_id]
+        self._revisions = revisions
+        self._tombstones = tombstones
+        self._publish(view)
+        self._view_revision = revision
+        self._advance(revision)
 
     async def _wait_view(self, revision: int) -> None:
         """Read-your-writes: wait until the watch delivered ``revision`` (bounded)."""
@@ -359,23 +440,26 @@ class EtcdMembership(Membership, ClusterStore):
                 async with self._rpc("list workers") as client:
                     resp = await client.get_prefix(self.workers_prefix.encode())
                 revision = int(resp.header.revision)
-                view: dict[str, WorkerInfo] = {}
+                entries: dict[str, tuple[WorkerInfo | None, int]] = {}
                 for kv in resp:
                     worker_id, info = self._parse_entry(kv.key, kv.value)
-                    if info is not None:
-                        view[worker_id] = info
-                self._publish(view)
-                self._view_revision = revision  # authoritative, even if etcd was reset
-                self._advance(revision)
+                    entries[worker_id] = (info, int(kv.mod_revision))
+                self._install_listing(entries, revision)
                 self._first_sync.set()
                 async with self._rpc("watch workers") as client:
                     watch = await client.watch_prefix(
                         self.workers_prefix.encode(), start_revision=revision + 1
                     )
-                    self._set_healthy(True)
-                    failures = 0
-                    async for event in watch:
-                        self._apply(event)
+                    try:
+                        self._set_healthy(True)
+                        failures = 0
+                        async for event in watch:
+                            self._apply(event)
+                    finally:
+                        # Stop the server-side watch too, or its events keep queueing for nobody.
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(self.request_timeout):
+                                await watch.cancel()
                 # The stream ended without an error: the client was closed under it.
                 failures += 1
             except aetcd.RevisionCompactedError as exc:
@@ -393,18 +477,27 @@ class EtcdMembership(Membership, ClusterStore):
             await asyncio.sleep(_backoff(failures, min(1.0, self.heartbeat_interval)))
 
     def _apply(self, event: Any) -> None:
-        view = dict(self._view)
+        """One watch event; dropped when the view already has the entry at a later revision."""
         key = bytes(event.kv.key)
+        revision = int(event.kv.mod_revision)  # for a delete: the revision of the delete
+        info: WorkerInfo | None = None
         if event.kind == "PUT":
             worker_id, info = self._parse_entry(key, event.kv.value)
-            if info is None:
-                view.pop(worker_id, None)
-            else:
-                view[worker_id] = info
         else:
-            view.pop(key.decode("utf-8", "replace")[len(self.workers_prefix) :], None)
-        self._publish(view)
-        self._advance(int(event.kv.mod_revision))
+            worker_id = key.decode("utf-8", "replace")[len(self.workers_prefix) :]
+        if self._is_stale(worker_id, revision):
+            log.debug(
+                "ignoring a stale watch event for worker %s (revision %d; view at %d, entry at %d)",
+                worker_id,
+                revision,
+                self._view_revision,
+                self._revisions.get(worker_id, 0),
+            )
+        else:
+            view = dict(self._view)
+            self._set_entry(view, worker_id, info, revision)
+            self._publish(view)
+        self._advance(revision)  # stale or not, the stream has delivered everything up to here
 
     # --- session (lease + keepalive) -----------------------------------------------------
 
@@ -437,11 +530,14 @@ class EtcdMembership(Membership, ClusterStore):
             revision = 0
             try:
                 for worker_id in ids:
-                    value = self._wanted[worker_id].to_json()
+                    info = self._wanted[worker_id]
+                    value = info.to_json()
                     async with self._rpc("register") as client:
                         resp = await client.put(self._worker_key(worker_id), value, lease=lease_id)
                     self._written[worker_id] = value
-                    revision = max(revision, int(resp.header.revision))
+                    put_revision = int(resp.header.revision)
+                    self._apply_own_write(worker_id, info, put_revision)
+                    revision = max(revision, put_revision)
             except _LeaseGone:
                 self._lease_expired()
                 continue
@@ -498,6 +594,14 @@ class EtcdMembership(Membership, ClusterStore):
     # --- membership writes ---------------------------------------------------------------
 
     async def register(self, info: WorkerInfo) -> None:
+        """Write the entry under this instance's lease; it is in ``workers()`` on return.
+
+        Deferred path: when etcd does not answer in ``request_timeout`` (down, partitioned, or
+        too slow under load) the call logs a warning and returns without the entry in the view:
+        the registration is kept, the session loop writes it as soon as etcd answers, and the
+        view shows it from that write on. A put that timed out may still have reached etcd; the
+        rewrite then only renews it.
+        """
         self._check_open()
         self._pending_deletes.pop(info.worker_id, None)
         self._wanted[info.worker_id] = info
@@ -511,6 +615,10 @@ class EtcdMembership(Membership, ClusterStore):
         await self._write_or_defer(info.worker_id, "update")
 
     async def _write_or_defer(self, worker_id: str, what: str) -> None:
+        """Write now and read it back from the view, or defer to the session loop (see
+        ``register``). The write is in the view once etcd acknowledged it; waiting for the watch
+        to reach its revision then brings the rest of the view up to that revision too (bounded
+        by ``request_timeout``: a lagging watch delays nothing else)."""
         try:
             async with self._session_lock:
                 revision = await self._write_locked([worker_id])
@@ -539,6 +647,8 @@ class EtcdMembership(Membership, ClusterStore):
                     self._pending_deletes[worker_id] = written
                     self._wake.set()
                 return
+            if resp is not None:
+                self._apply_own_write(worker_id, None, int(resp.header.revision))
         if resp is not None:
             await self._wait_view(int(resp.header.revision))
 
