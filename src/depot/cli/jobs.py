@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import click
 
+from depot.cli.errors import CliError, cli_errors
 from depot.core.config import load_config
-from depot.core.errors import DepotError
 from depot.core.types import parse_rate
 
 EXIT_OK = 0
@@ -37,27 +36,8 @@ POLL_INTERVAL = 0.5
 STOP_WAIT = 30.0
 
 
-class JobCliError(click.ClickException):
-    """One clear line on stderr (the format of every depot command)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"depot: error: {self.format_message()}", err=True)
-
-
-class JobUsageError(JobCliError):
+class JobUsageError(CliError):
     exit_code = EXIT_USAGE
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except click.ClickException:
-        raise
-    except DepotError as exc:
-        raise JobCliError(str(exc)) from None
-    except OSError as exc:
-        raise JobCliError(f"{exc.strerror or exc}") from None
 
 
 def _human(n: float) -> str:
@@ -213,7 +193,7 @@ def _finish(doc: dict[str, Any], as_json: bool) -> None:
         click.echo(_summary(doc))
     if state == "failed":
         error = doc.get("error") or {}
-        raise JobCliError(f"job {doc['id']} failed: {error.get('reason', 'unknown error')}")
+        raise CliError(f"job {doc['id']} failed: {error.get('reason', 'unknown error')}")
     if doc.get("failures"):
         _failures_table(doc)
         raise SystemExit(EXIT_PARTIAL)
@@ -231,7 +211,7 @@ def _run_job(
     as_json: bool,
     detach: bool,
 ) -> None:
-    with _errors():
+    with cli_errors():
         client = _client(endpoint, config_file)
 
         async def create() -> dict[str, Any]:
@@ -289,14 +269,14 @@ def load(
         raise JobUsageError("--recursive, --verify, --bandwidth, --metadata-only and --detach "
                             "go with PATH")
     if progress_job is not None:
-        with _errors():
+        with cli_errors():
             doc = _follow(_client(endpoint, config_file), progress_job,
                           _Bar(sys.stderr.isatty()), as_json)
         _finish(doc, as_json)
         return
     if stop_job is not None:
         job_id = stop_job
-        with _errors():
+        with cli_errors():
             client = _client(endpoint, config_file)
 
             async def stop() -> dict[str, Any]:
@@ -306,7 +286,7 @@ def load(
                         async with asyncio.timeout(STOP_WAIT):
                             doc = await client.wait_job(job_id, None, POLL_INTERVAL)
                     except TimeoutError:
-                        raise JobCliError(
+                        raise CliError(
                             f"job {job_id} did not stop within {STOP_WAIT:.0f} s (its "
                             "coordinator may be down: the job stops when it is resumed)"
                         ) from None
@@ -319,7 +299,7 @@ def load(
             click.echo(f"job {doc['id']} {doc['state']}")
         return
     assert path is not None
-    with _errors():
+    with cli_errors():
         rate = parse_rate(bandwidth)
     target = path
 

@@ -12,42 +12,17 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from depot import __version__
+from depot.cli.errors import CliError, cli_errors
 from depot.core.config import DEFAULT_PORT, DepotConfig, load_config
-from depot.core.errors import DepotError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class CliError(click.ClickException):
-    """One clear line on stderr, exit code 1."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"depot: error: {self.format_message()}", err=True)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn every expected failure into one line, never a traceback."""
-    try:
-        yield
-    except click.ClickException:
-        raise
-    except DepotError as exc:
-        raise CliError(str(exc)) from None
-    except FileNotFoundError as exc:
-        raise CliError(f"not found: {exc.filename or exc}") from None
-    except OSError as exc:
-        raise CliError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -188,7 +163,7 @@ def cli() -> None:
 @worker_options
 def up(config_file: str | None, ufs: str | None, metadata: str | None, **flags: Any) -> None:
     """Start an embedded single node in the foreground (cache under ./.depot/)."""
-    with _errors():
+    with cli_errors():
         base = load_config(config_file)
         if ufs is None and not base.mounts:
             ufs = os.getcwd()
@@ -229,7 +204,7 @@ def up(config_file: str | None, ufs: str | None, metadata: str | None, **flags: 
 @click.option("--advertise", help="URL others reach this worker at (default http://HOST:PORT).")
 def worker(config_file: str | None, ufs: str | None, metadata: str | None, **flags: Any) -> None:
     """Run a worker daemon from a config file (flags override it)."""
-    with _errors():
+    with cli_errors():
         cfg = _build_config(config_file, ufs, metadata, **flags)
 
         def banner(endpoint: str) -> None:
@@ -273,7 +248,7 @@ def fs() -> None:
 @config_option
 def fs_ls(path: str, long: bool, as_json: bool, endpoint: str | None, config_file: str | None) -> None:
     """List a directory."""
-    with _errors():
+    with cli_errors():
         entries = _filesystem(endpoint, config_file).ls(path, detail=True)
         if as_json:
             click.echo(json.dumps(entries))
@@ -296,7 +271,7 @@ def fs_ls(path: str, long: bool, as_json: bool, endpoint: str | None, config_fil
 @config_option
 def fs_stat(path: str, as_json: bool, endpoint: str | None, config_file: str | None) -> None:
     """Show the status of a file or directory."""
-    with _errors():
+    with cli_errors():
         info = _filesystem(endpoint, config_file).info(path)
         if as_json:
             click.echo(json.dumps(info))
@@ -328,7 +303,7 @@ def _stream(fs_obj: Any, path: str, start: int, end: int | None, out: Any) -> No
 @config_option
 def fs_cat(path: str, offset: int, length: int | None, endpoint: str | None, config_file: str | None) -> None:
     """Write a file's bytes to stdout."""
-    with _errors():
+    with cli_errors():
         end = None if length is None else offset + length
         try:
             _stream(_filesystem(endpoint, config_file), path, offset, end, sys.stdout.buffer)
@@ -343,7 +318,7 @@ def fs_cat(path: str, offset: int, length: int | None, endpoint: str | None, con
 @config_option
 def fs_head(path: str, count: int, endpoint: str | None, config_file: str | None) -> None:
     """Print the first bytes of a file."""
-    with _errors():
+    with cli_errors():
         try:
             _stream(_filesystem(endpoint, config_file), path, 0, count, sys.stdout.buffer)
         except BrokenPipeError:
@@ -357,7 +332,7 @@ def fs_head(path: str, count: int, endpoint: str | None, config_file: str | None
 @config_option
 def fs_rm(path: str, recursive: bool, endpoint: str | None, config_file: str | None) -> None:
     """Delete a file (or a tree with -r) through the cluster."""
-    with _errors():
+    with cli_errors():
         _filesystem(endpoint, config_file).rm(path, recursive=recursive)
 
 
@@ -367,7 +342,7 @@ def fs_rm(path: str, recursive: bool, endpoint: str | None, config_file: str | N
 @config_option
 def fs_mkdir(path: str, endpoint: str | None, config_file: str | None) -> None:
     """Make a directory (object stores keep none: it exists once a file is written under it)."""
-    with _errors():
+    with cli_errors():
         _filesystem(endpoint, config_file).makedirs(path, exist_ok=True)
 
 
@@ -379,7 +354,7 @@ def fs_mkdir(path: str, endpoint: str | None, config_file: str | None) -> None:
 @config_option
 def fs_cp(source: str, dest: str, recursive: bool, endpoint: str | None, config_file: str | None) -> None:
     """Copy a depot file (or tree with -r) to a local path, or a local file to depot://PATH."""
-    with _errors():
+    with cli_errors():
         fs_obj = _filesystem(endpoint, config_file)
         if dest.startswith("depot:"):  # upload
             local = Path(source)
@@ -428,7 +403,7 @@ def cache() -> None:
 @config_option
 def cache_stats(as_json: bool, endpoint: str | None, config_file: str | None) -> None:
     """Hits, misses, bytes from cache and from the UFS, usage."""
-    with _errors():
+    with cli_errors():
         stats = _filesystem(endpoint, config_file).cache_stats()
         if as_json:
             click.echo(json.dumps(stats))
@@ -461,7 +436,7 @@ def config_show(config_file: str | None) -> None:
     """Print the effective config (file, then DEPOT_* environment), secrets masked."""
     import yaml
 
-    with _errors():
+    with cli_errors():
         cfg = load_config(config_file)
         click.echo(yaml.safe_dump(cfg.to_public_dict(), sort_keys=False).rstrip())
 

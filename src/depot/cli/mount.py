@@ -14,13 +14,12 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
+from depot.cli.errors import CliError, cli_errors
 from depot.core.config import DepotConfig, load_config
 from depot.core.errors import DepotError
 
@@ -33,28 +32,6 @@ _OPTIONS_HELP = (
     "staging_dir=DIR; kernel options ro, rw (enables writes), allow_root, auto_unmount, "
     "fsname=NAME."
 )
-
-
-class MountCliError(click.ClickException):
-    """One clear line on stderr, exit code 1 (the format of every depot command)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"depot: error: {self.format_message()}", err=True)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except click.ClickException:
-        raise
-    except DepotError as exc:
-        raise MountCliError(str(exc)) from None
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        raise MountCliError(f"{exc.strerror or exc}{where}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
 
 
 def _setup_logging(level: str, stream: Any = None) -> None:
@@ -134,7 +111,7 @@ def mount(
     from depot.fuse.supervise import READY_FD_ENV, read_ready, report_ready, start, stop_process
     from depot.fuse.supervise import supervise as run_supervisor
 
-    with _errors():
+    with cli_errors():
         mount_point = canonical(mount_point)
         settings, kernel = parse_options(options)
         config_file = _config_path(config_file)
@@ -162,7 +139,7 @@ def mount(
             message = read_ready(ready_fd)
             if message != "ok":
                 stop_process(proc)
-                raise MountCliError(message or f"the mount process exited (log: {log_path})")
+                raise CliError(message or f"the mount process exited (log: {log_path})")
             shown = endpoint or os.environ.get("DEPOT_ENDPOINT") or config.client.endpoint
             click.echo(
                 f"depot: mounted {shown or 'the cluster'} on {mount_point} "
@@ -185,7 +162,7 @@ def mount(
             command = _child_command(mount_point, options, endpoint, config_file, supervise=False)
             code = run_supervisor(command, mount_point, ready)
             if code:
-                raise MountCliError(f"mounting {mount_point} failed (see the log above)")
+                raise CliError(f"mounting {mount_point} failed (see the log above)")
             return
         request = MountRequest(mount_point, config, endpoint, kernel)
         try:
@@ -208,7 +185,7 @@ def unmount(mount_point: str, lazy: bool) -> None:
     from depot.fuse.mounts import canonical
     from depot.fuse.mounts import unmount as do_unmount
 
-    with _errors():
+    with cli_errors():
         mount_point = canonical(mount_point)
         do_unmount(mount_point, lazy=lazy)
         click.echo(f"depot: unmounted {mount_point}" + (" (detached)" if lazy else ""))

@@ -11,17 +11,12 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any
 
 import click
 
+from depot.cli.errors import CliError
 from depot.core.config import load_config
 from depot.core.errors import DepotError
-
-
-class _CliError(click.ClickException):
-    def show(self, file: Any = None) -> None:
-        click.echo(f"depot: error: {self.format_message()}", err=True)
 
 
 @click.command("s3")
@@ -66,9 +61,9 @@ def s3_command(port: int | None, host: str | None, endpoint: str | None, config_
 
         asyncio.run(main())
     except DepotError as exc:
-        raise _CliError(str(exc)) from None
+        raise CliError(str(exc)) from None
     except OSError as exc:
-        raise _CliError(f"{exc.strerror or exc}") from None
+        raise CliError(f"{exc.strerror or exc}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

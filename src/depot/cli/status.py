@@ -217,11 +217,11 @@ def status_command(
     as_json: bool, endpoint: str | None, config_file: str | None, timeout: float
 ) -> None:
     """Workers of the cluster: state, capacity, usage, hit ratio."""
-    from depot.cli.main import _errors
+    from depot.cli.errors import cli_errors
     from depot.client.client import resolve_endpoint
     from depot.core.config import load_config
 
-    with _errors():
+    with cli_errors():
         config = None if endpoint else load_config(config_file)
         url = resolve_endpoint(endpoint, config)
         status = asyncio.run(gather_status(url, timeout))
