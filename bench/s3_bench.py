@@ -48,32 +48,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-# machine limit --------------------------------------------------------------------------------------
-
-def loopback_tcp(total: int = 2048 * MiB) -> float:
-    """One TCP stream over loopback from another process: sendall -> recv_into a pooled buffer."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
-    sender = subprocess.Popen(
-        [PY, "-c", (
-            f"import socket,sys; s=socket.create_connection(('127.0.0.1',{port})); b=bytes(4<<20); "
-            f"n={total}\nwhile n>0: s.sendall(b[:min(n,len(b))]); n-=min(n,len(b))\ns.close()")]
-    )
-    conn, _ = srv.accept()
-    view = memoryview(bytearray(4 * MiB))
-    got = 0
-    t0 = time.perf_counter()
-    while got < total:
-        n = conn.recv_into(view)
-        if not n:
-            break
-        got += n
-    dt = time.perf_counter() - t0
-    conn.close()
-    srv.close()
-    sender.wait()
-    return gbps(got, dt)
-
+# machine limit: the same measurement as the read-path bench, so the tables compare
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from read_bench import loopback_tcp  # noqa: E402
 
 # servers ------------------------------------------------------------------------------------------
 
