@@ -245,6 +245,58 @@ async def test_sigkill_under_concurrent_reads_loses_no_read(make_cluster: MakeCl
     assert all(len(v.ring.workers) == 2 for v in remaining.values())
 
 
+@pytest.mark.parametrize("short_circuit", [False, True], ids=["remote-client", "local-client"])
+async def test_a_hung_worker_costs_readers_seconds_not_the_timeout(
+    make_cluster: MakeCluster, short_circuit: bool
+) -> None:
+    """SIGSTOP leaves connections open and unanswered (a hang, or a partition that resets
+    nothing): the liveness probe, not the 30 s request timeout, moves readers on. A client on
+    another node reads over HTTP only; one on the worker's node also reads its page files."""
+    cluster = make_cluster(3)
+    assert cluster.ufs_root is not None
+    readers, size = 4, 32 * MiB
+    digests = {}
+    for i in range(readers):
+        data = payload(200 + i, size)
+        (cluster.ufs_root / f"h{i}.bin").write_bytes(data)
+        digests[i] = hashlib.sha256(data).hexdigest()
+    victim = 1
+    progress = [0] * readers
+    gaps: list[list[float]] = [[] for _ in range(readers)]
+    results: dict[int, str] = {}
+
+    async def reader(i: int) -> None:
+        config = client_config()
+        config.client.short_circuit = short_circuit
+        async with CacheClient(cluster.endpoint, config=config) as client:
+            status = await client.stat(f"/h{i}.bin")
+            parts = []
+            last = time.monotonic()
+            for offset in range(0, size, 2 * MiB):
+                parts.append(await client.read_range(
+                    f"/h{i}.bin", offset, offset + 2 * MiB, version=status.entity_tag, size=size,
+                ))  # fmt: skip
+                now = time.monotonic()
+                gaps[i].append(now - last)
+                last = now
+                progress[i] += 2 * MiB
+                await asyncio.sleep(0.02)  # a reader that also computes: the pause lands mid-file
+            results[i] = hashlib.sha256(b"".join(parts)).hexdigest()
+
+    tasks = [asyncio.create_task(reader(i)) for i in range(readers)]
+    try:
+        while sum(progress) < readers * size // 4:
+            await asyncio.sleep(0.01)
+        cluster.pause(victim)
+        await asyncio.gather(*tasks)
+    finally:
+        cluster.resume(victim)
+    assert results == {i: digests[i] for i in range(readers)}
+    stall = max(max(g) for g in gaps)
+    print(f"{readers} readers, SIGSTOP of worker {victim}: longest stall {stall:.3f}s")
+    assert stall < 8.0, stall  # probe_after 1 s + connect_timeout 2 s, with room for CI
+
+
 async def test_restart_keeps_ring_identity_and_cache(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(3)
     assert cluster.ufs_root is not None

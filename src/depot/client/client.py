@@ -799,12 +799,18 @@ class CacheClient:
         for endpoint in targets[:FAILOVER_WORKERS]:
             if error is not None and router.is_down(endpoint):
                 break
+            # A request still running after probe_after makes the router check that the worker
+            # answers at all; a hung one has its requests failed at once (see WorkerRouter.suspect).
+            timer = router.watch(endpoint)
             try:
                 result = await from_worker(router.pool(endpoint))
             except _UNREACHABLE as exc:
                 error = exc
                 router.failed(endpoint, exc)
                 continue
+            finally:
+                if timer is not None:
+                    timer.cancel()
             router.mark_up(endpoint)
             return result
         assert error is not None

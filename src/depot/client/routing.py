@@ -26,6 +26,7 @@ from depot.placement.view import ClusterView, spread_seed
 log = logging.getLogger(__name__)
 
 CLUSTER = "/api/v1/cluster"
+HEALTH = "/healthz"
 UNREACHABLE = (WorkerUnreachable, WorkerTimeout)
 _DOWN_MIN = 1.0
 _DOWN_MAX = 30.0
@@ -45,6 +46,9 @@ class WorkerRouter:
         self.config = config
         self._max_connections = max_connections
         self._pools: dict[str, ConnectionPool] = {}
+        self._probe_pools: dict[str, ConnectionPool] = {}
+        self._probes: dict[str, asyncio.Future[None]] = {}
+        self._alive_until: dict[str, float] = {}
         self._down: dict[str, _DownMark] = {}
         self._view: ClusterView | None = None
         self._view_at = 0.0
@@ -70,9 +74,66 @@ class WorkerRouter:
     def close(self) -> None:
         if self._refreshing is not None:
             self._refreshing.cancel()
-        for pool in self._pools.values():
+        for probe in self._probes.values():
+            probe.cancel()
+        for pool in [*self._pools.values(), *self._probe_pools.values()]:
             pool.close()
         self._pools.clear()
+        self._probe_pools.clear()
+
+    # liveness ------------------------------------------------------------------------------------
+    def watch(self, endpoint: str) -> asyncio.TimerHandle | None:
+        """Arm the hang check for one request to ``endpoint`` (cancel the handle when it ends).
+
+        A slow answer is normal (a cold page from a slow store), so requests are not timed out
+        early; instead, a request still running after ``probe_after`` makes the router ask the
+        worker for ``/healthz`` on a connection of its own. A worker that does not answer
+        (stopped, hung, cut off by a partition that resets nothing) has every request in flight
+        to it failed at once, so readers move on in about ``probe_after + connect_timeout``
+        rather than the whole ``client.timeout``. A timer, not a task, so the check costs the
+        hot path next to nothing.
+        """
+        probe_after = self.config.client.probe_after
+        if probe_after <= 0:
+            return None
+        return asyncio.get_running_loop().call_later(probe_after, self.suspect, endpoint)
+
+    def suspect(self, endpoint: str) -> None:
+        """Check ``endpoint`` in the background (one check at a time per worker)."""
+        if endpoint in self._probes or self._alive_until.get(endpoint, 0.0) > time.monotonic():
+            return
+        check = asyncio.ensure_future(self._check(endpoint))
+        self._probes[endpoint] = check
+        check.add_done_callback(lambda _: self._probes.pop(endpoint, None))
+
+    async def _check(self, endpoint: str) -> None:
+        if await self._probe(endpoint):
+            return
+        error = WorkerTimeout(f"worker {endpoint} does not answer its health check")
+        failed = self.pool(endpoint).fail_active(error)
+        log.info("worker %s does not answer: failed %d request(s) in flight", endpoint, failed)
+        self.mark_down(endpoint, error)
+
+    async def _probe(self, endpoint: str) -> bool:
+        settings = self.config.client
+        pool = self._probe_pools.get(endpoint)
+        if pool is None:
+            pool = ConnectionPool(
+                parse_endpoint(endpoint),
+                max_connections=1,
+                connect_timeout=settings.connect_timeout,
+                timeout=settings.connect_timeout,
+            )
+            self._probe_pools[endpoint] = pool
+        try:
+            async with asyncio.timeout(settings.connect_timeout):
+                response = await pool.request(HEALTH)
+        except (*UNREACHABLE, TimeoutError):
+            return False
+        ok = response.status == 200
+        if ok:
+            self._alive_until[endpoint] = time.monotonic() + settings.probe_after
+        return ok
 
     # down marks ----------------------------------------------------------------------------------
     def is_down(self, endpoint: str) -> bool:

@@ -133,11 +133,14 @@ class ShortCircuit:
     async def _probe(self, endpoint: str) -> _Local:
         store: LocalStore | None = None
         try:
-            response = await self.router.pool(endpoint).request(INFO)
+            # A small document any live worker serves at once: a hung worker must not hold
+            # the read that asked (it then goes over HTTP, where failover handles the hang).
+            async with asyncio.timeout(self.router.config.client.connect_timeout):
+                response = await self.router.pool(endpoint).request(INFO)
             info = response.json() if response.status == 200 else None
             store, why = check_local(info, self.identity)
-        except (*UNREACHABLE, DepotError, ValueError) as exc:
-            why = f"no info ({exc})"
+        except (*UNREACHABLE, DepotError, ValueError, TimeoutError) as exc:
+            why = f"no info ({exc or 'timed out'})"
         if store is None:
             log.debug("no short-circuit reads from %s: %s", endpoint, why)
         else:
@@ -279,10 +282,11 @@ class ShortCircuit:
             if len(touch) <= MAX_TOUCH_CHARS:  # else: counted, recency not refreshed
                 query += "&touch=" + quote(touch, safe=":,-")
             try:
-                response = await self.router.pool(endpoint).request(
-                    f"{HITS}?{query}", method="POST"
-                )
-            except (*UNREACHABLE, DepotError) as exc:
+                async with asyncio.timeout(self.router.config.client.connect_timeout):
+                    response = await self.router.pool(endpoint).request(
+                        f"{HITS}?{query}", method="POST"
+                    )
+            except (*UNREACHABLE, DepotError, TimeoutError) as exc:
                 log.debug("could not report short-circuit hits to %s: %s", endpoint, exc)
                 continue
             if response.status < 300:

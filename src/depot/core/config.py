@@ -142,9 +142,15 @@ class ClientConfig(_Model):
     # Read pages of a worker on the same node straight from its cache dirs (verified, counted
     # as hits by the worker); used only where the node and the dirs are found to be shared.
     short_circuit: bool = True
+    # A request that has not finished after this long makes the client check, on a connection
+    # of its own, that the worker still answers (/healthz within connect_timeout); a hung or
+    # cut-off worker is then left at once for the next one. 0 turns the check off.
+    probe_after: float = Field(default=1.0, ge=0)
 
     _parse_size = field_validator("read_ahead", mode="before")(_size)
-    _parse_duration = field_validator("timeout", "connect_timeout", mode="before")(_duration)
+    _parse_duration = field_validator(
+        "timeout", "connect_timeout", "probe_after", mode="before"
+    )(_duration)
 
 
 class UfsConfig(_Model):

@@ -525,6 +525,7 @@ class ConnectionPool:
             ssl_context = ssl.create_default_context()
         self._ssl = ssl_context
         self._idle: list[_Connection] = []
+        self._active: set[_Connection] = set()
         self._slots: asyncio.Semaphore | None = None
         self._prefix = f"HTTP/1.1\r\nHost: {endpoint.host_header}\r\nUser-Agent: {_USER_AGENT}\r\n"
         self._closed = False
@@ -631,12 +632,17 @@ class ConnectionPool:
                 conn = await self._connect()
             try:
                 try:
+                    self._active.add(conn)
                     response = await conn.request(payload, dest, limit, body)
                 except _StaleConnection:
                     if not reused:
                         raise
+                    self._active.discard(conn)
                     conn = await self._connect()
+                    self._active.add(conn)
                     response = await conn.request(payload, dest, limit, body)
+                finally:
+                    self._active.discard(conn)
             except _StaleConnection as exc:
                 raise WorkerUnreachable(exc.message) from None
             except OSError as exc:
@@ -651,6 +657,14 @@ class ConnectionPool:
             else:
                 conn.abort()
             return response
+
+    def fail_active(self, error: DepotError) -> int:
+        """Fail every request in flight on this pool with ``error`` (a worker found hung: its
+        connections are open but nothing will come). Returns how many were failed."""
+        active = list(self._active)
+        for conn in active:
+            conn._fail(error)
+        return len(active)
 
     def close(self) -> None:
         """Close idle connections; connections in use close when their request ends."""
