@@ -443,10 +443,11 @@ def config_show(config_file: str | None) -> None:
 
 def _register_commands() -> None:
     """Commands that live in their own modules (each adds itself to the group)."""
-    from depot.cli import jobs, mount, s3, status
+    from depot.cli import jobs, mount, s3, status, sync
 
     s3.register(cli)
     status.register(cli)
+    sync.register(cli)
     jobs.register(cli)
     mount.register(cli)
 

@@ -10,7 +10,10 @@ document::
      "summary": {"workers": 3, "live": 2, "unreachable": 1, "draining": 0},
      "workers": [{"worker_id", "id", "endpoint", "state", "membership_state", "reachable",
                   "capacity_bytes", "used_bytes", "pages", "hits", "misses", "hit_ratio",
-                  "bytes_from_cache", "bytes_from_ufs", "version", "started_at", "error"}]}
+                  "bytes_from_cache", "bytes_from_ufs", "dirty_bytes", "version", "started_at",
+                  "error"}]}
+
+``dirty_bytes`` is the worker's write-back bytes not yet in the under store (None if unknown).
 
 A worker's ``state`` is ``unreachable`` when the probe fails, else the state membership gives it
 (``live``, ``draining``, ``starting``). ``healthy`` is the answering worker's view of its
@@ -76,6 +79,7 @@ async def _probe(entry: dict[str, Any], probe_timeout: float) -> dict[str, Any]:
         "hit_ratio": None,
         "bytes_from_cache": None,
         "bytes_from_ufs": None,
+        "dirty_bytes": None,
         "version": entry.get("version", ""),
         "started_at": entry.get("started_at"),
         "error": None,
@@ -104,6 +108,9 @@ async def _probe(entry: dict[str, Any], probe_timeout: float) -> dict[str, Any]:
     for key in ("capacity_bytes", "used_bytes"):
         if isinstance(stats.get(key), int):
             row[key] = stats[key]
+    writeback = stats.get("writeback")
+    if isinstance(writeback, dict) and isinstance(writeback.get("dirty_bytes"), int):
+        row["dirty_bytes"] = writeback["dirty_bytes"]  # write-back bytes not yet uploaded
     return row
 
 
@@ -175,7 +182,7 @@ def render(status: dict[str, Any]) -> None:
     table = Table(show_edge=False, pad_edge=False)
     for name, justify in (
         ("id", "left"), ("endpoint", "left"), ("state", "left"), ("capacity", "right"),
-        ("used", "right"), ("pages", "right"), ("hit ratio", "right"),
+        ("used", "right"), ("pages", "right"), ("hit ratio", "right"), ("dirty", "right"),
     ):  # fmt: skip
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     styles = {"live": "green", UNREACHABLE: "red", "draining": "yellow"}
@@ -191,6 +198,7 @@ def render(status: dict[str, Any]) -> None:
             _size(row["used_bytes"]),
             "-" if row["pages"] is None else str(row["pages"]),
             "-" if not isinstance(ratio, (int, float)) else f"{ratio:.1%}",
+            _size(row.get("dirty_bytes")),
         )
     console.print(table)
     for row in status["workers"]:

@@ -52,6 +52,7 @@ FILE = "/api/v1/file"
 MKDIR = "/api/v1/mkdir"
 RENAME = "/api/v1/rename"
 CACHE_FREE = "/api/v1/cache/free"
+SYNC = "/api/v1/sync"
 JOB_DONE = frozenset({"completed", "failed", "stopped"})
 # While waiting on a job, how long the workers may be unreachable before the wait gives up.
 JOB_WAIT_UNREACHABLE = 60.0
@@ -720,6 +721,62 @@ class CacheClient:
             except DepotError as exc:
                 log.info("could not refresh %s on %s after a rename: %s", dst, owner, exc)
         return status
+
+    async def sync(
+        self, path: str | None = None, wait: bool = True, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """Write-back: make the writes pending now durable in the under store.
+
+        With ``path``, its owner worker's pending write of it; without, every worker's pending
+        writes. With ``wait``, returns once they are uploaded (asking again while the worker
+        answers 504 Timeout, until ``deadline`` seconds, default forever) and raises the
+        recorded error of a write that failed permanently. Returns the per-worker answers:
+        ``{"synced": bool, "dirty_bytes", "queue_length", "failures", "workers": [...]}``.
+        """
+        router = self.router
+        await router.current_view()
+        if path is not None:
+            endpoints = router.write_targets(path)[:1]
+        else:
+            view = router.view
+            endpoints = [w.endpoint for w in view.workers] if view is not None else []
+            endpoints = endpoints or [self.endpoint]
+        per_call = max(1.0, self.config.client.timeout - 5.0)
+        end = None if deadline is None else asyncio.get_running_loop().time() + deadline
+        query = [] if path is None else [f"path={quote(path, safe='')}"]
+        if wait:
+            query.append("wait=1")
+
+        async def one(endpoint: str) -> dict[str, Any]:
+            while True:
+                params = list(query)
+                limit = per_call
+                if end is not None:
+                    limit = max(0.0, min(limit, end - asyncio.get_running_loop().time()))
+                if wait:
+                    params.append(f"timeout={limit:.3f}")
+                target = SYNC + ("?" + "&".join(params) if params else "")
+                response = await router.pool(endpoint).request(target, method="POST")
+                if response.status == 504 and wait and (
+                    end is None or asyncio.get_running_loop().time() < end
+                ):
+                    continue  # still uploading: ask again
+                if response.status >= 300:
+                    raise error_from_response(response, path)
+                data = response.json()
+                if not isinstance(data, dict):
+                    raise WorkerUnreachable(f"worker {endpoint} sent a malformed sync answer")
+                return {"endpoint": endpoint, **data}
+
+        answers = await asyncio.gather(*(one(e) for e in endpoints))
+        return {
+            "path": path,
+            "synced": all(a.get("synced") for a in answers),
+            "dirty_bytes": sum(int(a.get("dirty_bytes") or 0) for a in answers),
+            "queue_length": sum(int(a.get("queue_length") or 0) for a in answers),
+            "failures": [f for a in answers for f in a.get("failures") or []],
+            "workers": answers,
+        }
 
     @staticmethod
     def _status_of(response: Response, path: str) -> FileStatus:

@@ -91,20 +91,12 @@ class MountConfig(_Model):
     ufs: str
     read_only: bool = False
     metadata: str = "max-age=60s"
-    # How writes through depot reach the under store (docs/writes.md): "through" (the UFS only)
-    # or "cache-through" (the UFS, and the written bytes into the page store). "write-back"
-    # (acknowledge after a durable local write, upload in the background) is coming.
-    write_mode: Literal["through", "cache-through"] = "through"
+    # How writes through depot reach the under store (docs/writes.md): "through" (the UFS only),
+    # "cache-through" (the UFS, and the written bytes into the page store) or "write-back"
+    # (acknowledged once fsync'd and journaled on the worker, uploaded in the background;
+    # engine settings in the ``writeback:`` section).
+    write_mode: Literal["through", "cache-through", "write-back"] = "through"
     options: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("write_mode", mode="before")
-    @classmethod
-    def _write_mode_available(cls, value: Any) -> Any:
-        if value == "write-back":
-            raise ValueError(
-                "write-back is not available yet (use 'through' or 'cache-through')"
-            )
-        return value
 
     @field_validator("options", mode="before")
     @classmethod
@@ -130,6 +122,37 @@ class WorkerConfig(_Model):
     _parse_size = field_validator(
         "max_request_bytes", "max_write_bytes", "write_multipart_threshold", mode="before"
     )(_size)
+
+
+class WriteBackSettings(_Model):
+    """The write-back engine of a worker (mounts with ``write_mode: write-back``)."""
+
+    # Staging files and the journal; None: ``<first cache dir>/writeback``. Must survive a
+    # restart of the worker (not a tmpfs) for acknowledged writes to survive it.
+    dir: Path | None = None
+    # Bytes held in staging files at most; None: bounded by the disk only. A write that does
+    # not fit fails with NoSpace (HTTP 507), or waits up to ``full_wait`` with on_full "wait".
+    quota: int | None = Field(default=None, gt=0)
+    on_full: Literal["error", "wait"] = "error"
+    full_wait: float = Field(default=60.0, ge=0)
+    # Uploads running at once, their part size and the size from which they go up in parts.
+    concurrency: int = Field(default=4, ge=1, le=256)
+    part_size: int = Field(default=8 * 1024**2, ge=64 * 1024)  # S3 wants >= 5 MiB
+    multipart_threshold: int = Field(default=16 * 1024**2, ge=0)
+    # Bytes per second over all uploads; None: unlimited.
+    bandwidth: int | None = Field(default=None, gt=0)
+    # Attempts at a retryable upload error before the write is left failed; None: forever.
+    max_attempts: int | None = Field(default=None, ge=1)
+    # Longest wait of one POST /api/v1/sync?wait=1 (the client asks again until its deadline).
+    sync_timeout: float = Field(default=20.0, gt=0)
+
+    _parse_size = field_validator(
+        "quota", "part_size", "multipart_threshold", "bandwidth", mode="before"
+    )(lambda v: None if v is None else _size(v))
+    _parse_duration = field_validator("full_wait", "sync_timeout", mode="before")(_duration)
+
+    def staging_dir(self, cache: CacheConfig) -> Path:
+        return self.dir or cache.dirs[0].path / "writeback"
 
 
 class ClientConfig(_Model):
@@ -306,6 +329,7 @@ class DepotConfig(_Model):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
     s3: S3Config = Field(default_factory=S3Config)
+    writeback: WriteBackSettings = Field(default_factory=WriteBackSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

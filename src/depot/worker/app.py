@@ -136,6 +136,7 @@ class WorkerApp:
             "/api/v1/file": {"DELETE": self.delete},
             "/api/v1/mkdir": {"POST": self.mkdir},
             "/api/v1/rename": {"POST": self.rename},
+            "/api/v1/sync": {"POST": self.sync},
         }
 
     @staticmethod
@@ -254,6 +255,23 @@ class WorkerApp:
         status = await self.writes.rename(src, dst)
         _json(writer, {"src": normalize_path(src), **status.to_dict()})
 
+    async def sync(self, request: Request, writer: ResponseWriter) -> None:
+        """Write-back: with ``wait=1``, wait (``timeout`` s, capped by the worker) until the
+        writes pending now (of ``path``, or all) are uploaded; 504 Timeout if they are not."""
+        params = query_params(request)
+        path = params.get("path") or None
+        wait = parse_bool("wait", params.get("wait"))
+        limit: float | None = None
+        text = params.get("timeout")
+        if text is not None:
+            try:
+                limit = float(text)
+            except ValueError:
+                raise InvalidArgument(f"timeout must be seconds, got {text!r}") from None
+            if not limit >= 0:
+                raise InvalidArgument(f"timeout must be seconds, got {text!r}")
+        _json(writer, await self.writes.sync(path, wait=wait, limit=limit))
+
     async def health(self, request: Request, writer: ResponseWriter) -> None:
         _json(writer, {"status": "ok"})
 
@@ -288,7 +306,11 @@ class WorkerApp:
         writer.send(200, self._openapi, JSON)
 
     async def cache_stats(self, request: Request, writer: ResponseWriter) -> None:
-        _json(writer, {**self.service.cache_stats(), "writes": self.writes.stats_dict()})
+        out = {**self.service.cache_stats(), "writes": self.writes.stats_dict()}
+        writeback = self.writes.writeback_stats()
+        if writeback is not None:
+            out["writeback"] = writeback
+        _json(writer, out)
 
     async def stat(self, request: Request, writer: ResponseWriter) -> None:
         status = await self.service.stat(_require_path(query_params(request)))

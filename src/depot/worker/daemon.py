@@ -21,6 +21,7 @@ from depot.worker.cluster import ClusterNode
 from depot.worker.http import HttpServer
 from depot.worker.jobs import FileJobStore, JobRunner
 from depot.worker.service import ReadThroughService
+from depot.worker.writeback import WriteBackConfig, WriteBackQueue
 from depot.worker.writes import WriteService
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Worker:
         self._metadata: MetadataStore | None = None
         self.cluster: ClusterNode | None = None
         self.jobs: JobRunner | None = None
+        self.writeback: WriteBackQueue | None = None
         self._membership = membership
 
     @property
@@ -101,6 +103,7 @@ class Worker:
             writes = WriteService(
                 self.service, multipart_threshold=cfg.worker.write_multipart_threshold
             )
+            await self._open_writeback(writes)
             app = WorkerApp(
                 self.service,
                 worker_id=self.worker_id,
@@ -136,6 +139,29 @@ class Worker:
             self.cluster.worker_id,
             cfg.cluster.membership,
         )
+
+    async def _open_writeback(self, writes: WriteService) -> None:
+        """Open the write-back queue: its journal is replayed, so writes acknowledged before a
+        crash are uploaded now. Opened on every worker (a journal left by an earlier config
+        still drains); only ``write-back`` mounts stage into it."""
+        wb = self.config.writeback
+        settings = WriteBackConfig(
+            concurrency=wb.concurrency,
+            part_size=wb.part_size,
+            multipart_threshold=wb.multipart_threshold,
+            bandwidth_limit=float(wb.bandwidth) if wb.bandwidth else None,
+            max_attempts=wb.max_attempts,
+            staging_quota=wb.quota,
+            on_full=wb.on_full,
+            full_wait_timeout=wb.full_wait,
+        )
+        self.writeback = await WriteBackQueue.open(
+            wb.staging_dir(self.config.cache),
+            writes.store_for_uri,
+            settings,
+            on_uploaded=writes.on_uploaded,
+        )
+        writes.attach_writeback(self.writeback, sync_timeout=wb.sync_timeout)
 
     def _job_runner(self, node: ClusterNode, cache_root: Path) -> JobRunner:
         """Jobs live in the cluster's store when it is shared (etcd, or an embedded registry
@@ -175,6 +201,10 @@ class Worker:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+        if self.writeback is not None:
+            # Pending writes stay staged and journaled: the next start uploads them.
+            await self.writeback.close()
+            self.writeback = None
         if self.service is not None:
             await self.service.close()
             self.service = None

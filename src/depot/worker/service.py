@@ -39,6 +39,9 @@ from depot.ufs.base import Buffer, ObjectInfo, UnderStore
 log = logging.getLogger(__name__)
 
 StoreFactory = Callable[[Mount], UnderStore]
+# (object URI, namespace path) -> the status and bytes of a write-back write of this worker not
+# uploaded yet (read-your-writes, worker/writes.py), or None.
+StagedLookup = Callable[[str, str], "tuple[FileStatus, UnderStore] | None"]
 
 
 @dataclass(slots=True)
@@ -149,6 +152,8 @@ class ReadThroughService:
         self._stores: dict[str, UnderStore] = {}
         self._clock = clock
         self._ufs_slots = asyncio.Semaphore(ufs_concurrency)
+        # Load pages fetched or being stored (see _load_page).
+        self._load_slots = asyncio.Semaphore(ufs_concurrency)
         self._read_window = max(1, read_window)
         self._prefetch_pages = max(0, prefetch_pages)
         # Read-ahead stays inside the placement segment: the next one belongs to another worker.
@@ -164,6 +169,8 @@ class ReadThroughService:
         # file key -> highest page read lately, in least-recently-used order (sequential detection)
         self._streams: dict[str, int] = {}
         self.stats = ReadStats()
+        # Write-back: staged writes are served before the metadata cache (set by the daemon).
+        self.staged: StagedLookup | None = None
 
     # under stores ----------------------------------------------------------------------------
     def store_for(self, mount: Mount) -> UnderStore:
@@ -215,6 +222,10 @@ class ReadThroughService:
         if resolved.key == "":
             return FileStatus(path=resolved.path, size=0, mtime=0.0, is_dir=True)
         cache_key = mount.object_uri(resolved.key)
+        if self.staged is not None:
+            staged = self.staged(cache_key, resolved.path)
+            if staged is not None:
+                return staged[0]
         cached = self.metadata.get_status(cache_key)
         if cached is not None and mount.policy.is_fresh(cached.fetched_at, self._clock()):
             self.stats.metadata_hits += 1
@@ -342,7 +353,12 @@ class ReadThroughService:
                 resolved.path,
             )
         file_id = FileId(resolved.mount.object_uri(resolved.key), status.version_tag)
-        return OpenedFile(resolved, status, file_id, self.store_for(resolved.mount))
+        store = self.store_for(resolved.mount)
+        if self.staged is not None:
+            staged = self.staged(file_id.ufs_uri, resolved.path)
+            if staged is not None and staged[0].version_tag == status.version_tag:
+                store = staged[1]  # the bytes of a write-back write not uploaded yet
+        return OpenedFile(resolved, status, file_id, store)
 
     def plan(self, opened: OpenedFile, rng: ByteRange) -> PagePlan:
         page_size = self.pages.page_size
@@ -562,7 +578,17 @@ class ReadThroughService:
         return result
 
     async def _load_page(self, opened: OpenedFile, index: int) -> int:
-        return len(await self._fetch_page(opened, index))  # the bytes are not kept
+        """Fetch one page for a load and wait until it is stored (the bytes are not kept).
+
+        A load slot is held until the page has left the write-behind buffer: when the page
+        store writes slower than the UFS delivers, loads wait instead of piling up fetched pages
+        in memory, so at most ``ufs_concurrency`` load pages are buffered and their buffers are
+        reused rather than fresh memory being touched for every page.
+        """
+        async with self._load_slots:
+            nbytes = len(await self._fetch_page(opened, index))
+            await self._stored([PageId(opened.file_id.key, index)])
+        return nbytes
 
     async def _page_readable(self, page: PageId, scratch: bytearray) -> bool:
         """Read a cached page back in full (checksums verified; a damaged page is dropped)."""

@@ -17,8 +17,12 @@ ones are uploaded in parts as they arrive (memory stays bounded). Object stores 
 visible only when the put (or the multipart upload) completes, so an upload cut short leaves
 nothing under the final name and the old version is still served.
 
-``write-back`` (acknowledge after a durable local write, upload in the background, a journal that
-survives a crash) is the next step; its entry point will be ``WriteService.write`` too.
+- ``write-back``: the body is streamed into the worker's ``WriteBackQueue`` (worker/writeback.py)
+  and acknowledged once the staging file is fsync'd and its journal record written; the upload
+  runs in the background. Until it lands, ``stat``/``open``/``read`` of the path on this worker
+  serve the staged file under a provisional ETag (``wb-<checksum>-<seq>``); once it lands,
+  ``on_uploaded`` records the object's status as the metadata, drops the parent's listing and the
+  provisional pages. Deletes and renames of a path with a pending write-back sync it first.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -33,15 +39,19 @@ from typing import Any
 
 from depot.core.errors import (
     AlreadyExists,
+    ConfigError,
     IsADirectory,
     NotFound,
     ReadOnly,
+    StaleVersion,
+    Unavailable,
     Unsupported,
 )
 from depot.core.types import FileId, FileStatus, PageId
 from depot.namespace.mounts import Resolved
-from depot.ufs.base import Buffer, ObjectInfo, UnderStore
+from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
 from depot.worker.service import ReadThroughService
+from depot.worker.writeback import Ticket, WriteBackQueue
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +145,73 @@ def _status_from_info(path: str, info: ObjectInfo) -> FileStatus:
     )
 
 
+def _pread(path: str, start: int, end: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, max(0, end - start), start)
+    finally:
+        os.close(fd)
+
+
+class StagedFile(UnderStore):
+    """The bytes of one write-back write not uploaded yet, read from its staging file.
+
+    Only ``get_range`` is served (the read path's page fills); once the upload has landed the
+    staging file is gone and a read through this store raises ``StaleVersion`` (read again:
+    the path's status is then the uploaded object's)."""
+
+    def __init__(self, ticket: Ticket, path: str) -> None:
+        self.ticket = ticket
+        self.path = path
+        self.uri = f"staged:{ticket.staging_path}"
+
+    async def get_range(
+        self, key: str, start: int, end: int, *, etag: str | None = None
+    ) -> Buffer:
+        end = min(end, self.ticket.size)
+        try:
+            return await asyncio.to_thread(_pread, str(self.ticket.staging_path), start, end)
+        except FileNotFoundError:
+            raise StaleVersion(
+                "the written file was uploaded while it was being read; read it again", self.path
+            ) from None
+
+    async def get(self, key: str) -> Buffer:
+        return await self.get_range(key, 0, self.ticket.size)
+
+    def _no(self) -> Unsupported:
+        return Unsupported("a staged write-back file only serves reads", self.path)
+
+    async def head(self, key: str) -> ObjectInfo:
+        raise self._no()
+
+    async def list(
+        self,
+        prefix: str = "",
+        *,
+        delimiter: str | None = "/",
+        token: str | None = None,
+        limit: int = 1000,
+    ) -> ListPage:
+        raise self._no()
+
+    async def put(self, key: str, data: Buffer) -> ObjectInfo:
+        raise self._no()
+
+    async def put_multipart(
+        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+    ) -> ObjectInfo:
+        raise self._no()
+
+    async def delete(self, key: str) -> None:
+        raise self._no()
+
+
+def provisional_etag(ticket: Ticket) -> str:
+    """The ETag a staged (not yet uploaded) write is served under."""
+    return f"wb-{ticket.checksum}-{ticket.seq}"
+
+
 class WriteService:
     """Writes of the namespace, on top of the read-through service's caches."""
 
@@ -150,6 +227,12 @@ class WriteService:
         self.part_size = part_size
         self._locks = _PathLocks()
         self.stats = WriteStats()
+        # Write-back (set by the daemon with ``attach_writeback``): the queue, the longest wait
+        # of one sync call, and the staged writes this process acknowledged (object URI ->
+        # (ticket, staged at)), kept until ``on_uploaded`` ran for them.
+        self.writeback: WriteBackQueue | None = None
+        self.sync_timeout = 20.0
+        self._staged: dict[str, tuple[Ticket, float]] = {}
 
     # helpers ------------------------------------------------------------------------------------
     def _writable(self, path: str) -> Resolved:
@@ -181,6 +264,128 @@ class WriteService:
         self._invalidate_parent(resolved)
         return status
 
+    # write-back -----------------------------------------------------------------------------------
+    def attach_writeback(self, queue: WriteBackQueue, *, sync_timeout: float = 20.0) -> None:
+        """Serve ``write-back`` mounts with ``queue`` (and reads of its staged writes)."""
+        self.writeback = queue
+        self.sync_timeout = sync_timeout
+        self.service.staged = self.staged_lookup
+
+    def store_for_uri(self, ufs_uri: str) -> UnderStore:
+        """The under store of the mount whose URI is ``ufs_uri`` (the queue's store factory)."""
+        for mount in self.service.mounts.mounts:
+            if mount.ufs_uri == ufs_uri:
+                return self.service.store_for(mount)
+        raise ConfigError(
+            "no mount serves this under store any more; the staged write cannot be uploaded",
+            ufs_uri,
+        )
+
+    def _staged_status(self, ticket: Ticket, path: str) -> FileStatus:
+        known = self._staged.get(ticket.path)
+        if known is not None and known[0].seq == ticket.seq:
+            mtime = known[1]
+        else:  # staged before a restart: the staging file's time
+            try:
+                mtime = os.stat(ticket.staging_path).st_mtime
+            except OSError:
+                mtime = time.time()
+            self._staged[ticket.path] = (ticket, mtime)
+        return FileStatus(
+            path=path, size=ticket.size, mtime=mtime, etag=provisional_etag(ticket)
+        )
+
+    def staged_lookup(self, uri: str, path: str) -> tuple[FileStatus, UnderStore] | None:
+        """Read-your-writes: the status and bytes of a staged write of ``uri`` not uploaded."""
+        queue = self.writeback
+        if queue is None:
+            return None
+        ticket = queue.pending(uri)
+        if ticket is None:
+            if uri in self._staged:
+                # Uploaded, the hook has not run yet: what the cache remembers may be older.
+                self.service.metadata.invalidate(uri)
+            return None
+        return self._staged_status(ticket, path), StagedFile(ticket, path)
+
+    async def on_uploaded(self, ticket: Ticket, info: ObjectInfo) -> None:
+        """A staged write reached the under store: it becomes this worker's metadata."""
+        path = ticket.file_id or ticket.ufs_key
+        status = _status_from_info(path, info)
+        self.service._record_status(ticket.path, status)
+        known = self._staged.get(ticket.path)
+        if known is not None and known[0].seq == ticket.seq:
+            del self._staged[ticket.path]
+        with contextlib.suppress(NotFound):
+            self._invalidate_parent(self.service.resolve(path))
+        tag = FileStatus(path, 0, 0.0, etag=provisional_etag(ticket)).version_tag
+        provisional = FileId(ticket.path, tag)
+        with contextlib.suppress(OSError):
+            await self.service.pages.delete_file(provisional.key)
+
+    async def _write_back(
+        self, resolved: Resolved, body: AsyncIterable[bytes], length: int
+    ) -> FileStatus:
+        queue = self.writeback
+        if queue is None:
+            raise Unavailable("write-back is not running on this worker", resolved.path)
+        received = 0
+
+        async def counted() -> AsyncIterator[bytes]:
+            nonlocal received
+            async for chunk in body:
+                received += len(chunk)
+                yield chunk
+            if received != length:
+                raise ConnectionResetError(f"the body ended after {received} of {length} bytes")
+
+        ticket = await queue.stage(
+            resolved.uri,
+            resolved.key,
+            counted(),
+            store_uri=resolved.mount.ufs_uri,
+            file_id=resolved.path,
+            size_hint=length,
+        )
+        self._staged[resolved.uri] = (ticket, time.time())
+        # Older statuses of the path must not be served once the staged file is gone.
+        self.service.metadata.invalidate(resolved.uri)
+        self._invalidate_parent(resolved)
+        return self._staged_status(ticket, resolved.path)
+
+    async def _sync_pending(self, *uris: str) -> None:
+        """Upload pending write-back writes of ``uris`` before a delete or a rename."""
+        queue = self.writeback
+        if queue is None:
+            return
+        for uri in uris:
+            if queue.pending(uri) is not None:
+                await queue.sync(uri, timeout=self.sync_timeout)
+
+    async def sync(self, path: str | None, *, wait: bool, limit: float | None) -> dict[str, Any]:
+        """``POST /api/v1/sync``: wait (up to ``limit`` s, at most ``sync_timeout``) until the
+        write-back writes pending now (of ``path``, or all) are uploaded; report what is left."""
+        queue = self.writeback
+        uri: str | None = None
+        if path is not None:
+            uri = self.service.resolve(path).uri
+        if queue is not None and wait:
+            wait_s = self.sync_timeout if limit is None else min(limit, self.sync_timeout)
+            await queue.sync(uri, timeout=wait_s)
+        stats = queue.stats() if queue is not None else {}
+        pending = (
+            (queue.pending(uri) is not None if uri is not None else stats["queue_length"] > 0)
+            if queue is not None
+            else False
+        )
+        return {
+            "path": path,
+            "synced": not pending,
+            "dirty_bytes": stats.get("dirty_bytes", 0),
+            "queue_length": stats.get("queue_length", 0),
+            "failures": stats.get("failures", []),
+        }
+
     # write --------------------------------------------------------------------------------------
     async def write(self, path: str, body: AsyncIterable[bytes], length: int) -> FileStatus:
         """Write ``length`` bytes from ``body`` as the whole new content of ``path``.
@@ -194,6 +399,15 @@ class WriteService:
         cache = mount.write_mode == "cache-through"
         pages = self.service.pages
         async with self._locks.hold(resolved.uri):
+            if mount.write_mode == "write-back":
+                try:
+                    status = await self._write_back(resolved, body, length)
+                except BaseException:
+                    self.stats.failed += 1
+                    raise
+                self.stats.writes += 1
+                self.stats.bytes_written += length
+                return status
             try:
                 if length <= self.multipart_threshold:
                     data = bytearray()
@@ -285,6 +499,7 @@ class WriteService:
         resolved = self._file_target(path)
         store = self.service.store_for(resolved.mount)
         async with self._locks.hold(resolved.uri):
+            await self._sync_pending(resolved.uri)
             try:
                 await store.head(resolved.key)
             except NotFound:
@@ -321,6 +536,7 @@ class WriteService:
         src_store = self.service.store_for(rs.mount)
         dst_store = self.service.store_for(rd.mount)
         async with self._locks.hold(rs.uri, rd.uri):
+            await self._sync_pending(rs.uri, rd.uri)
             try:
                 info = await src_store.head(rs.key)
             except NotFound:
@@ -352,3 +568,8 @@ class WriteService:
 
     def stats_dict(self) -> dict[str, Any]:
         return self.stats.to_dict()
+
+    def writeback_stats(self) -> dict[str, Any] | None:
+        """The write-back queue's stats (dirty bytes, queue length, upload rate, oldest dirty
+        age, failures...), or None where it is not running."""
+        return self.writeback.stats() if self.writeback is not None else None
