@@ -12,43 +12,24 @@ import errno
 import logging
 
 from depot.core.errors import (
-    AlreadyExists,
     Corrupted,
     DepotError,
-    InvalidArgument,
-    IsADirectory,
-    NoSpace,
-    NotADirectory,
-    NotFound,
-    PermissionDenied,
-    ReadOnly,
     RequestTooLarge,
-    StaleVersion,
     Throttled,
     Timeout,
     Unavailable,
-    Unsupported,
 )
 
 log = logging.getLogger(__name__)
 
-# Most specific first: the first class an error is an instance of gives its errno.
+# Where a file-system call answers other than the error's own errno. Most specific first: the
+# first class an error is an instance of gives its errno (Timeout is an Unavailable).
 ERRNO_TABLE: tuple[tuple[type[DepotError], int], ...] = (
-    (NotFound, errno.ENOENT),
-    (ReadOnly, errno.EROFS),
-    (PermissionDenied, errno.EACCES),
-    (IsADirectory, errno.EISDIR),
-    (NotADirectory, errno.ENOTDIR),
-    (AlreadyExists, errno.EEXIST),
-    (NoSpace, errno.ENOSPC),
     (Timeout, errno.ETIMEDOUT),
     (Throttled, errno.EIO),
     (Unavailable, errno.EIO),
-    (StaleVersion, errno.ESTALE),
     (Corrupted, errno.EIO),
     (RequestTooLarge, errno.EINVAL),
-    (InvalidArgument, errno.EINVAL),
-    (Unsupported, errno.EOPNOTSUPP),
 )
 
 
@@ -58,7 +39,7 @@ def errno_of(error: BaseException) -> int:
         for cls, value in ERRNO_TABLE:
             if isinstance(error, cls):
                 return value
-        return errno.EIO
+        return error.errno_value or errno.EIO
     if isinstance(error, TimeoutError):
         return errno.ETIMEDOUT
     if isinstance(error, OSError) and isinstance(error.errno, int) and error.errno > 0:
