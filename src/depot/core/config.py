@@ -25,6 +25,18 @@ ENV_ALIASES = {"DEPOT_ENDPOINT": ("client", "endpoint")}
 CONFIG_ENV = "DEPOT_CONFIG"
 
 
+# Mount option names that carry credentials: masked by `depot config show`, never served to
+# clients (a client reading the under store itself uses its own).
+_SECRET_MARKERS = ("secret", "key", "token", "password", "sas", "credential")
+_NOT_SECRET = ("access_key_id", "account_name")
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether a mount option holds a credential."""
+    lowered = name.lower()
+    return lowered not in _NOT_SECRET and any(m in lowered for m in _SECRET_MARKERS)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -353,9 +365,7 @@ class DepotConfig(_Model):
         data = self.model_dump(mode="json")
         for mount in data.get("mounts", []):
             for key in list(mount.get("options", {})):
-                if any(s in key.lower() for s in ("secret", "key", "token", "password", "sas")) and (
-                    key.lower() not in ("access_key_id", "account_name")
-                ):
+                if is_secret_option(key):
                     mount["options"][key] = "***"
         if data.get("s3", {}).get("secret_key") is not None:
             data["s3"]["secret_key"] = "***"

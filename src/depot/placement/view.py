@@ -16,24 +16,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
-from depot.core.config import MountConfig
+from depot.core.config import MountConfig, is_secret_option
 from depot.core.errors import DepotError, InvalidArgument
 from depot.namespace.mounts import MountTable
 from depot.placement.membership import WorkerInfo
 from depot.placement.ring import HashRing, PlacementPolicy, WorkerIdentity
 
-# Mount options never sent to clients: a client reading the under store directly uses its own.
-_SECRET_MARKERS = ("secret", "key", "token", "password", "sas", "credential")
-_PUBLIC_OPTIONS = ("access_key_id", "account_name")
-
 
 def public_options(options: Mapping[str, str]) -> dict[str, str]:
     """Mount options without credentials, safe to serve to any client."""
-    return {
-        k: v
-        for k, v in options.items()
-        if k.lower() in _PUBLIC_OPTIONS or not any(m in k.lower() for m in _SECRET_MARKERS)
-    }
+    return {k: v for k, v in options.items() if not is_secret_option(k)}
 
 
 @dataclass(frozen=True, slots=True)
