@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIO = Path(__file__).resolve().parent / "fio"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from read_bench import loopback_tcp, page_cache_read  # noqa: E402
+from read_bench import gbps, loopback_tcp, page_cache_read  # noqa: E402
 
 from depot.fuse.mounts import State, state  # noqa: E402
 
@@ -47,8 +47,6 @@ PY = sys.executable
 MiB = 1024 * 1024
 
 
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9
 
 
 def free_port() -> int:

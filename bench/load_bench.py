@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from read_bench import loopback_tcp, page_cache_read, write_file
+from read_bench import gbps, loopback_tcp, page_cache_read, write_file
 
 from depot.client.client import CacheClient
 
@@ -44,8 +44,6 @@ PY = sys.executable
 MiB = 1024 * 1024
 
 
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9
 
 
 def free_port() -> int:

@@ -39,18 +39,13 @@ MiB = 1024 * 1024
 AK, SK = "BENCHACCESSKEY", "bench/secret/key"
 
 
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # machine limit: the same measurement as the read-path bench, so the tables compare
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from read_bench import loopback_tcp  # noqa: E402
+from read_bench import gbps, loopback_tcp, pct  # noqa: E402
 
 # servers ------------------------------------------------------------------------------------------
 
