@@ -173,6 +173,42 @@ async def test_a_join_moves_only_the_newcomers_share(make_cluster: MakeCluster) 
         assert [view.route(k, o)[0].worker_id for k, o in keys] == new
 
 
+async def test_a_client_with_etcd_sees_joins_and_leaves_without_polling(
+    make_cluster: MakeCluster,
+) -> None:
+    """A client configured with the cluster's etcd routes to a newcomer, and around a worker
+    that left, as soon as etcd says so: its poll of the worker's view is set to an hour."""
+    cluster = make_cluster(2)
+    config = DepotConfig.model_validate({"cluster": {
+        "membership": "etcd", "etcd": cluster.etcd_endpoints, "refresh_interval": 3600}})
+
+    async def live_endpoints(client: CacheClient, want: set[str], within: float = 10.0) -> None:
+        deadline = time.monotonic() + within
+        while True:
+            view = client.router.view
+            live = {w.endpoint for w in view.workers if w.is_live} if view else set()
+            if live == want:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"client view {sorted(live)} != {sorted(want)}")
+            await asyncio.sleep(0.05)
+
+    async with CacheClient(cluster.endpoint, config=config, ufs_fallback=False) as client:
+        await client.router.current_view()
+        await live_endpoints(client, set(cluster.endpoints))
+        fetched_at = client.router._view_at
+        index = cluster.add_worker()
+        await live_endpoints(client, set(cluster.endpoints) | {cluster.workers[index].endpoint})
+        cluster.stop(0)  # SIGTERM: it leaves the ring at once
+        await live_endpoints(client, {w.endpoint for w in cluster.running})
+        assert client.router._view_at == fetched_at, "the view was polled, not watched"
+        # Reads route over the watched view, to live workers only.
+        assert cluster.ufs_root is not None
+        data = payload(5, 3 * SEGMENT)
+        (cluster.ufs_root / "after-watch.bin").write_bytes(data)
+        assert await client.read_range("/after-watch.bin", 0, len(data)) == data
+
+
 # --- failures ---------------------------------------------------------------------------------
 
 

@@ -158,7 +158,7 @@ class CacheClient:
     async def close(self) -> None:
         if self.short_circuit is not None:
             await self.short_circuit.close()  # reports the last hits while the pools are open
-        self.router.close()
+        await self.router.aclose()
         for fallback in [*self._retired, *([self._fallback] if self._fallback else [])]:
             await fallback.close()
         self._retired.clear()

@@ -1,7 +1,11 @@
 """Which worker a client asks: the ring view, one connection pool per worker, and down marks.
 
 The client learns the cluster from any worker (``GET /api/v1/cluster``) and refreshes it in the
-background every ``cluster.refresh_interval``, and at once after a worker fails. Each read goes to
+background every ``cluster.refresh_interval``, and at once after a worker fails. A client whose
+config names the cluster's etcd (``cluster.membership: etcd``) also watches the worker entries
+there itself, so a worker that joins or leaves is routed to (or around) as soon as etcd says so;
+the worker's document still gives the mounts and placement settings, and the last view is kept
+while etcd is unreachable. Each read goes to
 the worker that owns its bytes on the ring; a worker that refuses connections is skipped for a
 growing while, so that readers do not each wait on a dead worker before moving on.
 
@@ -16,11 +20,14 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from depot.core.config import DepotConfig
 from depot.core.errors import DepotError
 from depot.core.transport import ConnectionPool, WorkerTimeout, WorkerUnreachable, parse_endpoint
+from depot.placement.etcd import EtcdMembership
+from depot.placement.membership import WorkerInfo
 from depot.placement.view import ClusterView, spread_seed
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,11 @@ class WorkerRouter:
         self._view_at = 0.0
         self._no_cluster = False  # the seed worker serves no cluster view
         self._refreshing: asyncio.Task[None] | None = None
+        # The etcd watch (clients configured with the cluster's etcd only).
+        self._members: EtcdMembership | None = None
+        self._members_start: asyncio.Task[None] | None = None
+        self._members_unsubscribe: Callable[[], None] | None = None
+        self._member_list: tuple[WorkerInfo, ...] | None = None
         self.spread = spread_seed(f"{os.getpid()}:{id(self)}")
         self.pool(self.seed)
 
@@ -74,6 +86,11 @@ class WorkerRouter:
     def close(self) -> None:
         if self._refreshing is not None:
             self._refreshing.cancel()
+        if self._members_start is not None:
+            self._members_start.cancel()
+        if self._members_unsubscribe is not None:
+            self._members_unsubscribe()
+            self._members_unsubscribe = None
         for probe in self._probes.values():
             probe.cancel()
         for pool in [*self._pools.values(), *self._probe_pools.values()]:
@@ -212,11 +229,60 @@ class WorkerRouter:
                 view.workers != self._view.workers
             ):
                 log.debug("cluster view from %s: %d worker(s)", endpoint, len(view.workers))
-            self._view = view
+            self._view = self._with_members(view)
             self._view_at = time.monotonic()
+            self._watch_etcd(view)
             return
         # Nobody answered: keep the last view (and try again on the next call).
         self._view_at = time.monotonic()
+
+    # the etcd watch -----------------------------------------------------------------------------
+    def _watch_etcd(self, view: ClusterView) -> None:
+        """Start watching etcd in the background, when the config names it (once).
+
+        The cluster watched is the one the worker's view names, so a client needs only the
+        etcd endpoints. In the background, so that an unreachable etcd costs reads nothing: the
+        view from the worker serves meanwhile.
+        """
+        cluster = self.config.cluster
+        if (self._members is not None or cluster.membership != "etcd" or not cluster.etcd
+                or view.membership != "etcd"):
+            return
+        try:
+            self._members = EtcdMembership(cluster.etcd, cluster=view.cluster,
+                                           lease_ttl=cluster.lease_ttl)
+        except DepotError as exc:
+            log.warning("not watching etcd: %s", exc)
+            return
+        self._members_start = asyncio.get_running_loop().create_task(self._start_watch())
+
+    async def _start_watch(self) -> None:
+        members = self._members
+        assert members is not None
+        await members.start()
+        self._members_unsubscribe = members.subscribe(self._on_members)
+
+    def _on_members(self, workers: list[WorkerInfo]) -> None:
+        self._member_list = tuple(workers)
+        if self._view is not None:
+            self._view = self._with_members(self._view)
+
+    def _with_members(self, view: ClusterView) -> ClusterView:
+        """``view`` with the workers this client's own etcd watch sees, while etcd answers."""
+        members = self._members
+        if not self._member_list or members is None or not members.healthy:
+            return view  # no watch, etcd silent, or a listing with no worker: the worker's view
+        if self._member_list == view.workers:
+            return view
+        return replace(view, workers=self._member_list, generation=members.generation,
+                       reuse=view)
+
+    async def aclose(self) -> None:
+        """Close the pools and stop the etcd watch."""
+        self.close()
+        members, self._members = self._members, None
+        if members is not None:
+            await members.close(leave=False)
 
     # routing -------------------------------------------------------------------------------------
     def targets(self, path: str | None, offset: int = 0) -> list[str]:
