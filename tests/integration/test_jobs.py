@@ -459,6 +459,42 @@ def test_cluster_load_puts_each_segment_on_its_owner(
     )
 
 
+def test_cluster_load_with_replication_fills_every_replica(tmp_path: Path) -> None:
+    """With replication 2 each page lands on both workers readers spread over, and no other."""
+    data = make_tree(tmp_path / "rdata", {f"r{i:02d}.bin": (i % 5 + 1) * PAGE + 7 * i
+                                          for i in range(12)})
+    registry = EmbeddedRegistry()
+    extra = {"cluster": {"segment_size": 2 * PAGE, "replication": 2}}
+    workers = [LocalWorker(data.as_uri(), tmp_path / f"rw{i}" / "cache", page_size=PAGE,
+                           cache_size="64MiB", registry=registry, extra=extra).start()
+               for i in range(3)]
+    try:
+        view = view_of(workers[0])
+        assert view.policy.replication == 2
+        doc = load(workers[0].endpoint, "/", recursive=True)
+        assert doc["state"] == "completed" and doc["failures"] == [], doc
+        by_id = {w.worker.cluster.worker_id: w for w in workers if w.worker.cluster}
+        total_pages = 0
+        for path in sorted(data.iterdir()):
+            name = "/" + path.name
+            file_key = view.file_key(name)
+            assert file_key is not None
+            expected: dict[str, list[int]] = {}
+            for index in range(pages_of(path.stat().st_size)):
+                for replica in view.route(file_key, index * PAGE)[:2]:
+                    expected.setdefault(replica.worker_id, []).append(index)
+                total_pages += 1
+            for wid, w in by_id.items():
+                assert cached_pages(w, name) == expected.get(wid, []), (name, wid)
+        assert doc["pages"]["loaded"] == 2 * total_pages
+        again = load(workers[2].endpoint, "/", recursive=True)
+        assert again["pages"]["loaded"] == 0
+        assert again["pages"]["cached_before"] == 2 * total_pages
+    finally:
+        for w in workers:
+            w.stop()
+
+
 def test_cluster_job_survives_owner_and_coordinator_restarts(
     cluster: tuple[list[LocalWorker], EmbeddedRegistry, Path], tmp_path: Path,
 ) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -674,17 +675,33 @@ class _Run:
             delay = min(delay * 2, self.runner.max_backoff)
 
     async def _send(self, unit: _Unit) -> dict[str, Any]:
-        """Run a unit on the owner of its bytes (routed again on every retry)."""
+        """Run a unit on the owner of its bytes (routed again on every retry).
 
-        async def once() -> dict[str, Any]:
-            runner = self.runner
-            owner = runner.owner(unit.file_key, unit.start)
+        With ``replication`` R > 1, a load unit runs on each of the key's first R workers (the
+        ones readers spread over), so that every replica answers from its cache; page counts
+        and UFS bytes are then summed over the copies.
+        """
+        runner = self.runner
+        copies = runner.copies(unit.file_key, unit.start) if unit.kind == "load" else 1
+
+        async def once(replica: int) -> dict[str, Any]:
+            owner = runner.owner(unit.file_key, unit.start, replica)
             if owner is None:
                 return await runner.run_local(unit)
             return await runner.run_remote(owner.endpoint, unit)
 
-        result: dict[str, Any] = await self._retrying(once)
-        return result
+        if copies <= 1:
+            result: dict[str, Any] = await self._retrying(functools.partial(once, 0))
+            return result
+        results = await asyncio.gather(
+            *(self._retrying(functools.partial(once, i)) for i in range(copies))
+        )
+        merged: dict[str, Any] = dict(results[0])
+        for other in results[1:]:
+            for key, value in other.items():
+                if isinstance(value, int) and isinstance(merged.get(key), int):
+                    merged[key] += value
+        return merged
 
     # free ------------------------------------------------------------------------------------
     async def _free(self) -> None:
@@ -1011,14 +1028,22 @@ class JobRunner:
             log.debug("could not prune old jobs: %s", exc)
 
     # routing ----------------------------------------------------------------------------------------
-    def owner(self, file_key: str | None, offset: int) -> WorkerInfo | None:
-        """The worker that owns these bytes; None when it is this worker (or no ring yet)."""
+    def owner(self, file_key: str | None, offset: int, replica: int = 0) -> WorkerInfo | None:
+        """The worker that owns these bytes (its ``replica``-th copy); None when it is this
+        worker (or no ring yet)."""
         if file_key is None:
             return None
         workers = self.view().route(file_key, offset)
-        if not workers or workers[0].worker_id == self.worker_id:
+        if len(workers) <= replica or workers[replica].worker_id == self.worker_id:
             return None
-        return workers[0]
+        return workers[replica]
+
+    def copies(self, file_key: str | None, offset: int) -> int:
+        """How many workers cache these bytes: ``replication``, at most the workers placed."""
+        view = self.view()
+        if file_key is None or view.policy.replication <= 1:
+            return 1
+        return max(1, min(view.policy.replication, len(view.ring.workers)))
 
     def pool(self, endpoint: str) -> ConnectionPool:
         pool = self._pools.get(endpoint)
