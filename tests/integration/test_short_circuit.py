@@ -268,3 +268,33 @@ def test_touched_pages_round_trip() -> None:
             decode_touched(bad)
     with pytest.raises(ValueError):
         decode_touched("k:0-99999999")
+
+
+def test_fsspec_large_local_reads_skip_read_ahead(env: tuple[LocalWorker, Path, bytes]) -> None:
+    """Reads of a block or more from local page files land in the caller's buffer directly (a
+    read-ahead block would only add a copy); small sequential reads still get read-ahead."""
+    import fsspec
+
+    worker, _, data = env
+    fs = fsspec.filesystem("depot", endpoint=worker.endpoint, config=_config(),
+                           skip_instance_cache=True)
+    try:
+        with fs.open("/f.bin", "rb") as f:
+            first = 4 * PAGE
+            assert f.read(first) == data[:first]
+            block = 1024 * 1024  # the read-ahead block: pages of at least 1 MiB together
+            out = bytearray(block)
+            assert f.readinto(out) == block
+            assert bytes(out) == data[first : first + block]
+            assert not f._blocks, "read-ahead started for a large local read"
+            assert f.read() == data[first + block :]
+        with fs.open("/f.bin", "rb") as f:
+            assert f.read(1000) == data[:1000]
+            assert f.read(1000) == data[1000:2000]
+            assert f._blocks  # small reads: one block serves many
+        client_state = fs._loops.get(fs.loop)
+        assert client_state is not None
+        sc = client_state.client.short_circuit
+        assert sc is not None and sc.stats.reads > 0
+    finally:
+        fs.close()

@@ -795,10 +795,21 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
         return stop
 
     def _read_ahead(self, start: int, stop: int) -> None:
-        """Keep blocks in flight for the window after this read (and this read, if small)."""
+        """Keep blocks in flight for the window after this read (and this read, if small).
+
+        Not for reads of a block or more from a local worker's page files (short-circuit):
+        those are as fast as the copy a read-ahead block would add, so they go straight into
+        the caller's buffer. Small local reads keep it: one block then serves many of them
+        without a trip to the event loop each.
+        """
         if not self._block_size:
             self._block_size = self.fs._run(self.fs._read_block_size())
         size = self._block_size
+        if stop - start >= size:
+            state = self.fs._loops.get(self.fs.loop)  # this thread runs no loop: look it up
+            short_circuit = state.client.short_circuit if state is not None else None
+            if short_circuit is not None and short_circuit.is_local(self.path, stop):
+                return
         pool = self.fs.buffers(size)
         first = start if stop - start < size else stop
         last = min(self.size, stop + self.read_ahead)

@@ -149,6 +149,16 @@ class ShortCircuit:
         self._locals[endpoint] = local
         return local
 
+    def is_local(self, path: str, offset: int) -> bool:
+        """Whether the worker for these bytes was found readable here (no I/O: what is known).
+
+        Readers use it to skip read-ahead, which only adds a copy when reads are local.
+        """
+        if self._closed or self.router.view is None:
+            return False
+        known = self._locals.get(self.router.targets(path, offset)[0])
+        return known is not None and known.files is not None
+
     # versions ---------------------------------------------------------------------------------
     def saw(self, status: FileStatus) -> None:
         """Remember a status the client got from a worker (a stat), as of now."""
