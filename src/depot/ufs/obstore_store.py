@@ -237,7 +237,9 @@ class ObstoreUnderStore(UnderStore):
     async def put(self, key: str, data: Buffer) -> ObjectInfo:
         check_key(key)
         try:
-            await obs.put_async(self.store, key, data)
+            # One request: left to itself obstore cuts anything over 5 MiB into parts, which
+            # costs two more round trips (callers send large files through put_multipart).
+            await obs.put_async(self.store, key, data, use_multipart=False)
         except Exception as exc:
             raise map_error(exc, key) from exc
         # The put response lacks size and mtime; one HEAD gives the store's own view.
