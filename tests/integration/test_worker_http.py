@@ -256,7 +256,7 @@ def test_openapi_lists_every_route(worker: LocalWorker) -> None:
     assert spec["openapi"].startswith("3.")
     assert set(spec["paths"]) == {"/healthz", "/api/v1/info", "/api/v1/stat", "/api/v1/list",
                                   "/api/v1/read", "/api/v1/cache/stats", "/api/v1/cluster",
-                                  "/openapi.json", "/api/v1/cache/load", "/api/v1/cache/free",
+                                  "/openapi.json", "/metrics", "/api/v1/cache/load", "/api/v1/cache/free",
                                   "/api/v1/cache/hits",
                                   "/api/v1/jobs", "/api/v1/jobs/{job_id}",
                                   "/api/v1/jobs/{job_id}/stop", "/api/v1/write",

@@ -173,6 +173,7 @@ async def test_retry_failed_and_abandon(env: Env) -> None:
         await q.sync("/x", timeout=5)
     with pytest.raises(PermissionDenied):
         await q.sync("/y", timeout=5)
+    assert q.stats()["upload_failures"] == 2
     assert await q.retry_failed(t1.seq) == 1
     await q.sync("/x", timeout=5)
     await q.abandon(t2.seq, "operator said so")
@@ -192,6 +193,7 @@ async def test_max_attempts_turns_retryable_into_failure(env: Env) -> None:
     with pytest.raises(Throttled):
         await q.sync(timeout=5)
     assert q.stats()["failures"][0]["attempts"] == 3
+    assert q.stats()["upload_failures"] == 1 and q.stats()["retries"] == 2
     await q.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -20,6 +21,7 @@ from depot.core.errors import (
 )
 from depot.core.types import ByteRange
 from depot.namespace.paths import normalize_path
+from depot.observability.metrics import WorkerMetrics
 from depot.pagestore.direct import decode_touched, describe
 from depot.pagestore.local import LocalPageStore
 from depot.placement.view import ClusterView
@@ -41,6 +43,10 @@ class MethodNotAllowed(InvalidArgument):
 
 
 WRITE_ROUTE = "/api/v1/write"
+METRICS_ROUTE = "/metrics"
+JOBS_PREFIX = "/api/v1/jobs/"
+JOB_ROUTE = JOBS_PREFIX + "{job_id}"
+JOB_STOP_ROUTE = JOBS_PREFIX + "{job_id}/stop"
 
 
 def _json(writer: ResponseWriter, data: Any, status: int = 200) -> None:
@@ -84,6 +90,27 @@ def _offset(params: dict[str, str], name: str, default: int) -> int:
     return int(text)
 
 
+def _job_route(path: str) -> str | None:
+    """The job route template ``path`` matches (``/api/v1/jobs/ID`` or ``.../ID/stop``)."""
+    if not path.startswith(JOBS_PREFIX):
+        return None
+    rest = path[len(JOBS_PREFIX) :]
+    if rest.endswith("/stop") and "/" not in rest[: -len("/stop")]:
+        return JOB_STOP_ROUTE
+    if rest and "/" not in rest:
+        return JOB_ROUTE
+    return None
+
+
+def cache_stats_document(service: ReadThroughService, writes: WriteService) -> dict[str, Any]:
+    """What ``GET /api/v1/cache/stats`` answers; the metrics collector reads the same document."""
+    out = {**service.cache_stats(), "writes": writes.stats_dict()}
+    writeback = writes.writeback_stats()
+    if writeback is not None:
+        out["writeback"] = writeback
+    return out
+
+
 def _etag_value(header: str | None) -> str | None:
     """The entity tag of an ``If-Match`` header, quoted as the worker sends it."""
     if header is None:
@@ -105,7 +132,10 @@ class WorkerApp:
         max_request_bytes: int,
         cluster_view: Callable[[], ClusterView] | None = None,
         writes: WriteService | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
+        """``metrics``: where request durations go, and what ``GET /metrics`` renders (the
+        route exists only with it)."""
         self.service = service
         self.writes = writes if writes is not None else WriteService(service)
         self.worker_id = worker_id
@@ -122,6 +152,9 @@ class WorkerApp:
             "/healthz": self.health,
             "/openapi.json": self.openapi,
         }
+        self.metrics = metrics
+        if metrics is not None:
+            self._routes[METRICS_ROUTE] = self.prometheus
         self._openapi: bytes | None = None
         # Preload and free (worker/jobs.py): set by the daemon once the cluster is joined.
         self.jobs: JobRunner | None = None
@@ -145,23 +178,38 @@ class WorkerApp:
         return method == "PUT" and path == WRITE_ROUTE
 
     async def __call__(self, request: Request, writer: ResponseWriter) -> None:
-        route = self._routes.get(request.path)
-        if route is None:
-            await self._action(request, writer)
-            return
-        if request.method not in ("GET", "HEAD"):
-            raise MethodNotAllowed(f"method {request.method} is not allowed here", request.path)
-        await route(request, writer)
+        started = time.perf_counter()
+        try:
+            route = self._routes.get(request.path)
+            if route is None:
+                await self._action(request, writer)
+            elif request.method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(
+                    f"method {request.method} is not allowed here", request.path
+                )
+            else:
+                await route(request, writer)
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_request(
+                    self._route_label(request.path), time.perf_counter() - started
+                )
+
+    def _route_label(self, path: str) -> str:
+        """The route a request is counted under: a fixed set, so unknown paths are ``other``."""
+        if path in self._routes or path in self._action_routes:
+            return path
+        return _job_route(path) or "other"
 
     async def _action(self, request: Request, writer: ResponseWriter) -> None:
         """Routes that take POST (cache load/free, jobs); GET/HEAD-only routes are above."""
         path = request.path
         methods = self._action_routes.get(path)
-        if methods is None and path.startswith("/api/v1/jobs/"):
-            rest = path[len("/api/v1/jobs/") :]
-            if rest.endswith("/stop") and "/" not in rest[: -len("/stop")]:
+        if methods is None:
+            job_route = _job_route(path)
+            if job_route == JOB_STOP_ROUTE:
                 methods = {"POST": self.job_stop}
-            elif rest and "/" not in rest:
+            elif job_route == JOB_ROUTE:
                 methods = {"GET": self.job_get}
         if methods is None:
             raise NotFound("no such endpoint", path)
@@ -306,11 +354,12 @@ class WorkerApp:
         writer.send(200, self._openapi, JSON)
 
     async def cache_stats(self, request: Request, writer: ResponseWriter) -> None:
-        out = {**self.service.cache_stats(), "writes": self.writes.stats_dict()}
-        writeback = self.writes.writeback_stats()
-        if writeback is not None:
-            out["writeback"] = writeback
-        _json(writer, out)
+        _json(writer, cache_stats_document(self.service, self.writes))
+
+    async def prometheus(self, request: Request, writer: ResponseWriter) -> None:
+        """Prometheus text exposition of this worker's metrics (counters read now)."""
+        assert self.metrics is not None  # the route is registered only with metrics
+        writer.send(200, self.metrics.render(), (("Content-Type", self.metrics.content_type),))
 
     async def stat(self, request: Request, writer: ResponseWriter) -> None:
         status = await self.service.stat(_require_path(query_params(request)))

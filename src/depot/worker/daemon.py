@@ -8,15 +8,19 @@ import logging
 import uuid
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
+from depot import __version__
 from depot.core.config import DepotConfig
 from depot.core.errors import ConfigError
 from depot.metastore import MetadataStore
 from depot.namespace.mounts import Mount, MountTable
+from depot.observability.metrics import WorkerMetrics
 from depot.pagestore.local import LocalPageStore
 from depot.placement.membership import ClusterStore, Membership
 from depot.ufs.base import UnderStore
 from depot.ufs.registry import open_under_store
-from depot.worker.app import WorkerApp
+from depot.worker.app import WorkerApp, cache_stats_document
 from depot.worker.cluster import ClusterNode
 from depot.worker.http import HttpServer
 from depot.worker.jobs import FileJobStore, JobRunner
@@ -45,8 +49,16 @@ def load_worker_id(cache_root: Path) -> str:
 class Worker:
     """One depot worker: start it, read ``endpoint``, stop it."""
 
-    def __init__(self, config: DepotConfig, *, membership: Membership | None = None) -> None:
-        """``membership``: one to join instead of the one the config names (test clusters)."""
+    def __init__(
+        self,
+        config: DepotConfig,
+        *,
+        membership: Membership | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        """``membership``: one to join instead of the one the config names (test clusters).
+        ``metrics_registry``: where this worker's metrics go (``GET /metrics`` renders it);
+        by default a registry of its own, so workers sharing a process never clash."""
         if not config.mounts:
             raise ConfigError("no mounts configured: give --ufs URI or a 'mounts:' section")
         self.config = config
@@ -61,6 +73,10 @@ class Worker:
         self.jobs: JobRunner | None = None
         self.writeback: WriteBackQueue | None = None
         self._membership = membership
+        self.metrics_registry = (
+            metrics_registry if metrics_registry is not None else CollectorRegistry()
+        )
+        self.metrics: WorkerMetrics | None = None
 
     @property
     def advertised_endpoint(self) -> str:
@@ -104,12 +120,20 @@ class Worker:
                 self.service, multipart_threshold=cfg.worker.write_multipart_threshold
             )
             await self._open_writeback(writes)
+            service = self.service
+            self.metrics = WorkerMetrics(
+                self.metrics_registry,
+                worker_id=self.worker_id,
+                version=__version__,
+                stats=lambda: cache_stats_document(service, writes),
+            )
             app = WorkerApp(
                 self.service,
                 worker_id=self.worker_id,
                 max_request_bytes=cfg.worker.max_request_bytes,
                 cluster_view=lambda: self._cluster_node().view,
                 writes=writes,
+                metrics=self.metrics,
             )
             self.server = HttpServer(
                 app, streaming=app.streams, max_stream_bytes=cfg.worker.max_write_bytes
@@ -201,6 +225,9 @@ class Worker:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.writeback is not None:
             # Pending writes stay staged and journaled: the next start uploads them.
             await self.writeback.close()

@@ -198,6 +198,7 @@ class WriteBackQueue:
             "uploaded_bytes": 0,
             "superseded": 0,
             "retries": 0,
+            "upload_failures": 0,
             "abandoned": 0,
             "journal_torn_bytes": 0,
         }
@@ -675,6 +676,7 @@ class WriteBackQueue:
                 else:
                     entry.state = State.FAILED
                 entry.error = err
+                self.counters["upload_failures"] += 1
                 log.error(
                     "write-back upload of %s (#%d) failed permanently after %d attempts: %s",
                     ticket.path,

@@ -1,0 +1,1 @@
+"""Observability of depot's daemons: Prometheus metrics (``metrics``)."""
