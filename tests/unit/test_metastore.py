@@ -551,3 +551,19 @@ def test_concurrent_mixed_operations_keep_counts_exact(db_path: Path) -> None:
         db.close()
     assert counted.entries == len(on_disk)
     assert counted.statuses == sum(1 for k in on_disk if k[:1] == b"S")
+
+
+def test_a_large_listing_is_served_from_memory_under_the_default_config(tmp_path: Path) -> None:
+    """A hot ``ls`` of a 10k-entry directory must not decode the listing from RocksDB each time:
+    the worker's default memory budget holds it (the old 4096-row budget did not)."""
+    from depot.core.config import DepotConfig
+
+    budget = DepotConfig().cache.metadata_memory_entries
+    rows = [FileStatus(f"/d/f{i:05d}", i, 1.0) for i in range(10_000)]
+    with MetadataStore(tmp_path / "meta", memory_entries=budget) as meta:
+        for row in rows:  # a listing's statuses are recorded too, before the listing
+            meta.put_status(f"s3://b/d/f{row.path[-5:]}", row, fetched_at=1.0)
+        meta.put_listing("s3://b/d/", rows, fetched_at=1.0)
+        listing = meta.get_listing("s3://b/d/")
+        assert listing is not None and listing.entries == rows
+        assert meta.stats().memory_entries == 10_001  # the listing and every status, decoded

@@ -69,6 +69,9 @@ class CacheConfig(_Model):
     page_size: int = Field(default=DEFAULT_PAGE_SIZE, ge=4096, le=256 * 1024 * 1024)
     eviction: Literal["lru", "lfu"] = "lru"
     metadata_dir: Path | None = None
+    # Statuses (and listing rows) the metadata cache keeps decoded in memory, beyond RocksDB:
+    # a hot `ls` of a 10k-entry directory or a loader's stat of every file answers from here.
+    metadata_memory_entries: int = Field(default=256 * 1024, ge=0)
 
     _parse_size = field_validator("page_size", mode="before")(_size)
 

@@ -106,7 +106,9 @@ class Worker:
         self.worker_id = load_worker_id(cache_root)
         self._pages = await LocalPageStore.open_from_config(cfg.cache)
         try:
-            self._metadata = MetadataStore(cfg.cache.metadata_path)
+            self._metadata = MetadataStore(
+                cfg.cache.metadata_path, memory_entries=cfg.cache.metadata_memory_entries
+            )
             self.service = ReadThroughService(
                 self.mounts,
                 self._pages,
