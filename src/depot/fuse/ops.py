@@ -5,11 +5,11 @@ Every handler runs as a task on the one event loop of the mount process, the sam
 pays for a hand-off between threads. Handlers may only raise ``FUSEError``; every other error is
 turned into its errno here (``depot.fuse.errors``).
 
-Writes (``-o rw``): a file opened for writing is staged locally (``depot.fuse.staging``) and
-uploaded whole on close with ``CacheClient.write``; mkdir, rmdir, unlink and rename go to the
-client's calls of the same names. What an object store cannot do answers ``EOPNOTSUPP`` or
-``EPERM`` (docs/fuse.md#writes). A read-only mount is ``ro`` for the kernel, which answers
-``EROFS`` itself; the handlers refuse too.
+Writes (``-o rw``): a file opened for writing is staged locally (``depot.fuse.staging``: writes
+at any offset, appends, truncation) and uploaded whole on close with ``CacheClient.write``;
+mkdir, rmdir, unlink and rename go to the client's calls of the same names. What an object
+store cannot do answers ``EOPNOTSUPP`` or ``EPERM`` (docs/fuse.md#writes). A read-only mount is
+``ro`` for the kernel, which answers ``EROFS`` itself; the handlers refuse too.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pyfuse3 import (
 
 from depot.client.client import MIN_CHUNK, CacheClient
 from depot.core.config import DepotConfig
-from depot.core.errors import AlreadyExists, IsADirectory, NotFound, Unsupported
+from depot.core.errors import AlreadyExists, IsADirectory, NotFound
 from depot.core.types import FileStatus
 from depot.fuse.errors import errno_of
 from depot.fuse.inodes import ROOT_INODE, Inode, InodeTable, join
@@ -91,9 +91,40 @@ def _refuse(code: int) -> FUSEError:
 
 @dataclass
 class _WriteHandle:
+    """An open file served from its spool: one opened for writing, or one opened for reading
+    while the mount writes it (it reads the spool: read-your-writes)."""
+
     fh: int
     inode: Inode
     staged: Staged
+    #: ``O_APPEND``: every write goes to the end of the spool, whatever offset the kernel sends.
+    append: bool = False
+    writable: bool = True
+
+
+class _StoredFile:
+    """The stored file of an inode as its spool reads it (``staging.Source``): through the
+    client, so from the cache, pinned to the version the inode records, so that a copy never
+    mixes two versions."""
+
+    def __init__(self, ops: DepotOperations, node: Inode) -> None:
+        self.ops = ops
+        self.node = node
+
+    async def refresh(self) -> int:
+        node = self.node
+        status = await self.ops._stat(node.path)
+        if status.is_dir:
+            raise IsADirectory("a directory now has this name", node.path)
+        if self.ops.table.update(node, status) is not None:
+            self.ops._changed(node)
+        return status.size
+
+    async def read_into(self, start: int, end: int, out: memoryview) -> int:
+        node = self.node
+        return await self.ops.client.read_range_into(
+            node.path, start, end, out, version=node.version
+        )
 
 
 @dataclass
@@ -419,6 +450,8 @@ class DepotOperations(pyfuse3.Operations):
         node = self._inode(inode)
         if flags & _WRITE_FLAGS:
             return await self.open_for_write(node, flags)
+        if node.staged is not None:  # being written on this mount: read what was written
+            return self._open_writer(node, node.staged, writable=False)
         if not node.fresh(self.settings.attr_timeout):
             status = await self._stat(node.path)
             if status.is_dir != node.status.is_dir:
@@ -464,7 +497,7 @@ class DepotOperations(pyfuse3.Operations):
     @fuse_errors
     async def flush(self, fh: FileHandleT) -> None:
         writer = self.writers.get(fh)
-        if writer is not None:
+        if writer is not None and writer.writable:
             await self._upload(writer.inode, writer.staged)
 
     @fuse_errors
@@ -523,25 +556,33 @@ class DepotOperations(pyfuse3.Operations):
         ``AlreadyExists`` when a file is there (the worker's mkdir check, which creates nothing)."""
         await self.client.mkdir(path)
 
-    def _stage(self, node: Inode, *, truncated: bool) -> Staged:
-        staged = Staged(
-            node.path, self.staging_dir, base_size=node.status.size, truncated=truncated
-        )
+    def _stage(self, node: Inode, *, local: bool) -> Staged:
+        staged = Staged(node.path, self.staging_dir, base_size=node.status.size, local=local)
         node.staged = staged
         self.writing[node.ino] = node
         return staged
 
-    def _open_writer(self, node: Inode, staged: Staged) -> FileInfo:
+    def _source(self, node: Inode) -> _StoredFile:
+        return _StoredFile(self, node)
+
+    def _open_writer(
+        self, node: Inode, staged: Staged, *, append: bool = False, writable: bool = True
+    ) -> FileInfo:
         staged.handles += 1
         node.opens += 1
         fh = self._fh()
-        self.writers[fh] = _WriteHandle(fh, node, staged)
+        self.writers[fh] = _WriteHandle(fh, node, staged, append=append, writable=writable)
         # No keep_cache: the kernel drops the pages it held of the old content.
         return FileInfo(fh=fh, keep_cache=False, direct_io=False)
 
     def _uploaded(self, node: Inode, status: FileStatus) -> None:
-        """``node`` has new content in the store: record it, drop every cached byte of the old."""
+        """``node`` has new content in the store: record it, drop every cached byte of the old.
+
+        The next open asks the worker again rather than trusting this status for
+        ``attr_timeout``: on a write-back mount it names a provisional version that the upload,
+        when it lands, replaces (a reader pinned to it would then get ``ESTALE``)."""
         self.table.update(node, status)
+        node.checked = 0.0
         if node.data is not None:
             node.data.close()
             node.data = None
@@ -585,41 +626,49 @@ class DepotOperations(pyfuse3.Operations):
             gone.data.close()
             gone.data = None
 
+    @fuse_errors
     async def _read_staged(self, fh: int, off: int, size: int) -> bytes:
         writer = self.writers.get(fh)
         if writer is None:
             raise FUSEError(errno.EBADF)
-        staged = writer.staged
-        if staged.truncated:
-            return staged.read(off, size)
-        node = writer.inode
+        return await writer.staged.read(off, size, self._source(writer.inode))
+
+    async def _refresh_file(self, node: Inode) -> None:
+        """Check that ``node`` may be written (``EROFS`` now, not at close) and record its
+        current status: the size and version a spool starts from."""
         try:
-            return await self.client.read_range(
-                node.path, off, min(off + size, node.status.size), version=node.version
-            )
-        except Exception as exc:
-            raise FUSEError(errno_of(exc)) from None
+            await self._check_writable(node.path)
+        except AlreadyExists:
+            pass
+        status = await self._stat(node.path)
+        if status.is_dir:
+            raise FUSEError(errno.EISDIR)
+        if self.table.update(node, status) is not None:
+            self._changed(node)
 
     async def open_for_write(self, node: Inode, flags: int) -> FileInfo:
         self._writable()
-        if flags & os.O_APPEND:
-            raise FUSEError(errno.EOPNOTSUPP)  # depot replaces whole files; no appends
         truncate = bool(flags & os.O_TRUNC)
-        staged = node.staged
+        if node.staged is None:
+            await self._refresh_file(node)
+        staged = node.staged  # again: another open may have staged the file meanwhile
         if staged is None:
-            try:
-                await self._check_writable(node.path)
-            except AlreadyExists:
-                pass
-            status = await self._stat(node.path)
-            if status.is_dir:
-                raise FUSEError(errno.EISDIR)
-            if self.table.update(node, status) is not None:
-                self._changed(node)
-            staged = self._stage(node, truncated=truncate)
-        elif truncate:
-            staged.truncate()
-        return self._open_writer(node, staged)
+            return self._open_writer(
+                node, self._stage(node, local=truncate), append=bool(flags & os.O_APPEND)
+            )
+        info = self._open_writer(node, staged, append=bool(flags & os.O_APPEND))
+        if truncate:
+            await self._truncate_open(info.fh, node, staged, 0)
+        return info
+
+    async def _truncate_open(self, fh: int, node: Inode, staged: Staged, size: int) -> None:
+        """Truncate the shared spool for a new handle ``fh`` (it keeps the spool alive while
+        the call waits); the handle is released again if that fails."""
+        try:
+            await staged.truncate(size, self._source(node))
+        except BaseException:
+            await self._release_writer(fh)
+            raise
 
     @fuse_errors
     async def create(
@@ -627,35 +676,40 @@ class DepotOperations(pyfuse3.Operations):
     ) -> tuple[FileInfo, EntryAttributes]:
         self._writable()
         path = self._child(parent_inode, name)
-        if flags & os.O_APPEND:
-            raise FUSEError(errno.EOPNOTSUPP)
+        truncate = bool(flags & os.O_TRUNC)
+        exists = False
         try:
             await self._check_writable(path)
         except AlreadyExists:
             if flags & os.O_EXCL:
                 raise
+            exists = True  # the kernel did not know it yet (a negative entry): keep its bytes
         node = self.table.by_path(path)
-        if node is None or node.status.is_dir:
+        if exists and (node is None or node.staged is None):
+            status = await self._stat(path)
+            if status.is_dir:
+                raise FUSEError(errno.EISDIR)
+            node = self._record(path, status)
+        elif node is None or node.status.is_dir:
             node = self._record(path, FileStatus(path=path, size=0, mtime=time.time()))
         staged = node.staged
         if staged is None:
-            staged = self._stage(node, truncated=True)
+            staged = self._stage(node, local=truncate or not exists)
+            info = self._open_writer(node, staged, append=bool(flags & os.O_APPEND))
         else:
-            staged.truncate()
-        info = self._open_writer(node, staged)
+            info = self._open_writer(node, staged, append=bool(flags & os.O_APPEND))
+            if truncate:
+                await self._truncate_open(info.fh, node, staged, 0)
         node.lookups += 1
         return info, self._attrs(node)
 
     @fuse_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         writer = self.writers.get(fh)
-        if writer is None:
+        if writer is None or not writer.writable:
             raise FUSEError(errno.EBADF)
-        try:
-            return writer.staged.write(off, buf)
-        except Unsupported as exc:
-            log.info("refused (EOPNOTSUPP): %s", exc)
-            raise FUSEError(errno.EOPNOTSUPP) from None
+        offset = None if writer.append else off
+        return await writer.staged.write(offset, buf, self._source(writer.inode))
 
     @fuse_errors
     async def setattr(
@@ -669,21 +723,34 @@ class DepotOperations(pyfuse3.Operations):
         self._writable()
         node = self._inode(inode)
         if fields.update_size:
-            size = attr.st_size
-            staged = node.staged
             if node.status.is_dir:
                 raise FUSEError(errno.EISDIR)
-            if staged is not None:
-                if size == 0:
-                    staged.truncate()
-                elif size != staged.size:
-                    raise FUSEError(errno.EOPNOTSUPP)
-            elif size == 0 and node.status.size != 0:
-                self._uploaded(node, await self.client.write(node.path, b""))
-            elif size != node.status.size:
-                raise FUSEError(errno.EOPNOTSUPP)
+            if node.staged is not None or attr.st_size != node.status.size:
+                await self._truncate(node, attr.st_size)
         # Modes, owners and times are not stored by object stores: accepted and ignored.
         return self._attrs(node)
+
+    async def _truncate(self, node: Inode, size: int) -> None:
+        """``truncate``/``ftruncate``: of a file being written, its spool changes (uploaded on
+        its close); of a file no one writes, it is staged as an open would, cut or extended,
+        and uploaded by this call (whose errors are the call's). A handle taken for the time of
+        the call keeps the spool alive should the writers close meanwhile."""
+        if node.staged is None:
+            await self._refresh_file(node)
+        staged = node.staged  # again: another open may have staged the file meanwhile
+        if staged is None:
+            if size == node.status.size:
+                return
+            staged = self._stage(node, local=size == 0)
+        info = self._open_writer(node, staged)
+        try:
+            if size != staged.size:
+                await staged.truncate(size, self._source(node))
+            writers = [w for w in self.writers.values() if w.staged is staged and w.writable]
+            if len(writers) == 1:  # only this call's handle: no close uploads it later
+                await self._upload(node, staged)
+        finally:
+            await self._release_writer(info.fh)
 
     @fuse_errors
     async def mknod(

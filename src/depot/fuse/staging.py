@@ -1,11 +1,25 @@
 """Files being written through a mount: a local spool per file, uploaded whole on close.
 
-depot writes whole objects (docs/writes.md), so a file opened for writing is staged in an
-anonymous temporary file under ``fuse.staging_dir`` (memory stays bounded: the bytes are on
-disk) and uploaded with ``CacheClient.write`` when it is closed (``flush``) or ``fsync``'d.
-Writes must be sequential: each one starts where the last ended. A write anywhere else, or into
-an existing file that was not truncated, is refused with ``Unsupported`` (``EOPNOTSUPP``):
-staging with random writes comes with write-back (issue 7).
+depot stores whole objects (docs/writes.md), so a file opened for writing is staged in an
+anonymous temporary file under ``fuse.staging_dir`` (the bytes are on disk: memory stays
+bounded) and uploaded whole with ``CacheClient.write`` when it is closed (``flush``) or
+``fsync``'d. Every write lands at its offset in the spool (``os.pwrite``): appends, writes into
+the middle, writes past the end (the hole reads as zeros) and truncation to any size all work.
+
+An existing file opened without ``O_TRUNC`` starts as the stored object, untouched: reads go to
+the stored version and its bytes are copied into the spool (read through the client, so from the
+cache) by the first call that changes it — a write, or a truncation to a size other than 0.
+Lazily rather than at open, because many such opens never need the old bytes: ``O_WRONLY`` then
+``ftruncate(fd, 0)``, an ``O_RDWR`` open that only reads; a checkpoint of many GB is then not
+downloaded for nothing, and an open stays one round trip. The copy is of the version current
+when it starts, every chunk pinned to it; a version replaced meanwhile (a write-back upload
+landing turns the provisional version into the store's own) restarts it. A copy that fails (no
+worker, the under store down) empties the spool again and answers its error (``EIO``); the file
+stays untouched, not dirty, so nothing is uploaded: a file with missing bytes never reaches the
+store.
+
+One lock per file orders the copy, every change and the upload: a write waits for the copy it
+needs, and an upload sends a spool that nothing changes under it.
 """
 
 from __future__ import annotations
@@ -14,27 +28,53 @@ import asyncio
 import os
 import tempfile
 import time
-from typing import IO
+from typing import IO, Protocol
 
-from depot.core.errors import Unsupported
+from depot.core.errors import StaleVersion
+
+#: Bytes copied into the spool per request: a few pages, fetched in parallel by the client,
+#: with a buffer this size as the copy's only memory.
+COPY_CHUNK = 8 * 1024 * 1024
+#: Copies started over when the stored version changes under them, before ``StaleVersion``.
+COPY_ATTEMPTS = 3
+
+
+class Source(Protocol):
+    """The stored file behind a spool."""
+
+    async def refresh(self) -> int:
+        """Look up the current version (later reads are pinned to it); returns its size."""
+
+    async def read_into(self, start: int, end: int, out: memoryview) -> int:
+        """Receive ``[start, end)`` of the pinned version into ``out``; returns the count
+        (fewer only at the end of the file). ``StaleVersion`` if that version was replaced."""
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        count = os.pwrite(fd, view, offset)
+        view = view[count:]
+        offset += count
 
 
 class Staged:
-    """The spool of one file being written (shared by every open of it for writing)."""
+    """The spool of one file being written (shared by every open of it on the mount)."""
 
     def __init__(
-        self, path: str, staging_dir: str | None, *, base_size: int, truncated: bool
+        self, path: str, staging_dir: str | None, *, base_size: int, local: bool
     ) -> None:
         self.path = path
         self.file: IO[bytes] = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
             dir=staging_dir, prefix="depot-write-"
         )
-        #: False while the file still is the stored object, untouched (opened without O_TRUNC).
-        self.truncated = truncated
-        self.size = 0 if truncated else base_size
-        #: Bytes (or a truncation) not uploaded yet; a new or truncated file is uploaded on close
-        #: even when nothing was written (``touch``, ``: > file``).
-        self.dirty = truncated
+        #: The spool holds the whole content (a new or truncated file, or the stored bytes were
+        #: copied in). False while the file still is the stored object, untouched.
+        self.local = local
+        self.size = 0 if local else base_size
+        #: Changes not uploaded yet; a new or truncated file is uploaded on close even when
+        #: nothing was written (``touch``, ``: > file``).
+        self.dirty = local
         #: The last upload failed: its error was reported; release does not try again.
         self.failed = False
         #: The name was removed (unlink, replaced by a rename): nothing is uploaded any more.
@@ -43,41 +83,82 @@ class Staged:
         self.mtime = time.time()
         self.lock = asyncio.Lock()
 
-    def truncate(self) -> None:
-        self.file.truncate(0)
-        self.size = 0
-        self.truncated = True
-        self.dirty = True
-        self.failed = False
-        self.mtime = time.time()
+    async def _load(self, source: Source) -> None:
+        """Make the spool hold the whole content: copy the stored bytes in, once (the caller
+        holds the lock)."""
+        attempt = 1
+        while not self.local:
+            try:
+                await self._copy(source)
+            except StaleVersion:
+                self.file.truncate(0)  # a partial copy is never read, written or uploaded
+                if attempt >= COPY_ATTEMPTS:
+                    raise
+                attempt += 1
+            except BaseException:
+                self.file.truncate(0)
+                raise
 
-    def write(self, offset: int, data: bytes) -> int:
-        if not self.truncated:
-            if self.size > 0:
-                raise Unsupported(
-                    "writing into an existing file is not supported: open it with O_TRUNC "
-                    "(depot replaces whole files)",
+    async def _copy(self, source: Source) -> None:
+        size = self.size = await source.refresh()
+        fd = self.file.fileno()
+        buffer = memoryview(bytearray(min(COPY_CHUNK, size)))
+        pos = 0
+        while pos < size:
+            end = min(size, pos + COPY_CHUNK)
+            view = buffer[: end - pos]
+            count = await source.read_into(pos, end, view)
+            if count != end - pos:
+                raise StaleVersion(
+                    f"the stored file ended at {pos + count} while {size} bytes were copied",
                     self.path,
                 )
-            self.truncated = True  # an empty file: writing it from the start is sequential
-        if offset != self.size:
-            raise Unsupported(
-                f"write at offset {offset} of a file written sequentially up to {self.size}: "
-                "random writes are not supported",
-                self.path,
-            )
-        count = os.pwrite(self.file.fileno(), data, offset)
-        self.size += count
+            await asyncio.to_thread(_pwrite_all, fd, view, pos)
+            pos = end
+        self.local = True
+
+    def _changed(self) -> None:
         self.dirty = True
         self.failed = False
         self.mtime = time.time()
-        return count
 
-    def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self.file.fileno(), max(0, min(size, self.size - offset)), offset)
+    async def write(self, offset: int | None, data: bytes, source: Source) -> int:
+        """Write ``data`` at ``offset`` (None: at the end, for ``O_APPEND``); a write past the
+        end leaves a hole of zeros."""
+        async with self.lock:
+            await self._load(source)
+            at = self.size if offset is None else offset
+            _pwrite_all(self.file.fileno(), data, at)
+            self.size = max(self.size, at + len(data))
+            self._changed()
+            return len(data)
+
+    async def truncate(self, size: int, source: Source) -> None:
+        """Cut or extend (with zeros) the file to ``size``; to 0 needs no copy of the old bytes."""
+        async with self.lock:
+            if size == 0:
+                self.local = True
+            else:
+                await self._load(source)
+            self.file.truncate(size)
+            self.size = size
+            self._changed()
+
+    async def read(self, offset: int, size: int, source: Source) -> bytes:
+        """Bytes of the file as this mount sees it: the spool, or the stored version while
+        nothing changed it."""
+        count = max(0, min(size, self.size - offset))
+        if count == 0:
+            return b""
+        if self.local:
+            return os.pread(self.file.fileno(), count, offset)
+        buffer = bytearray(count)
+        received = await source.read_into(offset, offset + count, memoryview(buffer))
+        del buffer[received:]
+        return bytes(buffer)
 
     def close(self) -> None:
         self.file.close()
 
 
-__all__ = ["Staged"]
+__all__ = ["COPY_ATTEMPTS", "COPY_CHUNK", "Source", "Staged"]
