@@ -296,5 +296,14 @@ def test_fsspec_large_local_reads_skip_read_ahead(env: tuple[LocalWorker, Path, 
         assert client_state is not None
         sc = client_state.client.short_circuit
         assert sc is not None and sc.stats.reads > 0
+        # Reads served in the caller's thread are accounted on the loop and reach the worker.
+        before = fs.cache_stats()  # reports what was read so far
+        with fs.open("/f.bin", "rb") as f:
+            assert f.read() == data
+        stats = fs.cache_stats()
+        assert stats["short_circuit_bytes"] - before["short_circuit_bytes"] == SIZE
+        assert stats["hits"] - before["hits"] == -(-SIZE // PAGE)
+        assert (stats["hits"], stats["misses"]) == (_read_stats(worker)["hits"],
+                                                    _read_stats(worker)["misses"])
     finally:
         fs.close()

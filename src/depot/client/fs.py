@@ -28,8 +28,9 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from fsspec.spec import AbstractBufferedFile
 from fsspec.utils import stringify_path
 
-from depot.client.buffers import BufferPool
+from depot.client.buffers import BufferPool, alloc_result, finish_result
 from depot.client.client import MIN_CHUNK, CacheClient, resolve_endpoint, version_of
+from depot.client.shortcircuit import ShortCircuit
 from depot.core.config import DepotConfig, load_config
 from depot.core.errors import IsADirectory, NotADirectory, StaleVersion, Unsupported
 from depot.core.types import FileStatus, parse_size
@@ -762,13 +763,17 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
                 hi = self._direct_end(pos, stop)
                 if out is not None:
                     want = hi - pos
-                    got = self.fs._run(self._fetch_into(pos, hi, out[filled : filled + want]))
+                    dest = out[filled : filled + want]
+                    got = self._read_now(pos, hi, dest)
+                    if got is None:
+                        got = self.fs._run(self._fetch_into(pos, hi, dest))
                     filled += got
                     pos += got
                     if got < want:
                         break
                     continue
-                piece = self.fs._run(self._fetch(pos, hi))
+                now = self._read_now_bytes(pos, hi)
+                piece = now if now is not None else self.fs._run(self._fetch(pos, hi))
                 hi = pos + len(piece)
                 if hi == pos:
                     break
@@ -783,6 +788,27 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
         if len(pieces) == 1 and isinstance(pieces[0], bytes):
             return pieces[0]
         return b"".join(pieces)
+
+    def _short_circuit(self) -> ShortCircuit | None:
+        state = self.fs._loops.get(self.fs.loop)  # this thread runs no loop: look it up
+        return state.client.short_circuit if state is not None else None
+
+    def _read_now(self, start: int, stop: int, dest: memoryview) -> int | None:
+        """Bytes read from a local worker's page files in this thread, or None (then the
+        event loop serves the read)."""
+        short_circuit = self._short_circuit()
+        if short_circuit is None:
+            return None
+        return short_circuit.read_into_now(self.path, start, stop, dest, self.version)
+
+    def _read_now_bytes(self, start: int, stop: int) -> bytes | None:
+        """``_read_now`` into a new result (None if the loop must serve it)."""
+        short_circuit = self._short_circuit()
+        if short_circuit is None or not short_circuit.is_local(self.path, start):
+            return None
+        result, view = alloc_result(stop - start)
+        count = short_circuit.read_into_now(self.path, start, stop, view, self.version)
+        return None if count is None else finish_result(result, view, count)
 
     def _direct_end(self, pos: int, stop: int) -> int:
         """Where a direct fetch from ``pos`` should stop: ``stop`` or the next read-ahead block."""
@@ -806,8 +832,7 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
             self._block_size = self.fs._run(self.fs._read_block_size())
         size = self._block_size
         if stop - start >= size:
-            state = self.fs._loops.get(self.fs.loop)  # this thread runs no loop: look it up
-            short_circuit = state.client.short_circuit if state is not None else None
+            short_circuit = self._short_circuit()
             if short_circuit is not None and short_circuit.is_local(self.path, stop):
                 return
         pool = self.fs.buffers(size)

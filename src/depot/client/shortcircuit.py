@@ -29,6 +29,7 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -121,6 +122,11 @@ class ShortCircuit:
         #: This node's identity (``depot.pagestore.direct.host_identity``), compared with the
         #: one each worker advertises.
         self.identity = host_identity()
+        #: The event loop this client runs on (known after its first read): callers in other
+        #: threads hand their accounting to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: list[tuple[str, str, list[int], int]] = []
+        self._handoff_lock = threading.Lock()
 
     # which workers are local ------------------------------------------------------------------
     async def local_store(self, endpoint: str) -> _Local:
@@ -188,6 +194,16 @@ class ShortCircuit:
 
         return await self._stat_flight.do(path, fetch)
 
+    def _known_status(self, path: str, kind: PolicyKind, max_age: float) -> FileStatus | None:
+        """The remembered status of ``path`` if the mount's policy still lets it be used."""
+        if kind is PolicyKind.ALWAYS:
+            return None
+        reuse = float("inf") if kind is PolicyKind.IMMUTABLE else min(STATUS_REUSE, max_age)
+        known = self._statuses.get(path)
+        if known is not None and 0.0 <= time.monotonic() - known[1] < reuse:
+            return known[0]
+        return None
+
     # reads ------------------------------------------------------------------------------------
     async def read_into(
         self, path: str, start: int, end: int, dest: memoryview, version: str | None
@@ -199,6 +215,7 @@ class ShortCircuit:
         """
         if self._closed:
             return None
+        self._loop = asyncio.get_running_loop()
         router = self.router
         view = await router.current_view()
         if view is None:
@@ -217,6 +234,94 @@ class ShortCircuit:
             status = await self._status(canonical, policy.kind, policy.max_age)
         except (*UNREACHABLE, DepotError):
             return None  # let the worker answer (and report the error)
+        plan = self._plan(resolved.mount.object_uri(resolved.key), status, files, start, end,
+                          dest, version)
+        if plan is None:
+            return None
+        key, jobs, tag = plan
+        try:
+            done = _read_pages(files, jobs, RWF_NOWAIT, None) if RWF_NOWAIT else 0
+            if done < len(jobs):
+                done += await _in_thread(_read_pages, files, jobs[done:], 0, _scratch())
+        except (CorruptPage, _Missing, OSError) as exc:
+            self._failed(path, exc)
+            return None
+        nbytes = sum(len(job[3]) for job in jobs)
+        self._served(endpoint, key, [job[0].index for job in jobs], nbytes)
+        return nbytes, tag
+
+    def read_into_now(
+        self, path: str, start: int, end: int, dest: memoryview, version: str | None
+    ) -> int | None:
+        """``read_into`` in the caller's thread, from what this client already knows: no I/O
+        but the page files, no trip to the event loop (the sync fsspec file uses it; a hop to
+        the loop thread per read costs as much as copying megabytes).
+
+        None when anything is not known yet (the view, whether the worker is local, a status
+        fresh enough for the mount's policy) or a page is missing or damaged: the caller then
+        takes the usual path, which finds out.
+        """
+        if self._closed or self._loop is None:
+            return None
+        router = self.router
+        view = router.view
+        if view is None:
+            return None
+        endpoint = router.targets(path, start)[0]
+        if router.is_down(endpoint):
+            return None
+        local = self._locals.get(endpoint)
+        if local is None or local.files is None or (
+            time.monotonic() - local.checked_at >= PROBE_TTL
+        ):
+            return None
+        files = local.files
+        try:
+            resolved = view.table.resolve(path)
+            canonical = normalize_path(path)
+        except DepotError:
+            return None
+        status = self._known_status(canonical, resolved.mount.policy.kind,
+                                    resolved.mount.policy.max_age)
+        if status is None:
+            return None
+        plan = self._plan(resolved.mount.object_uri(resolved.key), status, files, start, end,
+                          dest, version)
+        if plan is None:
+            return None
+        key, jobs, _ = plan
+        try:
+            _read_pages(files, jobs, 0, _thread_scratch())
+        except (CorruptPage, _Missing, OSError) as exc:
+            self._loop.call_soon_threadsafe(self._failed, path, exc)
+            return None
+        nbytes = sum(len(job[3]) for job in jobs)
+        with self._handoff_lock:
+            self._handoff.append((endpoint, key, [job[0].index for job in jobs], nbytes))
+            wake = len(self._handoff) == 1  # one wake-up of the loop per batch, not per read
+        if wake:
+            self._loop.call_soon_threadsafe(self._take_handoff)
+        return nbytes
+
+    def _take_handoff(self) -> None:
+        """Account, on the loop, the reads other threads served (``read_into_now``)."""
+        with self._handoff_lock:
+            served, self._handoff = self._handoff, []
+        for endpoint, key, indexes, nbytes in served:
+            self._served(endpoint, key, indexes, nbytes)
+
+    def _plan(
+        self,
+        object_uri: str,
+        status: FileStatus,
+        files: PageFiles,
+        start: int,
+        end: int,
+        dest: memoryview,
+        version: str | None,
+    ) -> tuple[str, list[tuple[PageId, int, int, memoryview]], str] | None:
+        """(page key, the page reads, the version's tag) of a chunk, or None if it is not one
+        short-circuit serves (a directory, another version, nothing to read)."""
         if status.is_dir:
             return None
         tag = status.entity_tag
@@ -226,7 +331,7 @@ class ShortCircuit:
         stop = min(end, status.size)
         if stop <= start:
             return None
-        key = FileId(resolved.mount.object_uri(resolved.key), status.version_tag).key
+        key = FileId(object_uri, status.version_tag).key
         page_size = files.page_size
         jobs: list[tuple[PageId, int, int, memoryview]] = []
         pos = start
@@ -240,27 +345,23 @@ class ShortCircuit:
                  dest[pos - start : hi - start])
             )
             pos = hi
-        try:
-            done = _read_pages(files, jobs, RWF_NOWAIT, None) if RWF_NOWAIT else 0
-            if done < len(jobs):
-                done += await _in_thread(_read_pages, files, jobs[done:], 0, _scratch())
-        except CorruptPage as exc:
+        return key, jobs, tag
+
+    def _failed(self, path: str, exc: BaseException) -> None:
+        if isinstance(exc, CorruptPage):
             self.stats.corrupt += 1
             log.warning("short-circuit read of %s: %s; reading it through the worker", path, exc)
-            return None
-        except _Missing:
+        elif isinstance(exc, _Missing):
             self.stats.missing += 1
-            return None
-        except OSError as exc:
+        else:
             log.warning("short-circuit read of %s failed: %s; reading it through the worker",
                         path, exc)
-            return None
-        nbytes = stop - start
+
+    def _served(self, endpoint: str, key: str, indexes: list[int], nbytes: int) -> None:
         self.stats.reads += 1
-        self.stats.pages += len(jobs)
+        self.stats.pages += len(indexes)
         self.stats.bytes += nbytes
-        self._count(endpoint, key, [job[0].index for job in jobs], nbytes)
-        return nbytes, tag
+        self._count(endpoint, key, indexes, nbytes)
 
     # hit reports ------------------------------------------------------------------------------
     def _count(self, endpoint: str, key: str, indexes: list[int], nbytes: int) -> None:
@@ -282,6 +383,7 @@ class ShortCircuit:
 
     async def flush(self) -> None:
         """Send the hits counted so far to their workers now."""
+        self._take_handoff()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -322,6 +424,17 @@ class _Missing(Exception):
 
 def _scratch() -> memoryview:
     return memoryview(bytearray(2 * BLOCK_SIZE))
+
+
+_thread_local = threading.local()
+
+
+def _thread_scratch() -> memoryview:
+    """A scratch buffer of the calling thread, reused by its reads."""
+    scratch: memoryview | None = getattr(_thread_local, "scratch", None)
+    if scratch is None:
+        scratch = _thread_local.scratch = _scratch()
+    return scratch
 
 
 def _read_pages(
