@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from depot.cli.main import cli
-from depot.client import CacheClient
+from depot.client import CacheClient, version_of
 from depot.core.config import DepotConfig, load_config
 from depot.core.errors import ConfigError, NoSpace
 from depot.testing import writeback_crash
@@ -86,6 +86,12 @@ async def test_read_your_writes_before_upload(slow_worker: LocalWorker, tmp_path
         after = await client.stat("/d/f.bin")
         assert after.size == len(data) and not (after.etag or "").startswith("wb-")
         assert bytes(await client.read_range("/d/f.bin", 0, len(data))) == data
+        # A reader that opened the file before the upload landed is pinned to the provisional
+        # version: it keeps reading the same bytes, now from the uploaded object.
+        pinned = version_of(st)
+        assert bytes(await client.read_range("/d/f.bin", 1000, 300_000, version=pinned)) == data[
+            1000:300_000
+        ]
         stats = (await client.cache_stats())["writeback"]
         assert stats["dirty_bytes"] == 0 and stats["queue_length"] == 0
         assert stats["uploaded"] == 1 and stats["upload_rate"] > 0

@@ -18,6 +18,7 @@ import builtins
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,9 @@ class ReadThroughService:
         self.stats = ReadStats()
         # Write-back: staged writes are served before the metadata cache (set by the daemon).
         self.staged: StagedLookup | None = None
+        # Entity tags a write-back write was served under before it landed -> the tag of the
+        # object it became (same bytes): a reader pinned to the first keeps reading.
+        self.landed: OrderedDict[str, str] = OrderedDict()
 
     # under stores ----------------------------------------------------------------------------
     def store_for(self, mount: Mount) -> UnderStore:
@@ -335,6 +339,8 @@ class ReadThroughService:
             raise NotFound("no such file", resolved.path)
         if status.is_dir:
             raise IsADirectory("is a directory", resolved.path)
+        if if_match is not None:
+            if_match = self.landed.get(if_match, if_match)
         if if_match is not None and if_match != status.entity_tag:
             # The reader knows another version (a write through another worker, say): look at
             # the under store once before refusing.

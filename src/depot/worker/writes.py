@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
+# Landed write-back writes whose provisional tag still opens the uploaded object.
+LANDED_MEMORY = 4096
 
 
 @dataclass(slots=True)
@@ -318,8 +320,12 @@ class WriteService:
             del self._staged[ticket.path]
         with contextlib.suppress(NotFound):
             self._invalidate_parent(self.service.resolve(path))
-        tag = FileStatus(path, 0, 0.0, etag=provisional_etag(ticket)).version_tag
-        provisional = FileId(ticket.path, tag)
+        served = FileStatus(path, 0, 0.0, etag=provisional_etag(ticket))
+        landed = self.service.landed
+        landed[served.entity_tag] = status.entity_tag
+        while len(landed) > LANDED_MEMORY:
+            landed.popitem(last=False)
+        provisional = FileId(ticket.path, served.version_tag)
         with contextlib.suppress(OSError):
             await self.service.pages.delete_file(provisional.key)
 
