@@ -8,6 +8,7 @@ conditional requests, presigned URLs, wrong keys and write attempts.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from depot.client.client import CacheClient
-from depot.core.config import load_config
+from depot.core.config import DepotConfig, load_config
 from depot.s3.server import GatewayServer, start_gateway
 from depot.testing.local import LocalWorker
 
@@ -693,3 +694,54 @@ def test_s3fs_pyarrow_obstore_writes(wgateway: Gateway) -> None:
     assert (wgateway.data / "wb" / "obs" / "multi.bin").read_bytes() == big
     obs.delete(store, "obs/small.bin")
     assert not (wgateway.data / "wb" / "obs" / "small.bin").exists()
+
+
+# --- clusters in layers --------------------------------------------------------------------------
+
+
+def test_an_edge_cluster_mounts_a_regional_clusters_s3_endpoint(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """An edge worker whose under store is the regional worker's S3 gateway: it pulls each page
+    once from the region, then serves it from its own cache (the region sees no second read)."""
+    options = {"endpoint": gateway.endpoint, "region": REGION, "access_key_id": AK,
+               "secret_access_key": SK}
+    mounts = [{"path": "/region", "ufs": "s3://bkt", "metadata": "max-age=60s",
+               "options": options}]
+    with LocalWorker(None, tmp_path / "edge-cache", page_size="1MiB", cache_size="256MiB",
+                     mounts=mounts) as edge:
+        region = gateway.worker.worker.service
+        assert region is not None
+
+        async def read_all() -> tuple[bytes, list[str], bytes]:
+            async with CacheClient(edge.endpoint, config=DepotConfig()) as client:
+                names = sorted(e.path for e in await client.list("/region/dir"))
+                big = await client.read_range("/region/big.bin", 0, None)
+                small = await client.read_range("/region/hello.txt", 0, None)
+                return bytes(big), names, bytes(small)
+
+        big, names, small = asyncio.run(read_all())
+        assert big == BIG and small == b"hello depot\n"
+        assert names == ["/region/dir/a.json", "/region/dir/sub"]
+        edge_service = edge.worker.service
+        assert edge_service is not None
+        # Every page came from the region's gateway (pages of 1 MiB at the edge; read-ahead
+        # fetches count as UFS reads, the reads they served as hits).
+        assert edge_service.stats.ufs_reads >= -(-len(BIG) // MiB)
+        # Let the edge's read-ahead of the first pass finish before counting.
+        deadline = time.monotonic() + 10
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 0.5:
+            if edge_service.stats.ufs_inflight:
+                quiet_since = time.monotonic()
+            assert time.monotonic() < deadline, "the edge kept reading from the region"
+            time.sleep(0.05)
+        first_ufs_bytes = edge_service.stats.bytes_from_ufs
+        first_ufs_reads = edge_service.stats.ufs_reads
+        region_misses = region.stats.misses
+        big_again, _, _ = asyncio.run(read_all())
+        assert big_again == BIG
+        # The second pass is all hits at the edge: no request reaches the region.
+        assert edge_service.stats.bytes_from_ufs == first_ufs_bytes
+        assert edge_service.stats.ufs_reads == first_ufs_reads
+        assert region.stats.misses == region_misses
