@@ -259,7 +259,11 @@ class WorkerRouter:
     async def _start_watch(self) -> None:
         members = self._members
         assert members is not None
-        await members.start()
+        try:
+            await members.start()
+        except (DepotError, OSError) as exc:  # the workers' views keep serving without it
+            log.warning("not watching etcd: %s", exc)
+            return
         self._members_unsubscribe = members.subscribe(self._on_members)
 
     def _on_members(self, workers: list[WorkerInfo]) -> None:
