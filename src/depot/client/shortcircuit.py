@@ -160,10 +160,23 @@ class ShortCircuit:
 
         Readers use it to skip read-ahead, which only adds a copy when reads are local.
         """
-        if self._closed or self.router.view is None:
-            return False
-        known = self._locals.get(self.router.targets(path, offset)[0])
-        return known is not None and known.files is not None
+        return self._known_local(path, offset) is not None
+
+    def _known_local(self, path: str, offset: int) -> tuple[str, PageFiles] | None:
+        """(endpoint, its page files) when the worker for these bytes is up and was found
+        readable here within ``PROBE_TTL``; from what is known only, no I/O."""
+        router = self.router
+        if self._closed or router.view is None:
+            return None
+        endpoint = router.targets(path, offset)[0]
+        if router.is_down(endpoint):
+            return None
+        local = self._locals.get(endpoint)
+        if local is None or local.files is None or (
+            time.monotonic() - local.checked_at >= PROBE_TTL
+        ):
+            return None
+        return endpoint, local.files
 
     # versions ---------------------------------------------------------------------------------
     def saw(self, status: FileStatus) -> None:
@@ -261,21 +274,11 @@ class ShortCircuit:
         fresh enough for the mount's policy) or a page is missing or damaged: the caller then
         takes the usual path, which finds out.
         """
-        if self._closed or self._loop is None:
+        view = self.router.view
+        known = self._known_local(path, start)
+        if known is None or view is None or self._loop is None:
             return None
-        router = self.router
-        view = router.view
-        if view is None:
-            return None
-        endpoint = router.targets(path, start)[0]
-        if router.is_down(endpoint):
-            return None
-        local = self._locals.get(endpoint)
-        if local is None or local.files is None or (
-            time.monotonic() - local.checked_at >= PROBE_TTL
-        ):
-            return None
-        files = local.files
+        endpoint, files = known
         try:
             resolved = view.table.resolve(path)
             canonical = normalize_path(path)
