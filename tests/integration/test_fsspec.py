@@ -271,6 +271,33 @@ def test_sequential_reads_prefetch_and_random_reads_do_not(fs: DepotFileSystem) 
         assert not f._blocks
 
 
+def test_equal_aligned_reads_get_their_blocks_without_a_copy(worker: LocalWorker) -> None:
+    config = DepotConfig.model_validate({"client": {"short_circuit": False}})
+    fs = DepotFileSystem(endpoint=worker.endpoint, config=config, skip_instance_cache=True)
+    chunk = 1 << 20  # the filesystem's block size (BIG is 3 chunks and a bit)
+    with fs.open("/data/big.bin", read_ahead=2 * chunk) as f:
+        assert f.read(chunk) == BIG[:chunk]
+        assert f.read(chunk) == BIG[chunk : 2 * chunk]  # sequential: the read-ahead starts
+        assert f._whole_blocks and f._block_size == chunk
+        blocks = [f._blocks[2], f._blocks[3]]
+        assert all(b.pool is None for b in blocks)  # result objects, not pooled buffers
+        third, last = f.read(chunk), f.read(chunk)
+        assert third is blocks[0].buf  # handed over as received (the short tail is copied)
+        assert third + last == BIG[2 * chunk :] and not f._blocks
+    with fs.open("/data/big.bin", read_ahead=chunk) as f:
+        pieces = [f.read(chunk), f.read(chunk), f.read(1000), f.read(chunk), f.read(777)]
+        assert b"".join(pieces) == BIG[: 3 * chunk + 1777]
+        f.seek(0)
+        assert f.read(chunk) == BIG[:chunk] and f.read(chunk) == BIG[chunk : 2 * chunk]
+        assert f.read() == BIG[2 * chunk :]
+    with fs.open("/data/big.bin", read_ahead=chunk) as f:
+        f.seek(1000)  # not aligned to the read size: pooled blocks
+        assert f.read(chunk) == BIG[1000 : 1000 + chunk]
+        assert f.read(chunk) == BIG[1000 + chunk : 1000 + 2 * chunk]
+        assert not f._whole_blocks and all(b.pool is not None for b in f._blocks.values())
+    fs.close()
+
+
 def test_unsupported_modes_are_refused_clearly(fs: DepotFileSystem) -> None:
     # Whole-file writes are supported (tests/integration/test_writes.py); appends are not.
     with pytest.raises(Unsupported, match="mode"):

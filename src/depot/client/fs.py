@@ -37,6 +37,8 @@ from depot.core.types import FileStatus, parse_size
 
 T = TypeVar("T")
 
+# Largest read-ahead block made to the size of the caller's reads.
+_WHOLE_BLOCK_MAX = 64 * 1024 * 1024
 _READ_ONLY = "this file is open for reading (open a file with mode 'wb' to write it)"
 
 
@@ -613,34 +615,37 @@ class DepotWriteFile(io.RawIOBase):
 
 
 class _Block:
-    """One read-ahead block: a pooled buffer being filled with ``[start, end)`` on the IO loop.
+    """One read-ahead block being filled with ``[start, end)`` on the IO loop.
 
-    The buffer goes back to the pool exactly once, by whichever of the fetch (finishing) and the
-    file (dropping the block) comes second, so a buffer is never reused while still being written.
+    A pooled block's buffer goes back to the pool exactly once, by whichever of the fetch
+    (finishing) and the file (dropping the block) comes second, so a buffer is never reused while
+    still being written. A block made for a read of exactly its extent (``pool`` None) is a new
+    result object instead, handed to that read without a copy.
     """
 
-    __slots__ = ("_dropped", "_finished", "_lock", "buf", "end", "future", "pool", "start")
+    __slots__ = ("_dropped", "_finished", "_lock", "buf", "end", "future", "pool", "start", "view")
 
-    def __init__(self, start: int, end: int, pool: BufferPool) -> None:
+    def __init__(self, start: int, end: int, pool: BufferPool | None) -> None:
         self.start = start
         self.end = end
         self.pool = pool
-        self.buf = pool.take()
+        self.buf: bytes | bytearray
+        if pool is not None:
+            self.buf = pool.take()
+            self.view = memoryview(self.buf)[: end - start]
+        else:
+            self.buf, self.view = alloc_result(end - start)
         self.future: concurrent.futures.Future[int] | None = None
         self._lock = threading.Lock()
         self._finished = False
         self._dropped = False
-
-    @property
-    def view(self) -> memoryview:
-        return memoryview(self.buf)[: self.end - self.start]
 
     def finished(self) -> None:
         with self._lock:
             self._finished = True
             give = self._dropped
         if give:
-            self.pool.give(self.buf)
+            self._give_back()
 
     def drop(self) -> None:
         if self.future is not None and not self.future.done():
@@ -649,6 +654,10 @@ class _Block:
             self._dropped = True
             give = self._finished
         if give:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        if self.pool is not None and isinstance(self.buf, bytearray):
             self.pool.give(self.buf)
 
 
@@ -693,6 +702,8 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
         self.read_ahead = fs.read_ahead if ahead is None else parse_size(ahead)
         self._blocks: dict[int, _Block] = {}
         self._block_size = 0
+        # Read-ahead blocks sized to the caller's reads, each handed over whole (see _read_ahead).
+        self._whole_blocks = False
         self._last_start = -1
         self._last_end = -1
 
@@ -755,6 +766,12 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
             block = self._blocks.get(pos // self._block_size) if self._blocks else None
             if block is not None:
                 count = self._wait(block)
+                if (
+                    block.pool is None and out is None and pos == start == block.start
+                    and stop == block.end == block.start + count
+                ):
+                    del self._blocks[block.start // self._block_size]
+                    return finish_result(block.buf, block.view, count)
                 hi = min(stop, block.start + count)
                 if hi <= pos:
                     break  # the file ended early
@@ -827,17 +844,27 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
         those are as fast as the copy a read-ahead block would add, so they go straight into
         the caller's buffer. Small local reads keep it: one block then serves many of them
         without a trip to the event loop each.
+
+        A file read in equal, aligned chunks of whole blocks (``read(8 MiB)`` loops) gets blocks
+        of that size, each a new result object: the next read is handed its block as is, where
+        joining pooled blocks would copy every byte once more.
         """
-        if not self._block_size:
-            self._block_size = self.fs._run(self.fs._read_block_size())
-        size = self._block_size
-        if stop - start >= size:
+        base = self.fs._block_size or self.fs._run(self.fs._read_block_size())
+        length = stop - start
+        if length >= base:
             short_circuit = self._short_circuit()
             if short_circuit is not None and short_circuit.is_local(self.path, stop):
                 return
-        pool = self.fs.buffers(size)
-        first = start if stop - start < size else stop
-        last = min(self.size, stop + self.read_ahead)
+        if not self._blocks:
+            self._whole_blocks = (
+                length >= base and length % base == 0 and start % length == 0
+                and length <= _WHOLE_BLOCK_MAX
+            )
+            self._block_size = length if self._whole_blocks else base
+        size = self._block_size
+        pool = None if self._whole_blocks else self.fs.buffers(size)
+        first = start if length < size else stop
+        last = min(self.size, stop + max(self.read_ahead, size if self._whole_blocks else 0))
         for index in range(first // size, (last - 1) // size + 1 if last > first else 0):
             if index in self._blocks:
                 continue
