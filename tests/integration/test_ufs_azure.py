@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from depot.core.config import UfsConfig
-from depot.core.errors import PermissionDenied
+from depot.core.errors import InvalidArgument, PermissionDenied
+from depot.core.types import Attributes
 from depot.testing.ufs_contract import UnderStoreContract, as_bytes
 from depot.ufs import UnderStore, open_backend, open_under_store
 
@@ -43,6 +44,21 @@ async def test_list_etags_pin_reads(azurite_server: AzuriteServer) -> None:
     listed = (await store.list("")).objects[0]
     assert listed.etag == (await store.head("k")).etag
     assert as_bytes(await store.get_range("k", 2, 4, etag=listed.etag)) == b"23"
+
+
+async def test_metadata_names_must_be_identifiers(azurite_server: AzuriteServer) -> None:
+    """Azure's rule, checked before anything is sent (write-back checks it before its ack)."""
+    container = azurite_server.new_container()
+    store = open_under_store(f"az://{container}", azurite_server.options, UfsConfig())
+    bad = Attributes.of(metadata={"with-dash": "v"})
+    with pytest.raises(InvalidArgument):
+        store.check_attributes("k", bad)
+    with pytest.raises(InvalidArgument):
+        await store.put("k", b"x", attributes=bad)
+    good = Attributes.of({"Content-Type": "text/plain"}, {"with_underscore": "v"})
+    store.check_attributes("k", good)
+    await store.put("k", b"x", attributes=good)
+    assert (await store.head("k")).attributes == good
 
 
 async def test_wrong_key_is_permission_denied(azurite_server: AzuriteServer) -> None:

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from depot.core.config import UfsConfig
-from depot.core.errors import NotFound, Unavailable
+from depot.core.errors import InvalidArgument, NotFound, Unavailable
+from depot.core.types import Attributes
 from depot.testing.ufs_contract import UnderStoreContract, as_bytes
 from depot.ufs import UnderStore, open_backend, open_under_store
 
@@ -46,6 +47,28 @@ async def test_reads_objects_written_by_other_clients(moto_server: MotoServer) -
     boto_etag = client.head_object(Bucket=bucket, Key="ext/a.txt")["ETag"]
     assert info.etag == boto_etag
     assert as_bytes(await store.get_range("ext/a.txt", 5, 100, etag=info.etag)) == b"boto3"
+
+
+async def test_attributes_of_other_clients_and_reserved_names(moto_server: MotoServer) -> None:
+    bucket = moto_server.new_bucket()
+    moto_server.client().put_object(
+        Bucket=bucket, Key="ext/a.csv", Body=b"1", ContentType="text/csv",
+        ContentDisposition="inline", Metadata={"Owner": "boto3"},
+    )
+    store = open_under_store(f"s3://{bucket}", moto_server.options, UfsConfig())
+    assert store.supports_attributes
+    got = (await store.head("ext/a.csv")).attributes
+    assert got == Attributes.of(
+        {"Content-Type": "text/csv", "Content-Disposition": "inline"}, {"owner": "boto3"}
+    )
+    # object_store would take x-amz-meta-content-type for the header: refused, nothing sent.
+    reserved = Attributes.of(metadata={"content-type": "x"})
+    with pytest.raises(InvalidArgument):
+        store.check_attributes("k", reserved)
+    with pytest.raises(InvalidArgument):
+        await store.put("k", b"x", attributes=reserved)
+    with pytest.raises(NotFound):
+        await store.head("k")
 
 
 async def test_missing_bucket_is_not_found(moto_server: MotoServer) -> None:

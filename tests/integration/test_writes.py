@@ -17,6 +17,7 @@ from depot.client import CacheClient
 from depot.client.fs import DepotFileSystem
 from depot.core.config import DepotConfig
 from depot.core.errors import InvalidPath, NotFound, ReadOnly
+from depot.core.types import Attributes
 from depot.testing.local import LocalWorker
 
 from .conftest import MotoServer
@@ -202,6 +203,73 @@ def test_bad_requests(worker: LocalWorker) -> None:
     status, _ = _raw(worker.endpoint, "PUT /api/v1/read?path=%2Fx HTTP/1.1\r\nHost: x\r\n"
                      "Content-Length: 0\r\n\r\n")
     assert status == 405
+    for bad in ("{not json", '{"headers": {"X-Not-A-Content-Header": "v"}}', '{"metadata": 1}'):
+        status, data = _raw(
+            worker.endpoint,
+            "PUT /api/v1/write?path=%2Fbad HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+            f"X-Depot-Attributes: {bad}\r\n\r\n",
+            b"x",
+        )
+        assert status == 400 and b"x-depot-attributes" in data
+    status, _ = _raw(worker.endpoint, "GET /api/v1/stat?path=%2F&attributes=maybe HTTP/1.1\r\n"
+                     "Host: x\r\n\r\n")
+    assert status == 400
+
+
+ATTRS = Attributes.of(
+    {"Content-Type": "text/csv", "Cache-Control": "max-age=60", "Content-Disposition": "inline"},
+    {"owner": "team-a", "note": "=?UTF-8?B?w6k=?="},
+)
+
+
+@pytest.mark.parametrize("size", [10, THRESHOLD + 12345])
+async def test_write_attributes(worker: LocalWorker, ufs: dict[str, Any], size: int) -> None:
+    """Attributes go with the object in every write mode and size (where the store keeps
+    them: S3 does, a local directory does not), and a rename keeps them."""
+    kept = ufs["local"] is None
+    data = _data(size)
+    async with CacheClient(worker.endpoint, config=DepotConfig()) as client:
+        for path in ("/attr/through.csv", "/ct/attr/cached.csv"):
+            status = await client.write(path, data, attributes=ATTRS)
+            assert status.attributes == (ATTRS if kept else None)
+            stat = await client.stat(path, attributes=True)
+            got = stat.attributes
+            if kept:
+                assert got is not None and dict(got.metadata) == dict(ATTRS.metadata)
+                assert got.content_type == "text/csv" and got.header("Cache-Control") == "max-age=60"
+            else:
+                assert got is None
+            assert await client.read_range(path, 0) == data
+        moved = await client.rename("/attr/through.csv", "/attr/moved.csv")
+        assert moved.attributes == (ATTRS if kept else None)
+        await client.write("/attr/moved.csv", b"plain")  # an overwrite drops them
+        got = (await client.stat("/attr/moved.csv", attributes=True)).attributes
+        assert got is None or (got.metadata == () and got.content_type != "text/csv")
+
+
+async def test_attributes_of_a_listed_object_are_looked_up_once(
+    worker: LocalWorker, ufs: dict[str, Any], moto_server: MotoServer
+) -> None:
+    """An object first seen in a listing (which carries no attributes): a plain stat is served
+    from the listing, a stat asking for attributes heads the object once, later ones hit."""
+    if ufs["local"] is not None:
+        pytest.skip("a local directory keeps no attributes")
+    bucket = ufs["root"]["ufs"].split("/")[2]
+    moto_server.client().put_object(
+        Bucket=bucket, Key="root/ext/o.txt", Body=b"external", ContentType="text/x-ext",
+        Metadata={"Origin": "boto3"},
+    )
+    async with CacheClient(worker.endpoint, config=DepotConfig()) as client:
+        assert [e.attributes for e in await client.list("/ext")] == [None]
+        before = await _stats(client)
+        assert (await client.stat("/ext/o.txt")).attributes is None
+        got = (await client.stat("/ext/o.txt", attributes=True)).attributes
+        assert got is not None and got.content_type == "text/x-ext"
+        assert dict(got.metadata) == {"origin": "boto3"}
+        again = await client.stat("/ext/o.txt", attributes=True)
+        assert again.attributes == got
+        after = await _stats(client)
+        assert after["metadata"]["revalidations"] - before["metadata"]["revalidations"] == 1
 
 
 async def test_write_from_file_and_stream(worker: LocalWorker, tmp_path: Path) -> None:

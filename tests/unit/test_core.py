@@ -12,7 +12,14 @@ import pytest
 from depot.core import errors
 from depot.core.config import load_config
 from depot.core.singleflight import SingleFlight
-from depot.core.types import ByteRange, FileId, FileStatus, parse_duration, parse_size
+from depot.core.types import (
+    Attributes,
+    ByteRange,
+    FileId,
+    FileStatus,
+    parse_duration,
+    parse_size,
+)
 
 
 class TestErrors:
@@ -95,6 +102,27 @@ def test_version_tag_precedence() -> None:
     assert FileStatus("/a", 1, 2.5).version_tag == "s:1:2500000"
     status = FileStatus("/a", 1, 2.0, etag="x")
     assert FileStatus.from_dict(status.to_dict()) == status
+
+
+def test_attributes_are_normalised_hashable_and_round_trip() -> None:
+    attrs = Attributes.of(
+        {"content-TYPE": "text/csv", "Cache-Control": "no-cache"},
+        {"Owner": "a", "content-type": "user value"},
+    )
+    assert attrs.headers == (("Cache-Control", "no-cache"), ("Content-Type", "text/csv"))
+    # A metadata name that is also a header's stays metadata: the two never mix.
+    assert attrs.metadata == (("content-type", "user value"), ("owner", "a"))
+    assert attrs.content_type == "text/csv" and attrs.header("cache-control") == "no-cache"
+    assert attrs.header("Content-Language") is None and Attributes().content_type is None
+    assert hash(attrs) == hash(Attributes.of(dict(attrs.headers), dict(attrs.metadata)))
+    assert Attributes.from_dict(attrs.to_dict()) == attrs
+    status = FileStatus("/a", 1, 2.0, etag="x", attributes=attrs)
+    assert hash(status) and FileStatus.from_dict(status.to_dict()) == status
+    assert "attributes" not in FileStatus("/a", 1, 2.0).to_dict()
+    assert pickle.loads(pickle.dumps(status)) == status
+    for bad in ({"headers": {"X-Other": "v"}}, {"metadata": {"k": 1}}, {"extra": {}}, []):
+        with pytest.raises(ValueError):
+            Attributes.from_dict(bad)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 from rocksdict import Options, Rdict
 
 from depot.core.errors import DepotError
-from depot.core.types import FileStatus
+from depot.core.types import Attributes, FileStatus
 from depot.metastore import CachedListing, CachedStatus, MetadataStore
 
 URI = "s3://bucket/models/llama/model.safetensors"
@@ -108,6 +109,51 @@ def test_replace_status_returns_the_previous_status(store: MetadataStore) -> Non
     assert previous == status(etag="one")
     assert store.replace_status(URI, None, 3.0) == status(etag="two")
     assert store.replace_status(URI, status(etag="three"), 4.0) is None  # was negative
+
+
+ATTRS = Attributes.of({"Content-Type": "text/csv"}, {"owner": "tëam"})
+
+
+def test_status_with_attributes_round_trips_and_survives_reopen(db_path: Path) -> None:
+    st = FileStatus("/a/b.csv", 3, 1.5, False, '"e"', None, ATTRS)
+    empty = FileStatus("/a/c", 3, 1.5, False, '"e"', None, Attributes())
+    with MetadataStore(db_path) as store:
+        store.put_status(URI, st, 1.0)
+        store.put_status("s3://b/c", empty, 1.0)
+        store.put_listing("s3://b/", [st], 1.0)
+    with MetadataStore(db_path) as store:
+        assert store.get_status(URI) == CachedStatus(st, 1.0)
+        assert store.get_status("s3://b/c") == CachedStatus(empty, 1.0)
+        listing = store.get_listing("s3://b/")
+        assert listing is not None and listing.entries == [st]
+
+
+def test_records_written_before_attributes_still_decode(db_path: Path) -> None:
+    with MetadataStore(db_path):
+        pass
+    db = raw_db(db_path)
+    db.put(b"S" + URI.encode(), b'[1, 2.0, ["/p", 5, 1.0, false, "\\"e\\"", null]]')
+    db.close()
+    with MetadataStore(db_path) as store:
+        cached = store.get_status(URI)
+        assert cached is not None and cached.status == FileStatus("/p", 5, 1.0, False, '"e"')
+        assert cached.status.attributes is None
+
+
+def test_a_listed_status_keeps_the_attributes_of_its_version(store: MetadataStore) -> None:
+    store.replace_status(URI, dataclasses.replace(status(etag="one"), attributes=ATTRS), 1.0)
+    listed = status(etag="one")  # a listing: same version, attributes unknown
+    store.replace_status(URI, listed, 2.0, keep_attributes=True)
+    cached = store.get_status(URI)
+    assert cached is not None and cached.status is not None
+    assert cached.status.attributes == ATTRS and cached.fetched_at == 2.0
+    store.replace_status(URI, status(etag="two"), 3.0, keep_attributes=True)  # a new version
+    cached = store.get_status(URI)
+    assert cached is not None and cached.status is not None and cached.status.attributes is None
+    store.replace_status(URI, FileStatus("/x", 1, 1.0, etag="two", attributes=ATTRS), 4.0)
+    store.replace_status(URI, status(etag="two"), 5.0)  # without keep_attributes: replaced
+    cached = store.get_status(URI)
+    assert cached is not None and cached.status is not None and cached.status.attributes is None
 
 
 def test_version_change_is_detectable(store: MetadataStore) -> None:
@@ -289,7 +335,7 @@ def test_survives_a_process_that_never_closes(db_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os
-        from depot.core.types import FileStatus
+        from depot.core.types import Attributes, FileStatus
         from depot.metastore import MetadataStore
         store = MetadataStore({str(db_path)!r})
         store.put_status("s3://b/x", FileStatus("/x", 5, 1.0, etag="crash"), 3.0)
@@ -367,6 +413,10 @@ BAD_VALUES = [
     b'[1, 1.0, ["/p", 1, 0, false, 5, null]]',
     b'[1, 1.0, ["/p", 1, 0, false, null]]',
     b'[1, 1.0, [["/p", 1, 0, false, null, null]]]',
+    b'[1, 1.0, ["/p", 1, 0, false, null, null, 7]]',
+    b'[1, 1.0, ["/p", 1, 0, false, null, null, [[["Content-Type", 1]], []]]]',
+    b'[1, 1.0, ["/p", 1, 0, false, null, null, [[["X-Not-A-Header", "v"]], []]]]',
+    b'[1, 1.0, ["/p", 1, 0, false, null, null, [[], [["k"]]]]]',
     b"[" * 100_000 + b"]" * 100_000,
 ]
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from depot.core.config import S3Config
 from depot.core.errors import NotADirectory, NotFound, StaleVersion, Unavailable
-from depot.core.types import FileStatus
+from depot.core.types import Attributes, FileStatus
 from depot.s3.errors import protocol_error
 from depot.s3.gateway import S3Gateway, decode_token, encode_token
 from depot.s3.semantics import http_date
@@ -45,6 +45,7 @@ class FakeClient:
         self.reads = 0
         self.stat_delay = 0.0
         self.events: list[tuple[str, str]] = []
+        self.attributes: dict[str, Attributes] = {}  # what the store keeps, by path
 
     def _dirs(self) -> set[str]:
         dirs = {"/"}
@@ -56,9 +57,12 @@ class FakeClient:
 
     def _status(self, path: str) -> FileStatus:
         data = self.files[path]
-        return FileStatus(path, len(data), MTIME, etag=f'"{hashlib.md5(data).hexdigest()}"')
+        return FileStatus(
+            path, len(data), MTIME, etag=f'"{hashlib.md5(data).hexdigest()}"',
+            attributes=self.attributes.get(path),
+        )
 
-    async def stat(self, path: str) -> FileStatus:
+    async def stat(self, path: str, *, attributes: bool = False) -> FileStatus:
         self.events.append(("stat", path))
         if self.stat_delay:
             await asyncio.sleep(self.stat_delay)
@@ -459,6 +463,42 @@ async def test_signed_requests_and_overrides() -> None:
         old = sign_headers(creds, "GET", "/data/hello.txt", "", host, amz_date="20200101T000000Z")
         status, _, body = await raw.request("GET", "/data/hello.txt", old)
         assert (status, error_code(body)) == (403, "RequestTimeTooSkewed")
+    finally:
+        await raw.close()
+        await server.stop()
+
+
+async def test_stored_attributes_are_served_and_overrides_win() -> None:
+    client = FakeClient(FILES)
+    client.attributes["/data/hello.txt"] = Attributes.of(
+        {"Content-Type": "text/x-stored", "Cache-Control": "max-age=9", "Content-Language": "fr"},
+        {"owner": "team-a", "note": "=?UTF-8?B?w6k=?="},
+    )
+    client.attributes["/data/dir/a.json"] = Attributes()  # kept, but no content type
+    server, port, _, _ = await start(client, anonymous=False)
+    raw = Raw(port)
+    host = {"host": f"127.0.0.1:{port}"}
+    creds = Credentials("AK", "SK")
+    try:
+        for method in ("GET", "HEAD"):
+            status, headers, _ = await raw.request(
+                method, "/data/hello.txt", sign_headers(creds, method, "/data/hello.txt", "", host)
+            )
+            assert status == 200 and headers["content-type"] == "text/x-stored"
+            assert headers["cache-control"] == "max-age=9" and headers["content-language"] == "fr"
+            assert headers["x-amz-meta-owner"] == "team-a"
+            assert headers["x-amz-meta-note"] == "=?UTF-8?B?w6k=?="
+            assert "content-disposition" not in headers
+        query = "response-cache-control=no-store&response-content-type=x%2Fy"
+        signed = sign_headers(creds, "GET", "/data/hello.txt", query, host)
+        status, headers, _ = await raw.request("GET", f"/data/hello.txt?{query}", signed)
+        assert headers["content-type"] == "x/y" and headers["cache-control"] == "no-store"
+        assert headers["content-language"] == "fr" and headers["x-amz-meta-owner"] == "team-a"
+        # Nothing stored: the key's extension decides, as before.
+        signed = sign_headers(creds, "HEAD", "/data/dir/a.json", "", host)
+        status, headers, _ = await raw.request("HEAD", "/data/dir/a.json", signed)
+        assert headers["content-type"] == "application/json"
+        assert not [h for h in headers if h.startswith("x-amz-meta-")]
     finally:
         await raw.close()
         await server.stop()

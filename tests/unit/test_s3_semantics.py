@@ -6,17 +6,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from depot.core.types import FileStatus
+from depot.core.types import Attributes, FileStatus
 from depot.s3.buckets import BucketMap, check_key, valid_bucket_name
 from depot.s3.errors import S3Error, from_depot_error
 from depot.s3.responses import iso8601, url_encode_key, xml_text
 from depot.s3.semantics import (
+    MAX_METADATA_BYTES,
     check_preconditions,
     content_type,
     etag_matches,
     http_date,
+    object_headers,
     parse_http_date,
     parse_range,
+    request_attributes,
     s3_etag,
 )
 
@@ -137,6 +140,72 @@ def test_content_type() -> None:
     assert content_type("a/B.TXT") == "text/plain"
     assert content_type("a/noext") == "binary/octet-stream"
     assert content_type("a.d/noext") == "binary/octet-stream"
+
+
+# --- attributes: content headers and x-amz-meta-* ------------------------------------------------
+
+
+def test_request_attributes() -> None:
+    assert request_attributes({"content-length": "3", "x-amz-content-sha256": "x"}) is None
+    attrs = request_attributes({
+        "content-type": "text/csv",
+        "cache-control": "no-cache",
+        "content-encoding": "aws-chunked,gzip",
+        "content-disposition": "inline",
+        "content-language": "fr",
+        "x-amz-meta-owner": "team-a",
+        "x-amz-meta-content-type": "not the header",
+        "x-amz-meta-": "nameless: dropped",
+        "expires": "never",
+    })
+    assert attrs == Attributes.of(
+        {"Content-Type": "text/csv", "Cache-Control": "no-cache", "Content-Encoding": "gzip",
+         "Content-Disposition": "inline", "Content-Language": "fr"},
+        {"owner": "team-a", "content-type": "not the header"},
+    )
+    # aws-chunked frames the request body only: not kept.
+    assert request_attributes({"content-encoding": "aws-chunked"}) is None
+
+
+def test_request_metadata_limit() -> None:
+    at_limit = {"x-amz-meta-k": "v" * (MAX_METADATA_BYTES - 1)}
+    assert request_attributes(at_limit) is not None
+    with pytest.raises(S3Error) as info:
+        request_attributes({"x-amz-meta-k": "v" * MAX_METADATA_BYTES})
+    assert info.value.code == "MetadataTooLarge" and info.value.status == 400
+    # Bytes, not characters: two-byte UTF-8 characters count twice.
+    utf8 = ("é" * 1024).encode().decode("latin-1")
+    with pytest.raises(S3Error):
+        request_attributes({"x-amz-meta-k": utf8})
+
+
+def test_non_ascii_values_are_kept_rfc2047_encoded() -> None:
+    sent = "Grüße".encode().decode("latin-1")  # UTF-8 bytes as the HTTP server decodes them
+    attrs = request_attributes({"x-amz-meta-name": sent, "x-amz-meta-word": "=?UTF-8?B?w6k=?="})
+    assert attrs is not None
+    meta = dict(attrs.metadata)
+    assert meta["name"] == "=?UTF-8?B?R3LDvMOfZQ==?="  # what AWS answers for such a value
+    assert meta["word"] == "=?UTF-8?B?w6k=?="  # already encoded: kept as sent
+    latin = request_attributes({"x-amz-meta-l": "\xe9"})  # a lone Latin-1 byte: its character
+    assert latin is not None and dict(latin.metadata)["l"] == "=?UTF-8?B?w6k=?="
+
+
+def test_object_headers() -> None:
+    assert object_headers(None, "a/b.json") == [("Content-Type", "application/json")]
+    assert object_headers(Attributes(), "a/b.json") == [("Content-Type", "application/json")]
+    attrs = Attributes.of(
+        {"Content-Type": "text/csv", "Cache-Control": "max-age=5"},
+        {"owner": "a", "stored": "ünï\r\nX-Injected: 1"},
+    )
+    assert object_headers(attrs, "a/b.json") == [
+        ("Content-Type", "text/csv"),
+        ("Cache-Control", "max-age=5"),
+        ("x-amz-meta-owner", "a"),
+        # One line, sent as UTF-8 (the writer encodes header text as Latin-1).
+        ("x-amz-meta-stored", "ünï  X-Injected: 1".encode().decode("latin-1")),
+    ]
+    skipped = object_headers(attrs, "k", frozenset({"Content-Type", "Cache-Control"}))
+    assert [name for name, _ in skipped] == ["x-amz-meta-owner", "x-amz-meta-stored"]
 
 
 # --- keys and buckets -------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_raw_garbage(garbage: bytes) -> None:
     class Client:
         endpoint = "http://127.0.0.1:1"
 
-        async def stat(self, path: str) -> object:
+        async def stat(self, path: str, *, attributes: bool = False) -> object:
             raise ConnectionError("never reached in a sane test")
 
     async def run() -> None:

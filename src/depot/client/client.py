@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,7 +34,7 @@ from depot.core.transport import (
     parse_endpoint,
     path_query,
 )
-from depot.core.types import FileStatus, parse_rate
+from depot.core.types import Attributes, FileStatus, parse_rate
 from depot.placement.view import merge_mounts
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ STATS = "/api/v1/cache/stats"
 HEALTH = "/healthz"
 JOBS = "/api/v1/jobs"
 WRITE = "/api/v1/write"
+ATTRIBUTES_HEADER = "X-Depot-Attributes"  # of a write: Attributes.to_dict() as JSON
 FILE = "/api/v1/file"
 MKDIR = "/api/v1/mkdir"
 RENAME = "/api/v1/rename"
@@ -350,11 +352,16 @@ class CacheClient:
             return doc
         return await self.wait_job(doc["id"], on_progress, poll_interval)
 
-    async def stat(self, path: str) -> FileStatus:
-        """Status of a file or directory."""
+    async def stat(self, path: str, *, attributes: bool = False) -> FileStatus:
+        """Status of a file or directory. ``attributes``: fill in a file's content headers and
+        user metadata where its store keeps them (the worker may ask the store for them)."""
+        target = path_query(STAT, path) + ("&attributes=1" if attributes else "")
 
         async def from_worker(pool: ConnectionPool) -> FileStatus:
-            data = await self._get_json(STAT, path, pool)
+            response = await pool.request(target)
+            if response.status >= 300:
+                raise error_from_response(response, path)
+            data = response.json()
             try:
                 return FileStatus.from_dict(data)
             except (KeyError, TypeError, ValueError):
@@ -664,20 +671,29 @@ class CacheClient:
         return page_size * pages
 
     # writes (docs/writes.md) ---------------------------------------------------------------------
-    async def write(self, path: str, data: WriteSource) -> FileStatus:
+    async def write(
+        self, path: str, data: WriteSource, *, attributes: Attributes | None = None
+    ) -> FileStatus:
         """Write ``data`` as the whole new content of ``path``; returns the new status.
 
         ``data``: bytes-like, a binary file object (read from its position, in chunks), or an
         async iterable of bytes (spooled first: memory stays bounded). The write goes to the
         worker that owns the path (segment 0 of its key); the next worker is tried only when the
         owner refused the connection, before any byte was sent. There is no under-store fallback
-        for writes: an unreachable cluster is an error.
+        for writes: an unreachable cluster is an error. ``attributes`` (content headers, user
+        metadata) are stored with the object where its under store keeps them.
         """
+        headers: list[tuple[str, str]] = []
+        if attributes is not None:
+            # ASCII JSON: any value survives a header, which is Latin-1 on the wire.
+            headers.append((ATTRIBUTES_HEADER, json.dumps(attributes.to_dict())))
         async with await open_source(data) as source:
             upload = source.upload
 
             async def send(pool: ConnectionPool) -> FileStatus:
-                response = await pool.request(path_query(WRITE, path), method="PUT", body=upload)
+                response = await pool.request(
+                    path_query(WRITE, path), headers, method="PUT", body=upload
+                )
                 return self._status_of(response, path)
 
             return await self._write_call(send, path)

@@ -37,6 +37,7 @@ def _status(path: str, info: ObjectInfo) -> FileStatus:
         is_dir=info.is_dir,
         etag=info.etag,
         version=info.version,
+        attributes=info.attributes,
     )
 
 

@@ -3,15 +3,92 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from depot.core.errors import InvalidRange
 
+#: The content headers an object store keeps with an object, in their canonical spelling.
+CONTENT_HEADERS = (
+    "Cache-Control",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Type",
+)
+_CANONICAL = {name.lower(): name for name in CONTENT_HEADERS}
+
+
+def _pairs(value: object, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"attributes: {what} must map strings to strings")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """What an object store keeps beside an object's bytes: content headers and user metadata.
+
+    Two parts, so a user metadata name (S3's ``x-amz-meta-content-type``) never passes for the
+    header of the same name. ``headers``: ``CONTENT_HEADERS`` that were given; ``metadata``: user
+    metadata by lower-case name (S3 folds the case). Both are sorted pairs, so the value is
+    immutable and hashable like the ``FileStatus`` that carries it: build it with ``of``.
+    """
+
+    headers: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(
+        cls, headers: Mapping[str, str] | None = None, metadata: Mapping[str, str] | None = None
+    ) -> Attributes:
+        """Normalised: header names in canonical case (``ValueError`` for any other name),
+        metadata names in lower case."""
+        found: dict[str, str] = {}
+        for name, value in (headers or {}).items():
+            canonical = _CANONICAL.get(name.lower())
+            if canonical is None:
+                raise ValueError(f"not a content header: {name!r}")
+            found[canonical] = value
+        meta = {name.lower(): value for name, value in (metadata or {}).items()}
+        return cls(tuple(sorted(found.items())), tuple(sorted(meta.items())))
+
+    def header(self, name: str) -> str | None:
+        """The value of content header ``name`` (any case), if kept."""
+        wanted = _CANONICAL.get(name.lower(), name)
+        for key, value in self.headers:
+            if key == wanted:
+                return value
+        return None
+
+    @property
+    def content_type(self) -> str | None:
+        return self.header("Content-Type")
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        return {"headers": dict(self.headers), "metadata": dict(self.metadata)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Attributes:
+        """The inverse of ``to_dict``; ``ValueError`` for anything else."""
+        if not isinstance(data, dict) or not set(data) <= {"headers", "metadata"}:
+            raise ValueError("attributes must be {\"headers\": {...}, \"metadata\": {...}}")
+        return cls.of(
+            _pairs(data.get("headers", {}), "headers"),
+            _pairs(data.get("metadata", {}), "metadata"),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class FileStatus:
-    """What a client learns from ``stat``: a file or a directory of the namespace."""
+    """What a client learns from ``stat``: a file or a directory of the namespace.
+
+    ``attributes``: the object's content headers and user metadata; None where they are not
+    known (a listing, a store that keeps none, a directory).
+    """
 
     path: str
     size: int
@@ -19,6 +96,7 @@ class FileStatus:
     is_dir: bool = False
     etag: str | None = None
     version: str | None = None
+    attributes: Attributes | None = None
 
     @property
     def version_tag(self) -> str:
@@ -35,7 +113,7 @@ class FileStatus:
         return '"' + self.version_tag.replace('"', "").replace("\\", "") + '"'
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "path": self.path,
             "size": self.size,
             "mtime": self.mtime,
@@ -43,9 +121,13 @@ class FileStatus:
             "etag": self.etag,
             "version": self.version,
         }
+        if self.attributes is not None:  # absent rather than null: listings stay small
+            out["attributes"] = self.attributes.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FileStatus:
+        attributes = data.get("attributes")
         return cls(
             path=str(data["path"]),
             size=int(data["size"]),
@@ -53,6 +135,7 @@ class FileStatus:
             is_dir=data.get("type") == "directory",
             etag=data.get("etag"),
             version=data.get("version"),
+            attributes=None if attributes is None else Attributes.from_dict(attributes),
         )
 
 

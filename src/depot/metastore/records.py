@@ -4,6 +4,10 @@ Values are compact JSON arrays (``[format, fetched_at, payload]``): fast through
 readable when debugging, and safe to decode even if the bytes were damaged or written by someone
 else, which pickle is not. ``decode_*`` raise ``ValueError`` for anything that is not exactly
 what ``encode_*`` writes, so the store can drop the value instead of serving garbage.
+
+A status row is ``[path, size, mtime, is_dir, etag, version]``, plus a seventh element, the
+object's attributes ``[[[header, value]...], [[name, value]...]]``, when they are known: rows
+written before attributes existed (six elements) still decode, with attributes None.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from depot.core.types import FileStatus
+from depot.core.types import Attributes, FileStatus
 
 FORMAT = 1
 
@@ -43,7 +47,11 @@ class CachedListing:
 
 
 def _status_row(status: FileStatus) -> list[Any]:
-    return [status.path, status.size, status.mtime, status.is_dir, status.etag, status.version]
+    row = [status.path, status.size, status.mtime, status.is_dir, status.etag, status.version]
+    attributes = status.attributes
+    if attributes is not None:
+        row.append([attributes.headers, attributes.metadata])
+    return row
 
 
 def _check_time(fetched_at: float) -> float:
@@ -71,10 +79,32 @@ def _optional_str(value: object) -> bool:
     return value is None or isinstance(value, str)
 
 
+def _parse_pairs(value: object) -> dict[str, str]:
+    if not isinstance(value, list):
+        raise ValueError("malformed attributes")
+    out: dict[str, str] = {}
+    for pair in value:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not isinstance(pair[0], str)
+            or not isinstance(pair[1], str)
+        ):
+            raise ValueError("malformed attributes")
+        out[pair[0]] = pair[1]
+    return out
+
+
+def _parse_attributes(value: object) -> Attributes:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError("malformed attributes")
+    return Attributes.of(_parse_pairs(value[0]), _parse_pairs(value[1]))
+
+
 def _parse_row(row: object) -> FileStatus:
-    if not isinstance(row, list) or len(row) != 6:
+    if not isinstance(row, list) or len(row) not in (6, 7):
         raise ValueError("malformed status record")
-    path, size, mtime, is_dir, etag, version = row
+    path, size, mtime, is_dir, etag, version = row[:6]
     if not (
         isinstance(path, str)
         and isinstance(size, int)
@@ -86,7 +116,8 @@ def _parse_row(row: object) -> FileStatus:
         and _optional_str(version)
     ):
         raise ValueError("malformed status record")
-    return FileStatus(path, size, float(mtime), is_dir, etag, version)
+    attributes = _parse_attributes(row[6]) if len(row) == 7 else None
+    return FileStatus(path, size, float(mtime), is_dir, etag, version, attributes)
 
 
 def _parse_envelope(data: bytes) -> tuple[float, object]:

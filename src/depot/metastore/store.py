@@ -11,6 +11,7 @@ damaged database is recreated empty, rather than failing reads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -261,20 +262,37 @@ class MetadataStore:
         self.replace_status(key, status, fetched_at)
 
     def replace_status(
-        self, key: str, status: FileStatus | None, fetched_at: float
+        self,
+        key: str,
+        status: FileStatus | None,
+        fetched_at: float,
+        *,
+        keep_attributes: bool = False,
     ) -> FileStatus | None:
         """Cache ``status`` and return the status cached before (None if absent or negative).
 
         The worker compares ``version_tag`` of the two to drop the pages of a version that the
-        UFS no longer holds.
+        UFS no longer holds. ``keep_attributes``: a status without attributes (one from a
+        listing) keeps those cached for the same version, so a listing does not cost a later
+        head of each object its attributes.
         """
         dbkey = _encode_key(_STATUS, key)
-        value = encode_status(status, fetched_at)
-        record = CachedStatus(status, float(fetched_at))
         with self._lock:
             previous = self._load(dbkey)
+            old = previous.status if isinstance(previous, CachedStatus) else None
+            if (
+                keep_attributes
+                and status is not None
+                and status.attributes is None
+                and old is not None
+                and old.attributes is not None
+                and old.version_tag == status.version_tag
+            ):
+                status = dataclasses.replace(status, attributes=old.attributes)
+            value = encode_status(status, fetched_at)
+            record = CachedStatus(status, float(fetched_at))
             self._store(dbkey, value, record, existed=previous is not None)
-        return previous.status if isinstance(previous, CachedStatus) else None
+        return old
 
     def get_version(self, key: str) -> str | None:
         """The version tag of the cached status of ``key``, if a positive one is cached."""

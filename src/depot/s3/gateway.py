@@ -52,8 +52,8 @@ from depot.s3.responses import (
 )
 from depot.s3.semantics import (
     check_preconditions,
-    content_type,
     http_date,
+    object_headers,
     parse_range,
     s3_etag,
 )
@@ -121,7 +121,7 @@ class ObjectReader(Protocol):
     @property
     def endpoint(self) -> str: ...
 
-    async def stat(self, path: str) -> FileStatus: ...
+    async def stat(self, path: str, *, attributes: bool = False) -> FileStatus: ...
 
     async def list(self, path: str) -> list[FileStatus]: ...
 
@@ -517,7 +517,7 @@ class S3Gateway:
 
     async def _stat_object(self, ctx: S3Request, root: str, path: str) -> FileStatus:
         try:
-            status = await self.client.stat(path)
+            status = await self.client.stat(path, attributes=True)
         except NotFound:
             await self._bucket_root(ctx.bucket)  # NoSuchBucket before NoSuchKey
             raise S3Error("NoSuchKey", Key=ctx.key, BucketName=ctx.bucket) from None
@@ -629,14 +629,12 @@ class S3Gateway:
         headers.append(("Accept-Ranges", "bytes"))
         if code == 206:
             headers.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
-        ctype = content_type(ctx.key)
         if overrides:
-            names = {h for h, _ in overrides}
-            if "Content-Type" not in names:
-                headers.append(("Content-Type", ctype))
+            names = frozenset(h for h, _ in overrides)
+            headers.extend(object_headers(status.attributes, ctx.key, names))
             headers.extend((h, v.replace("\r", " ").replace("\n", " ")) for h, v in overrides)
         else:
-            headers.append(("Content-Type", ctype))
+            headers.extend(object_headers(status.attributes, ctx.key))
         version = version_of(status)
         first = None
         if spec is not None:

@@ -1,7 +1,8 @@
 """Multipart uploads staged on the gateway's disk until they are completed or aborted.
 
 Layout under ``s3.staging_dir``: one directory per upload (its id: 32 hex digits), holding
-``upload.json`` (bucket, key, depot path, initiation time) and, per part, ``NNNNN`` (the bytes)
+``upload.json`` (bucket, key, depot path, initiation time, the object's attributes from
+CreateMultipartUpload) and, per part, ``NNNNN`` (the bytes)
 and ``NNNNN.json`` (size, MD5, time). A part is written to a temporary name, fsynced, then renamed
 over the previous upload of that number, and its record is written the same way: a part is either
 all there or not at all, and survives a gateway restart. Complete reads the parts back in order as
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from depot.core.types import Attributes
 from depot.s3.errors import S3Error
 
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -37,6 +39,7 @@ class Upload:
     key: str
     path: str
     initiated: float
+    attributes: Attributes | None = None  # given at CreateMultipartUpload, set at Complete
 
 
 @dataclass(slots=True)
@@ -75,13 +78,19 @@ class Staging:
             raise no_such_upload(upload_id)
         return self.root / upload_id
 
-    async def create(self, bucket: str, key: str, path: str) -> Upload:
-        upload = Upload(secrets.token_hex(16), bucket, key, path, time.time())
+    async def create(
+        self, bucket: str, key: str, path: str, attributes: Attributes | None = None
+    ) -> Upload:
+        upload = Upload(secrets.token_hex(16), bucket, key, path, time.time(), attributes)
 
         def make() -> None:
             folder = self.root / upload.upload_id
             folder.mkdir(parents=True)
-            record = {"bucket": bucket, "key": key, "path": path, "initiated": upload.initiated}
+            record: dict[str, Any] = {
+                "bucket": bucket, "key": key, "path": path, "initiated": upload.initiated
+            }
+            if attributes is not None:
+                record["attributes"] = attributes.to_dict()
             _write_atomic(folder / "upload.json", json.dumps(record).encode())
 
         await asyncio.to_thread(make)
@@ -91,9 +100,15 @@ class Staging:
         folder = self._dir(upload_id)
         try:
             record = json.loads((folder / "upload.json").read_bytes())
+            attributes = record.get("attributes")
+            if attributes is not None:
+                attributes = Attributes.from_dict(attributes)
         except (OSError, ValueError):
             raise no_such_upload(upload_id) from None
-        return Upload(upload_id, record["bucket"], record["key"], record["path"], record["initiated"])
+        return Upload(
+            upload_id, record["bucket"], record["key"], record["path"], record["initiated"],
+            attributes,
+        )
 
     async def get(self, upload_id: str, bucket: str, key: str) -> Upload:
         upload = await asyncio.to_thread(self._load, upload_id)

@@ -10,20 +10,29 @@ S3 follows RFC 9110 here, with its own choices where the RFC leaves room:
   So ``If-Match`` true with ``If-Unmodified-Since`` false is 200, and ``If-None-Match`` false
   with ``If-Modified-Since`` true is 304, as the S3 documentation spells out. Dates that do not
   parse are ignored; times compare at one-second resolution (what ``Last-Modified`` carries).
+
+Object attributes: a write's content headers (``Content-Type``, ``Cache-Control``,
+``Content-Disposition``, ``Content-Encoding`` without ``aws-chunked``, ``Content-Language``) and
+``x-amz-meta-*`` (at most 2 KiB of names and values, ``MetadataTooLarge``) are kept with the
+object and sent back on GET/HEAD. A non-ASCII value is stored RFC 2047-encoded
+(``=?UTF-8?B?...?=``), which is how AWS returns such values, and which every store can keep.
 """
 
 from __future__ import annotations
 
+import base64
 import calendar
 import hashlib
 import mimetypes
 from collections.abc import Mapping
 from email.utils import formatdate, parsedate_tz
 
-from depot.core.types import FileStatus
+from depot.core.types import CONTENT_HEADERS, Attributes, FileStatus
 from depot.s3.errors import S3Error
 
 DEFAULT_CONTENT_TYPE = "binary/octet-stream"
+META_PREFIX = "x-amz-meta-"
+MAX_METADATA_BYTES = 2048
 _CONTENT_TYPES: dict[str, str] = {}
 
 
@@ -167,7 +176,8 @@ def s3_etag(status: FileStatus) -> str:
 
 
 def content_type(key: str) -> str:
-    """A content type from the key's extension (depot stores none); S3's default otherwise."""
+    """A content type from the key's extension (for objects with none stored); S3's default
+    otherwise."""
     dot = key.rfind(".")
     if dot < 0 or "/" in key[dot:]:
         return DEFAULT_CONTENT_TYPE
@@ -178,3 +188,75 @@ def content_type(key: str) -> str:
         if len(_CONTENT_TYPES) < 4096:
             _CONTENT_TYPES[ext] = found
     return found
+
+
+def _stored_value(text: str) -> str:
+    """A header value as it is kept: ASCII as sent, anything else RFC 2047-encoded UTF-8."""
+    if text.isascii():
+        return text
+    return "=?UTF-8?B?" + base64.b64encode(_utf8(text)).decode("ascii") + "?="
+
+
+def _utf8(text: str) -> bytes:
+    """The UTF-8 bytes of a header value the server decoded as Latin-1: its own bytes when they
+    are UTF-8, else the characters they stand for."""
+    try:
+        raw = text.encode("latin-1")
+        raw.decode("utf-8")
+    except UnicodeError:
+        return text.encode("utf-8")
+    return raw
+
+
+def _content_encoding(value: str) -> str | None:
+    """``Content-Encoding`` without ``aws-chunked``, the framing of the request body only."""
+    kept = [c.strip() for c in value.split(",") if c.strip() and c.strip().lower() != "aws-chunked"]
+    return ", ".join(kept) or None
+
+
+def request_attributes(headers: Mapping[str, str]) -> Attributes | None:
+    """The attributes a write asks for (lower-case header names); None if it names none."""
+    found: dict[str, str] = {}
+    for name in CONTENT_HEADERS:
+        value: str | None = headers.get(name.lower())
+        if value is not None and name == "Content-Encoding":
+            value = _content_encoding(value)
+        if value is not None:
+            found[name] = _stored_value(value)
+    metadata: dict[str, str] = {}
+    size = 0
+    for name, value in headers.items():
+        if name.startswith(META_PREFIX) and len(name) > len(META_PREFIX):
+            key = name[len(META_PREFIX) :]
+            size += len(key) + len(_utf8(value))
+            metadata[key] = _stored_value(value)
+    if size > MAX_METADATA_BYTES:
+        raise S3Error("MetadataTooLarge", Size=str(size), MaxSizeAllowed=str(MAX_METADATA_BYTES))
+    if not found and not metadata:
+        return None
+    return Attributes.of(found, metadata)
+
+
+def _header_value(value: str) -> str:
+    """A value as a header line carries it: one line, UTF-8 bytes (the writer sends Latin-1)."""
+    value = value.replace("\r", " ").replace("\n", " ")
+    return value if value.isascii() else value.encode("utf-8").decode("latin-1")
+
+
+def object_headers(
+    attributes: Attributes | None, key: str, skip: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """GET/HEAD headers of an object's attributes: its content headers (``Content-Type`` from
+    the key's extension when none is stored) and ``x-amz-meta-*``; ``skip``: names overridden."""
+    out: list[tuple[str, str]] = []
+    stored = attributes.content_type if attributes is not None else None
+    if "Content-Type" not in skip:
+        out.append(("Content-Type", _header_value(stored) if stored else content_type(key)))
+    if attributes is None:
+        return out
+    for name, value in attributes.headers:
+        if name != "Content-Type" and name not in skip:
+            out.append((name, _header_value(value)))
+    for name, value in attributes.metadata:
+        out.append((META_PREFIX + name, _header_value(value)))
+    return out

@@ -22,7 +22,7 @@ from urllib.parse import unquote
 
 from depot.client.client import version_of
 from depot.core.errors import AlreadyExists, DepotError, NotFound, StaleVersion
-from depot.core.types import FileStatus
+from depot.core.types import Attributes, FileStatus
 from depot.s3.bodies import BodyDigest, verified_body
 from depot.s3.buckets import join_key
 from depot.s3.checksums import ALGORITHMS, DIGEST_SIZES, decode_b64, new_checksum
@@ -30,7 +30,7 @@ from depot.s3.errors import S3Error, from_depot_error
 from depot.s3.gateway import ObjectReader, S3Gateway, S3Request
 from depot.s3.multipart import MAX_PARTS, MIN_PART_SIZE, PartsFile, Staging, Upload
 from depot.s3.responses import NAMESPACE, OWNER_ID, XML_HEADER, iso8601, xml_text
-from depot.s3.semantics import check_preconditions, parse_range, s3_etag
+from depot.s3.semantics import check_preconditions, parse_range, request_attributes, s3_etag
 
 MAX_DELETE_KEYS = 1000
 COPY_BLOCK = 4 * 1024 * 1024
@@ -41,7 +41,9 @@ DELETE_CONCURRENCY = 16
 class ObjectWriter(ObjectReader, Protocol):
     """A reader that can also write: ``CacheClient``."""
 
-    async def write(self, path: str, data: object) -> FileStatus: ...
+    async def write(
+        self, path: str, data: object, *, attributes: Attributes | None = None
+    ) -> FileStatus: ...
 
     async def delete(self, path: str) -> None: ...
 
@@ -196,9 +198,10 @@ class S3Writes:
         if ctx.key.endswith("/"):
             await self._put_folder(ctx)
             return
+        attributes = request_attributes(ctx.http.headers)
         path = await self._object_path(ctx)
         digest = BodyDigest()
-        await self.client.write(path, self._body(ctx, digest))
+        await self.client.write(path, self._body(ctx, digest), attributes=attributes)
         headers = self._headers(ctx)
         headers.append(("ETag", f'"{digest.etag_hex}"'))
         ctx.writer.start(200, headers, 0)
@@ -236,11 +239,13 @@ class S3Writes:
                           "sourcebucket/sourcekey", ArgumentName="x-amz-copy-source")
         return bucket, key
 
-    async def _source(self, ctx: S3Request) -> tuple[str, str, FileStatus]:
+    async def _source(
+        self, ctx: S3Request, *, attributes: bool = False
+    ) -> tuple[str, str, FileStatus]:
         bucket, key = self._copy_source(ctx)
         path = await self._object_path(ctx, bucket, key)
         try:
-            status = await self.client.stat(path)
+            status = await self.client.stat(path, attributes=attributes)
         except NotFound:
             raise S3Error("NoSuchKey", Key=key, BucketName=bucket) from None
         if status.is_dir:
@@ -275,11 +280,14 @@ class S3Writes:
             yield piece
 
     async def copy_object(self, ctx: S3Request) -> None:
-        _, src_path, status = await self._source(ctx)
         directive = ctx.http.headers.get("x-amz-metadata-directive", "COPY").upper()
         if directive not in ("COPY", "REPLACE"):
             raise S3Error("InvalidArgument", "Unknown metadata directive.",
                           ArgumentName="x-amz-metadata-directive", ArgumentValue=directive[:40])
+        # COPY: the source's content headers and metadata; REPLACE: the request's only.
+        replaced = request_attributes(ctx.http.headers) if directive == "REPLACE" else None
+        _, src_path, status = await self._source(ctx, attributes=directive == "COPY")
+        attributes = status.attributes if directive == "COPY" else replaced
         path = await self._object_path(ctx)
         if path == src_path and directive == "COPY":
             raise S3Error(
@@ -289,7 +297,10 @@ class S3Writes:
                 "or encryption attributes.",
             )
         digest = BodyDigest()
-        new = await self.client.write(path, self._read_source(src_path, status, 0, status.size, digest))
+        new = await self.client.write(
+            path, self._read_source(src_path, status, 0, status.size, digest),
+            attributes=attributes,
+        )
         self._send_xml(
             ctx,
             f'<CopyObjectResult xmlns="{NAMESPACE}"><LastModified>{iso8601(new.mtime)}'
@@ -410,9 +421,10 @@ class S3Writes:
 
     # multipart ------------------------------------------------------------------------------------
     async def create_multipart_upload(self, ctx: S3Request) -> None:
+        attributes = request_attributes(ctx.http.headers)
         path = await self._object_path(ctx)
         await self._writable(path)
-        upload = await self.staging.create(ctx.bucket, ctx.key, path)
+        upload = await self.staging.create(ctx.bucket, ctx.key, path, attributes)
         self._send_xml(
             ctx,
             f'<InitiateMultipartUploadResult xmlns="{NAMESPACE}"><Bucket>{xml_text(ctx.bucket)}'
@@ -490,7 +502,7 @@ class S3Writes:
                               ETag=part.etag)
         source = PartsFile([(self.staging.part_path(upload, p.number), p.size) for p in chosen])
         try:
-            await self.client.write(upload.path, source)
+            await self.client.write(upload.path, source, attributes=upload.attributes)
         finally:
             source.close()
         await self.staging.remove(upload)

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from depot.core.errors import InvalidArgument, InvalidRange, NotFound, StaleVersion
+from depot.core.types import Attributes
 from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
 
 MiB = 1024 * 1024
@@ -396,6 +397,57 @@ class UnderStoreContract:
         start = self.large_size // 2 - 12345
         got = await store.get_range("big/blob", start, start + 4 * MiB, etag=info.etag)
         assert as_bytes(got) == data[start : start + 4 * MiB]
+
+    # --- attributes (content headers, user metadata) -------------------------------------
+    # Stores that keep them must return them; the others must accept and ignore them.
+
+    ATTRS = Attributes.of(
+        {
+            "Content-Type": "text/csv; charset=utf-8",
+            "Cache-Control": "max-age=60",
+            "Content-Disposition": 'attachment; filename="a.csv"',
+            "Content-Language": "de",
+        },
+        {"owner": "team-a", "Mixed_Case": "Value Kept", "empty": ""},
+    )
+
+    def _check_attributes(self, store: UnderStore, got: Attributes | None) -> None:
+        if not store.supports_attributes:
+            assert got is None
+            return
+        assert got is not None
+        for name, value in self.ATTRS.headers:
+            assert got.header(name) == value, name
+        assert dict(got.metadata) == {"owner": "team-a", "mixed_case": "Value Kept", "empty": ""}
+
+    async def test_attributes_roundtrip(self, store: UnderStore) -> None:
+        put_info = await store.put("attr/one.csv", b"a,b\n", attributes=self.ATTRS)
+        self._check_attributes(store, put_info.attributes)
+        self._check_attributes(store, (await store.head("attr/one.csv")).attributes)
+        assert as_bytes(await store.get("attr/one.csv")) == b"a,b\n"
+
+    async def test_attributes_multipart(self, store: UnderStore) -> None:
+        data = payload(self.part_size + 1000, seed=5)
+        chunks = stream(data[: self.part_size], data[self.part_size :])
+        await store.put_multipart(
+            "attr/big.bin", chunks, part_size=self.part_size, attributes=self.ATTRS
+        )
+        self._check_attributes(store, (await store.head("attr/big.bin")).attributes)
+
+    async def test_overwrite_replaces_attributes(self, store: UnderStore) -> None:
+        await store.put("attr/two", b"1", attributes=self.ATTRS)
+        await store.put("attr/two", b"2")
+        got = (await store.head("attr/two")).attributes
+        if store.supports_attributes:
+            assert got is not None and got.metadata == ()
+            assert got.content_type != "text/csv; charset=utf-8"  # None or the store's default
+        else:
+            assert got is None
+
+    async def test_listing_carries_no_attributes(self, store: UnderStore) -> None:
+        await store.put("attr/listed", b"x", attributes=self.ATTRS)
+        objects, _, _ = await collect(store, "attr/")
+        assert [o.attributes for o in objects] == [None]
 
     # --- a random walk held against a dict ----------------------------------------------
 

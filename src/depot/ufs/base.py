@@ -17,6 +17,10 @@ Semantics every backend shares (and the contract checks):
   its ``next_token`` is the name of the last entry returned; only ``/`` is a valid delimiter.
 * ``ObjectInfo.mtime`` is in seconds since the epoch; ``etag`` is the store's, in quoted form,
   and can be passed back to ``get_range``.
+* Attributes (content headers and user metadata): ``put``/``put_multipart`` take them, and
+  ``head`` returns them (empty if none were given), on stores whose ``supports_attributes`` is
+  true. Elsewhere they are ignored and ``head`` says None. Listings never carry them (object
+  stores list none), so ``ObjectInfo.attributes`` of a listed object is None: "not known".
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
+
+from depot.core.types import Attributes
 
 # Anything exposing the buffer protocol: bytes, memoryview, obstore.Bytes.
 Buffer = bytes | bytearray | memoryview
@@ -39,6 +45,7 @@ class ObjectInfo:
     etag: str | None = None
     version: str | None = None
     is_dir: bool = False
+    attributes: Attributes | None = None
 
 
 @dataclass(slots=True)
@@ -55,6 +62,8 @@ class UnderStore(abc.ABC):
 
     #: The root URI this store was opened with, e.g. ``s3://bucket/prefix``.
     uri: str
+    #: Whether ``put`` keeps attributes and ``head`` returns them (see the module doc).
+    supports_attributes: bool = False
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo:
@@ -88,14 +97,25 @@ class UnderStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def put(self, key: str, data: Buffer) -> ObjectInfo:
-        """Write a whole object, replacing any previous one."""
+    async def put(
+        self, key: str, data: Buffer, *, attributes: Attributes | None = None
+    ) -> ObjectInfo:
+        """Write a whole object, replacing any previous one (and its attributes)."""
 
     @abc.abstractmethod
     async def put_multipart(
-        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+        self,
+        key: str,
+        chunks: AsyncIterable[Buffer],
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        attributes: Attributes | None = None,
     ) -> ObjectInfo:
         """Write an object from a stream of chunks without holding it all in memory."""
+
+    def check_attributes(self, key: str, attributes: Attributes) -> None:  # noqa: B027
+        """Raise ``InvalidArgument`` if ``put`` could not keep ``attributes``: a write-back write
+        is checked before it is acknowledged, not when its upload fails."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:

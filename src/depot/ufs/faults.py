@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 
 from depot.core.errors import DepotError
+from depot.core.types import Attributes
 from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
 
 OPERATIONS = frozenset({"head", "get_range", "get", "list", "put", "put_multipart", "delete"})
@@ -53,6 +54,7 @@ class FaultInjectingUnderStore(UnderStore):
     def __init__(self, inner: UnderStore) -> None:
         self.inner = inner
         self.uri = inner.uri
+        self.supports_attributes = inner.supports_attributes
         self.calls: Counter[str] = Counter()
         self.injected = 0
         self._faults: list[_Fault] = []
@@ -122,15 +124,27 @@ class FaultInjectingUnderStore(UnderStore):
         await self._enter("list")
         return await self.inner.list(prefix, delimiter=delimiter, token=token, limit=limit)
 
-    async def put(self, key: str, data: Buffer) -> ObjectInfo:
+    async def put(
+        self, key: str, data: Buffer, *, attributes: Attributes | None = None
+    ) -> ObjectInfo:
         await self._enter("put")
-        return await self.inner.put(key, data)
+        return await self.inner.put(key, data, attributes=attributes)
 
     async def put_multipart(
-        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+        self,
+        key: str,
+        chunks: AsyncIterable[Buffer],
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        attributes: Attributes | None = None,
     ) -> ObjectInfo:
         await self._enter("put_multipart")
-        return await self.inner.put_multipart(key, chunks, part_size=part_size)
+        return await self.inner.put_multipart(
+            key, chunks, part_size=part_size, attributes=attributes
+        )
+
+    def check_attributes(self, key: str, attributes: Attributes) -> None:
+        self.inner.check_attributes(key, attributes)
 
     async def delete(self, key: str) -> None:
         await self._enter("delete")

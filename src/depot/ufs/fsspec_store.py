@@ -21,6 +21,8 @@ the ETag is a digest of size, mtime and inode (where reported). ``get_range(etag
 the version before and after reading, which catches any change that alters the ETag. A file
 rewritten in place by another program with the same size within one mtime tick keeps its ETag;
 writes through this store on a local file system replace the file (new inode) instead.
+
+Attributes (content type, user metadata) are not kept: fsspec has no portable way to set them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from fsspec.spec import AbstractFileSystem
 
 from depot.core.config import UfsConfig
 from depot.core.errors import ConfigError, InvalidRange, IsADirectory, NotFound, StaleVersion
+from depot.core.types import Attributes
 from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
 from depot.ufs.errors import map_error, short_message
 from depot.ufs.keys import (
@@ -263,7 +266,9 @@ class FsspecUnderStore(UnderStore):
         parent, base = posixpath.split(path)
         return posixpath.join(parent, f".{base}{TMP_MARKER}{uuid.uuid4().hex}")
 
-    async def put(self, key: str, data: Buffer) -> ObjectInfo:
+    async def put(
+        self, key: str, data: Buffer, *, attributes: Attributes | None = None
+    ) -> ObjectInfo:
         check_key(key)
         path = self._path(key)
         try:
@@ -284,7 +289,12 @@ class FsspecUnderStore(UnderStore):
         return await self.head(key)
 
     async def put_multipart(
-        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+        self,
+        key: str,
+        chunks: AsyncIterable[Buffer],
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        attributes: Attributes | None = None,
     ) -> ObjectInfo:
         check_key(key)
         path = self._path(key)

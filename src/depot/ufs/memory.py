@@ -4,7 +4,8 @@ Stores opened with the same NAME in one process share their objects (like two cl
 bucket), so a test can write through one handle and read through the worker's own. ETags are
 the MD5 of the content (what S3 reports for a single-part upload) or, with ``etag=counter``, a
 generation number that changes on every write even when the bytes do not. ``versioning=true``
-also assigns a version id to every write.
+also assigns a version id to every write. Attributes are kept and returned by ``head`` (not by
+``list``, as on real object stores).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 
 from depot.core.errors import ConfigError, NotFound, StaleVersion
+from depot.core.types import Attributes
 from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
 from depot.ufs.keys import (
     check_key,
@@ -38,6 +40,7 @@ class _Object:
     mtime: float
     etag: str
     version: str | None
+    attributes: Attributes
 
 
 class MemoryBucket:
@@ -59,14 +62,16 @@ class MemoryBucket:
         self.keys: list[str] = []  # sorted, for ordered listings without a sort per call
         self.generation = 0
 
-    def store(self, key: str, data: bytes) -> _Object:
+    def store(self, key: str, data: bytes, attributes: Attributes | None = None) -> _Object:
         self.generation += 1
         if self.etag_mode == "md5":
             etag = '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
         else:
             etag = f'"{self.generation}"'
         version = str(self.generation) if self.versioning else None
-        obj = _Object(data, self.clock(), etag, version)
+        obj = _Object(
+            data, self.clock(), etag, version, attributes if attributes is not None else Attributes()
+        )
         if key not in self.objects:
             bisect.insort(self.keys, key)
         self.objects[key] = obj
@@ -106,6 +111,8 @@ def drop_memory_bucket(name: str) -> None:
 class MemoryUnderStore(UnderStore):
     """An ``UnderStore`` over a ``MemoryBucket``, optionally below a key prefix."""
 
+    supports_attributes = True
+
     def __init__(
         self, bucket: MemoryBucket | None = None, *, prefix: str = "", uri: str = "memory://"
     ) -> None:
@@ -116,8 +123,11 @@ class MemoryUnderStore(UnderStore):
     def _full(self, key: str) -> str:
         return join_key(self.root, check_key(key))
 
-    def _info(self, key: str, obj: _Object) -> ObjectInfo:
-        return ObjectInfo(key, len(obj.data), obj.mtime, obj.etag, obj.version)
+    def _info(self, key: str, obj: _Object, *, attributes: bool = True) -> ObjectInfo:
+        return ObjectInfo(
+            key, len(obj.data), obj.mtime, obj.etag, obj.version,
+            attributes=obj.attributes if attributes else None,
+        )
 
     def _get(self, key: str) -> _Object:
         obj = self.bucket.objects.get(self._full(key))
@@ -167,7 +177,7 @@ class MemoryUnderStore(UnderStore):
                 if not full.startswith(base + prefix):
                     break
                 rel = full[cut:]
-                out.append(self._info(rel, self.bucket.objects[full]))
+                out.append(self._info(rel, self.bucket.objects[full], attributes=False))
                 # Without a delimiter one extra entry is enough to know there is a next page.
                 if delimiter is None and len(out) > limit:
                     break
@@ -178,12 +188,19 @@ class MemoryUnderStore(UnderStore):
             entries = [e for e in entries if (e if isinstance(e, str) else e.key) > token]
         return page_from_sorted(entries, start=0, limit=limit)
 
-    async def put(self, key: str, data: Buffer) -> ObjectInfo:
+    async def put(
+        self, key: str, data: Buffer, *, attributes: Attributes | None = None
+    ) -> ObjectInfo:
         full = self._full(key)
-        return self._info(key, self.bucket.store(full, bytes(data)))
+        return self._info(key, self.bucket.store(full, bytes(data), attributes))
 
     async def put_multipart(
-        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+        self,
+        key: str,
+        chunks: AsyncIterable[Buffer],
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        attributes: Attributes | None = None,
     ) -> ObjectInfo:
         full = self._full(key)
         parts = bytearray()
@@ -191,7 +208,7 @@ class MemoryUnderStore(UnderStore):
             parts += chunk
             await asyncio.sleep(0)
         # The object appears only once every part arrived, as with a completed multipart upload.
-        return self._info(key, self.bucket.store(full, bytes(parts)))
+        return self._info(key, self.bucket.store(full, bytes(parts), attributes))
 
     async def delete(self, key: str) -> None:
         self.bucket.remove(self._full(key))

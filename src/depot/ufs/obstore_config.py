@@ -306,7 +306,9 @@ def build_azure(
         )
 
     store, upload = _build(factory, ufs_config, f"azure container {container!r}")
-    return ObstoreUnderStore(store, uri, upload_store=upload, min_part_size=AZURE_MIN_PART)
+    return ObstoreUnderStore(
+        store, uri, upload_store=upload, min_part_size=AZURE_MIN_PART, identifier_metadata=True
+    )
 
 
 def build_local(uri: str, path: str, options: Mapping[str, str]) -> ObstoreUnderStore:
@@ -329,4 +331,4 @@ def build_local(uri: str, path: str, options: Mapping[str, str]) -> ObstoreUnder
     except Exception as exc:
         raise ConfigError(f"cannot open local directory: {short_message(exc)}", path) from None
     # A directory walk is not in key order; the local store lists whole and sorts.
-    return ObstoreUnderStore(store, uri, ordered_listing=False)
+    return ObstoreUnderStore(store, uri, ordered_listing=False, supports_attributes=False)

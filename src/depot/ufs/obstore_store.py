@@ -18,16 +18,24 @@ Store-specific behaviour worth knowing:
   form so that any ``ObjectInfo.etag`` can be passed back to ``get_range``.
 * S3 "directory marker" objects (``dir/``, zero bytes) are reported by ``object_store`` as an
   object named ``dir``; they appear as such in recursive listings.
+* Attributes (content headers, user metadata) are kept by S3, GCS and Azure; ``head`` then asks
+  with a GET-with-HEAD (one request, like ``head_async``), which also returns them. The local
+  directory store keeps none (``object_store`` refuses them, and depot adds no sidecar files), so
+  there they are dropped. ``object_store`` reads a metadata name that is a content header's
+  (``x-amz-meta-content-type``) as that header: such names are refused (``InvalidArgument``), as
+  are, on Azure, names that are not C identifiers (Azure's rule: no ``-``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 import obstore as obs
 
-from depot.core.errors import InvalidRange, NotFound, StaleVersion
+from depot.core.errors import InvalidArgument, InvalidRange, NotFound, StaleVersion
+from depot.core.types import CONTENT_HEADERS, Attributes
 from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
 from depot.ufs.errors import map_error
 from depot.ufs.keys import (
@@ -58,14 +66,58 @@ def normalize_etag(etag: str | None) -> str | None:
     return f'"{etag}"'
 
 
-def info_from_meta(meta: ObjectMeta) -> ObjectInfo:
+def info_from_meta(meta: ObjectMeta, attributes: Attributes | None = None) -> ObjectInfo:
     return ObjectInfo(
         key=meta["path"],
         size=int(meta["size"]),
         mtime=meta["last_modified"].timestamp(),
         etag=normalize_etag(meta.get("e_tag")),
         version=meta.get("version") or None,
+        attributes=attributes,
     )
+
+
+# Names object_store takes as its own attributes, whatever their case.
+_RESERVED = frozenset(name.lower() for name in (*CONTENT_HEADERS, "Storage-Class"))
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def to_obstore(
+    attributes: Attributes, key: str, *, identifiers: bool = False
+) -> dict[str, str]:
+    """obstore's flat attribute map: content headers by name, any other name user metadata.
+    ``identifiers``: metadata names must be C identifiers (Azure's rule)."""
+    out = dict(attributes.headers)
+    for name, value in attributes.metadata:
+        if name in _RESERVED:
+            raise InvalidArgument(
+                f"user metadata named {name!r} cannot be stored (it is a content header's name)",
+                key,
+            )
+        if identifiers and not _IDENTIFIER.match(name):
+            raise InvalidArgument(
+                f"user metadata named {name!r} cannot be stored: this store takes names of "
+                "letters, digits and '_' only",
+                key,
+            )
+        out[name] = value
+    return out
+
+
+def from_obstore(raw: Mapping[str, str]) -> Attributes:
+    headers: dict[str, str] = {}
+    metadata: dict[str, str] = {}
+    for name, value in raw.items():
+        lowered = name.lower()
+        if lowered == "storage-class":
+            continue
+        if lowered in _RESERVED:
+            headers[name] = value
+        else:
+            metadata[name] = value
+    return Attributes.of(headers, metadata)
 
 
 class ObstoreUnderStore(UnderStore):
@@ -77,6 +129,8 @@ class ObstoreUnderStore(UnderStore):
     ``min_part_size`` is the smallest multipart part the service accepts (5 MiB on S3).
     ``upload_store`` (default: ``store``) serves ``put_multipart``: it may be configured with
     obstore's own retries, which can resend one part where a caller could only restart a stream.
+    ``supports_attributes``: false for stores that keep no attributes (local directories);
+    ``identifier_metadata``: metadata names must be C identifiers (Azure).
     """
 
     def __init__(
@@ -87,8 +141,12 @@ class ObstoreUnderStore(UnderStore):
         ordered_listing: bool = True,
         min_part_size: int = 0,
         upload_store: ObjectStore | None = None,
+        supports_attributes: bool = True,
+        identifier_metadata: bool = False,
     ) -> None:
         self.store = store
+        self.supports_attributes = supports_attributes
+        self.identifier_metadata = identifier_metadata
         self.upload_store = upload_store if upload_store is not None else store
         self.uri = uri
         self.ordered_listing = ordered_listing
@@ -101,10 +159,21 @@ class ObstoreUnderStore(UnderStore):
     async def head(self, key: str) -> ObjectInfo:
         check_key(key)
         try:
+            if self.supports_attributes:
+                result = await obs.get_async(self.store, key, options={"head": True})
+                return info_from_meta(result.meta, from_obstore(result.attributes))
             meta = await obs.head_async(self.store, key)
         except Exception as exc:
             raise map_error(exc, key) from exc
         return info_from_meta(meta)
+
+    def _attributes(self, attributes: Attributes | None, key: str) -> dict[str, str] | None:
+        if attributes is None or not self.supports_attributes:
+            return None
+        return to_obstore(attributes, key, identifiers=self.identifier_metadata)
+
+    def check_attributes(self, key: str, attributes: Attributes) -> None:
+        self._attributes(attributes, key)
 
     async def get_range(self, key: str, start: int, end: int, *, etag: str | None = None) -> Buffer:
         check_key(key)
@@ -234,21 +303,30 @@ class ObstoreUnderStore(UnderStore):
             delimiter=None,
         )
 
-    async def put(self, key: str, data: Buffer) -> ObjectInfo:
+    async def put(
+        self, key: str, data: Buffer, *, attributes: Attributes | None = None
+    ) -> ObjectInfo:
         check_key(key)
+        attrs = self._attributes(attributes, key)
         try:
             # One request: left to itself obstore cuts anything over 5 MiB into parts, which
             # costs two more round trips (callers send large files through put_multipart).
-            await obs.put_async(self.store, key, data, use_multipart=False)
+            await obs.put_async(self.store, key, data, use_multipart=False, attributes=attrs)
         except Exception as exc:
             raise map_error(exc, key) from exc
         # The put response lacks size and mtime; one HEAD gives the store's own view.
         return await self.head(key)
 
     async def put_multipart(
-        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+        self,
+        key: str,
+        chunks: AsyncIterable[Buffer],
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        attributes: Attributes | None = None,
     ) -> ObjectInfo:
         check_key(key)
+        attrs = self._attributes(attributes, key)
         failure: list[Exception] = []
 
         async def relay() -> AsyncIterator[Buffer]:
@@ -267,6 +345,7 @@ class ObstoreUnderStore(UnderStore):
                 relay(),
                 chunk_size=max(part_size, self.min_part_size),
                 use_multipart=True,
+                attributes=attrs,
             )
         except Exception as exc:
             if failure:

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from depot.core.config import UfsConfig
 from depot.core.errors import DepotError, StaleVersion
+from depot.core.types import Attributes
 from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class RetryingUnderStore(UnderStore):
             raise ValueError("retries and backoff times must not be negative")
         self.inner = inner
         self.uri = inner.uri
+        self.supports_attributes = inner.supports_attributes
         self.retries = retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -131,13 +133,27 @@ class RetryingUnderStore(UnderStore):
             lambda: self.inner.list(prefix, delimiter=delimiter, token=token, limit=limit),
         )
 
-    async def put(self, key: str, data: Buffer) -> ObjectInfo:
-        return await self._run("put", key, lambda: self.inner.put(key, data))
+    async def put(
+        self, key: str, data: Buffer, *, attributes: Attributes | None = None
+    ) -> ObjectInfo:
+        return await self._run(
+            "put", key, lambda: self.inner.put(key, data, attributes=attributes)
+        )
 
     async def put_multipart(
-        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+        self,
+        key: str,
+        chunks: AsyncIterable[Buffer],
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        attributes: Attributes | None = None,
     ) -> ObjectInfo:
-        return await self.inner.put_multipart(key, chunks, part_size=part_size)
+        return await self.inner.put_multipart(
+            key, chunks, part_size=part_size, attributes=attributes
+        )
+
+    def check_attributes(self, key: str, attributes: Attributes) -> None:
+        self.inner.check_attributes(key, attributes)
 
     async def delete(self, key: str) -> None:
         await self._run("delete", key, lambda: self.inner.delete(key))

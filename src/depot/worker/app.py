@@ -20,7 +20,7 @@ from depot.core.errors import (
     RequestTooLarge,
     Unavailable,
 )
-from depot.core.types import ByteRange
+from depot.core.types import Attributes, ByteRange
 from depot.namespace.paths import normalize_path
 from depot.observability.metrics import WorkerMetrics
 from depot.pagestore.direct import decode_touched, describe
@@ -44,6 +44,8 @@ class MethodNotAllowed(InvalidArgument):
 
 
 WRITE_ROUTE = "/api/v1/write"
+#: Request header of a write: the object's attributes as JSON (see Attributes.to_dict).
+ATTRIBUTES_HEADER = "x-depot-attributes"
 METRICS_ROUTE = "/metrics"
 JOBS_PREFIX = "/api/v1/jobs/"
 JOB_ROUTE = JOBS_PREFIX + "{job_id}"
@@ -111,6 +113,17 @@ def cache_stats_document(service: ReadThroughService, writes: WriteService) -> d
     if writeback is not None:
         out["writeback"] = writeback
     return out
+
+
+def _attributes(request: Request) -> Attributes | None:
+    """The ``X-Depot-Attributes`` of a write: ``{"headers": {...}, "metadata": {...}}``."""
+    text = request.header(ATTRIBUTES_HEADER)
+    if text is None:
+        return None
+    try:
+        return Attributes.from_dict(orjson.loads(text))
+    except (orjson.JSONDecodeError, ValueError) as exc:
+        raise InvalidArgument(f"malformed {ATTRIBUTES_HEADER} header: {exc}") from None
 
 
 def _etag_value(header: str | None) -> str | None:
@@ -285,7 +298,9 @@ class WorkerApp:
         stream = request.stream
         if stream is None:  # the server streams every PUT of this route
             raise InvalidArgument("a write needs a request body")
-        status = await self.writes.write(path, stream, stream.length)
+        status = await self.writes.write(
+            path, stream, stream.length, attributes=_attributes(request)
+        )
         _json(writer, status.to_dict())
 
     async def delete(self, request: Request, writer: ResponseWriter) -> None:
@@ -364,7 +379,10 @@ class WorkerApp:
         writer.send(200, self.metrics.render(), (("Content-Type", self.metrics.content_type),))
 
     async def stat(self, request: Request, writer: ResponseWriter) -> None:
-        status = await self.service.stat(_require_path(query_params(request)))
+        params = query_params(request)
+        status = await self.service.stat(
+            _require_path(params), attributes=parse_bool("attributes", params.get("attributes"))
+        )
         _json(writer, status.to_dict())
 
     async def list(self, request: Request, writer: ResponseWriter) -> None:

@@ -13,9 +13,11 @@ File layout::
     frame*   where frame = <u32 length> <u64 xxh64(length bytes + payload)> payload
              and payload is one compact JSON object with a "t" (type) field.
 
-Record types: ``staged`` (a write acknowledged to its client), ``uploaded`` (it reached the
-under store), ``abandoned`` (it will never be uploaded: superseded or dropped by an operator)
-and ``seq`` (the next sequence number, written by compaction so numbers never go back).
+Record types: ``staged`` (a write acknowledged to its client; its ``attrs``, the object's
+content headers and user metadata, only when given: older records without it still replay),
+``uploaded`` (it reached the under store), ``abandoned`` (it will never be uploaded: superseded
+or dropped by an operator) and ``seq`` (the next sequence number, written by compaction so
+numbers never go back).
 
 Replay stops at the first frame that is short or fails its checksum. That frame is a torn tail
 (a crash during the append: it was never acknowledged) when it reaches the end of the file or
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"DWBJ\x00\x00\x00\x01"
 _HEADER = struct.Struct("<IQ")
-MAX_RECORD = 1 << 20  # a record is a few hundred bytes; anything larger is not ours
+MAX_RECORD = 1 << 20  # a record is at most a few KiB; anything larger is not ours
 
 Record = dict[str, Any]
 

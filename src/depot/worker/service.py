@@ -127,6 +127,7 @@ def _status_from_info(path: str, info: ObjectInfo) -> FileStatus:
         is_dir=info.is_dir,
         etag=info.etag,
         version=info.version,
+        attributes=info.attributes,
     )
 
 
@@ -208,7 +209,9 @@ class ReadThroughService:
             return normalized
         return None
 
-    async def stat(self, path: str) -> FileStatus:
+    async def stat(self, path: str, *, attributes: bool = False) -> FileStatus:
+        """Status of ``path``. With ``attributes``, a file's attributes are filled in where its
+        store keeps them: a status cached from a listing (which has none) is looked up again."""
         try:
             resolved = self.resolve(path)
         except NotFound:
@@ -216,12 +219,12 @@ class ReadThroughService:
             if virtual is None:
                 raise
             return FileStatus(path=virtual, size=0, mtime=0.0, is_dir=True)
-        status = await self._status(resolved)
+        status = await self._status(resolved, attributes=attributes)
         if status is None:
             raise NotFound("no such file or directory", resolved.path)
         return status
 
-    async def _status(self, resolved: Resolved) -> FileStatus | None:
+    async def _status(self, resolved: Resolved, *, attributes: bool = False) -> FileStatus | None:
         mount = resolved.mount
         if resolved.key == "":
             return FileStatus(path=resolved.path, size=0, mtime=0.0, is_dir=True)
@@ -231,13 +234,25 @@ class ReadThroughService:
             if staged is not None:
                 return staged[0]
         cached = self.metadata.get_status(cache_key)
-        if cached is not None and mount.policy.is_fresh(cached.fetched_at, self._clock()):
+        if (
+            cached is not None
+            and mount.policy.is_fresh(cached.fetched_at, self._clock())
+            and not (attributes and self._lacks_attributes(cached.status, mount))
+        ):
             self.stats.metadata_hits += 1
             if cached.status is None or cached.status.path == resolved.path:
                 return cached.status
             return _with_path(cached.status, resolved.path)
         self.stats.metadata_misses += 1
         return await self._meta_flight.do(cache_key, lambda: self._revalidate(resolved, cache_key))
+
+    def _lacks_attributes(self, status: FileStatus | None, mount: Mount) -> bool:
+        return (
+            status is not None
+            and not status.is_dir
+            and status.attributes is None
+            and self.store_for(mount).supports_attributes
+        )
 
     async def _revalidate(self, resolved: Resolved, cache_key: str) -> FileStatus | None:
         self.stats.revalidations += 1
@@ -261,8 +276,12 @@ class ReadThroughService:
             return FileStatus(path=resolved.path, size=0, mtime=0.0, is_dir=True)
         return None
 
-    def _record_status(self, cache_key: str, status: FileStatus | None) -> None:
-        previous = self.metadata.replace_status(cache_key, status, self._clock())
+    def _record_status(
+        self, cache_key: str, status: FileStatus | None, *, keep_attributes: bool = False
+    ) -> None:
+        previous = self.metadata.replace_status(
+            cache_key, status, self._clock(), keep_attributes=keep_attributes
+        )
         if previous is None or previous.is_dir:
             return
         if status is None or status.version_tag != previous.version_tag:
@@ -306,7 +325,9 @@ class ReadThroughService:
                 status = _status_from_info(child, info)
                 entries[name] = status
                 if not status.is_dir:
-                    self._record_status(resolved.mount.object_uri(info.key), status)
+                    self._record_status(
+                        resolved.mount.object_uri(info.key), status, keep_attributes=True
+                    )
             for pfx in page.prefixes:
                 name = pfx[len(prefix):].strip("/")
                 if name and "/" not in name and name not in entries:
@@ -678,7 +699,10 @@ class ReadThroughService:
 
 
 def _with_path(status: FileStatus, path: str) -> FileStatus:
-    return FileStatus(path, status.size, status.mtime, status.is_dir, status.etag, status.version)
+    return FileStatus(
+        path, status.size, status.mtime, status.is_dir, status.etag, status.version,
+        status.attributes,
+    )
 
 
 def mount_summary(mounts: MountTable) -> list[Mapping[str, Any]]:

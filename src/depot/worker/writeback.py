@@ -59,6 +59,7 @@ from typing import IO, Any, Literal
 import xxhash
 
 from depot.core.errors import Corrupted, DepotError, NoSpace, NotFound, Timeout
+from depot.core.types import Attributes
 from depot.ufs.base import Buffer, ObjectInfo, UnderStore
 from depot.worker.journal import Journal, Record, fsync_dir
 
@@ -98,6 +99,7 @@ class Ticket:
     checksum: str  # xxh3_64 hex of the content
     staging_path: Path
     file_id: str = ""
+    attributes: Attributes | None = None  # content headers and user metadata to upload with
 
 
 @dataclass(slots=True)
@@ -331,12 +333,13 @@ class WriteBackQueue:
         store_uri: str = "",
         file_id: str = "",
         size_hint: int | None = None,
+        attributes: Attributes | None = None,
     ) -> Ticket:
         """Write ``source`` durably to local disk and journal it; return once acknowledged.
 
         ``store_uri`` names the under store (passed to the store factory) and ``ufs_key`` the
         object in it. With ``size_hint``, a write that cannot fit the quota fails before any byte
-        is written.
+        is written. ``attributes`` are journaled with the write and uploaded with it.
         """
         if self._closed:
             raise RuntimeError("write-back queue is closed")
@@ -370,7 +373,8 @@ class WriteBackQueue:
             # half-known (journaled but its staging file removed), so it runs to completion.
             ack = asyncio.ensure_future(
                 self._acknowledge(
-                    path, store_uri, ufs_key, size, hasher.hexdigest(), staging_path, file_id
+                    path, store_uri, ufs_key, size, hasher.hexdigest(), staging_path, file_id,
+                    attributes,
                 )
             )
             ticket = await asyncio.shield(ack)
@@ -404,12 +408,15 @@ class WriteBackQueue:
         checksum: str,
         staging_path: Path,
         file_id: str,
+        attributes: Attributes | None,
     ) -> Ticket:
         async with self._journal_lock:
             if self._closed:
                 raise RuntimeError("write-back queue is closed")
             seq = self._next_seq
-            ticket = Ticket(seq, path, store_uri, ufs_key, size, checksum, staging_path, file_id)
+            ticket = Ticket(
+                seq, path, store_uri, ufs_key, size, checksum, staging_path, file_id, attributes
+            )
             entry = _Entry(ticket, time.time())
             records = [_record_from_entry(entry)]
             older = self._latest.get(path)
@@ -730,9 +737,12 @@ class WriteBackQueue:
             data = await asyncio.to_thread(_read_verified, ticket)
             if self._limiter is not None:
                 await self._limiter.take(len(data))
-            return await store.put(ticket.ufs_key, data)
+            return await store.put(ticket.ufs_key, data, attributes=ticket.attributes)
         return await store.put_multipart(
-            ticket.ufs_key, self._parts(ticket), part_size=self.config.part_size
+            ticket.ufs_key,
+            self._parts(ticket),
+            part_size=self.config.part_size,
+            attributes=ticket.attributes,
         )
 
     async def _parts(self, ticket: Ticket) -> AsyncIterator[Buffer]:
@@ -830,7 +840,7 @@ def _verify_staging_file(ticket: Ticket) -> str | None:
 
 def _record_from_entry(entry: _Entry) -> Record:
     t = entry.ticket
-    return {
+    record: Record = {
         "t": "staged",
         "seq": t.seq,
         "path": t.path,
@@ -842,6 +852,9 @@ def _record_from_entry(entry: _Entry) -> Record:
         "xxh3": t.checksum,
         "at": entry.staged_at,
     }
+    if t.attributes is not None:  # absent in records of older versions: None
+        record["attrs"] = t.attributes.to_dict()
+    return record
 
 
 def _entry_from_record(rec: Record, staging_dir: Path) -> _Entry:
@@ -854,6 +867,7 @@ def _entry_from_record(rec: Record, staging_dir: Path) -> _Entry:
         checksum=str(rec["xxh3"]),
         staging_path=staging_dir / str(rec["file"]),
         file_id=str(rec.get("file_id", "")),
+        attributes=Attributes.from_dict(rec["attrs"]) if "attrs" in rec else None,
     )
     return _Entry(ticket, float(rec["at"]))
 

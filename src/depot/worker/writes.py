@@ -47,7 +47,7 @@ from depot.core.errors import (
     Unavailable,
     Unsupported,
 )
-from depot.core.types import FileId, FileStatus, PageId
+from depot.core.types import Attributes, FileId, FileStatus, PageId
 from depot.namespace.mounts import Resolved
 from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
 from depot.worker.service import ReadThroughService
@@ -143,7 +143,7 @@ class _PageCutter:
 def _status_from_info(path: str, info: ObjectInfo) -> FileStatus:
     return FileStatus(
         path=path, size=info.size, mtime=info.mtime, is_dir=info.is_dir, etag=info.etag,
-        version=info.version,
+        version=info.version, attributes=info.attributes,
     )
 
 
@@ -197,11 +197,18 @@ class StagedFile(UnderStore):
     ) -> ListPage:
         raise self._no()
 
-    async def put(self, key: str, data: Buffer) -> ObjectInfo:
+    async def put(
+        self, key: str, data: Buffer, *, attributes: Attributes | None = None
+    ) -> ObjectInfo:
         raise self._no()
 
     async def put_multipart(
-        self, key: str, chunks: AsyncIterable[Buffer], *, part_size: int = 8 * 1024 * 1024
+        self,
+        key: str,
+        chunks: AsyncIterable[Buffer],
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        attributes: Attributes | None = None,
     ) -> ObjectInfo:
         raise self._no()
 
@@ -294,7 +301,8 @@ class WriteService:
                 mtime = time.time()
             self._staged[ticket.path] = (ticket, mtime)
         return FileStatus(
-            path=path, size=ticket.size, mtime=mtime, etag=provisional_etag(ticket)
+            path=path, size=ticket.size, mtime=mtime, etag=provisional_etag(ticket),
+            attributes=ticket.attributes,
         )
 
     def staged_lookup(self, uri: str, path: str) -> tuple[FileStatus, UnderStore] | None:
@@ -330,7 +338,11 @@ class WriteService:
             await self.service.pages.delete_file(provisional.key)
 
     async def _write_back(
-        self, resolved: Resolved, body: AsyncIterable[bytes], length: int
+        self,
+        resolved: Resolved,
+        body: AsyncIterable[bytes],
+        length: int,
+        attributes: Attributes | None,
     ) -> FileStatus:
         queue = self.writeback
         if queue is None:
@@ -352,6 +364,7 @@ class WriteService:
             store_uri=resolved.mount.ufs_uri,
             file_id=resolved.path,
             size_hint=length,
+            attributes=attributes,
         )
         self._staged[resolved.uri] = (ticket, time.time())
         # Older statuses of the path must not be served once the staged file is gone.
@@ -393,21 +406,32 @@ class WriteService:
         }
 
     # write --------------------------------------------------------------------------------------
-    async def write(self, path: str, body: AsyncIterable[bytes], length: int) -> FileStatus:
+    async def write(
+        self,
+        path: str,
+        body: AsyncIterable[bytes],
+        length: int,
+        *,
+        attributes: Attributes | None = None,
+    ) -> FileStatus:
         """Write ``length`` bytes from ``body`` as the whole new content of ``path``.
 
         Returns the new status once the under store holds the object. If ``body`` fails or ends
         early, the upload is aborted and the object (and the caches) keep the old version.
+        ``attributes`` (content headers, user metadata) go with the object where the store
+        keeps them.
         """
         resolved = self._file_target(path)
         mount = resolved.mount
         store = self.service.store_for(mount)
+        if attributes is not None:
+            store.check_attributes(resolved.key, attributes)  # refused before the body is read
         cache = mount.write_mode == "cache-through"
         pages = self.service.pages
         async with self._locks.hold(resolved.uri):
             if mount.write_mode == "write-back":
                 try:
-                    status = await self._write_back(resolved, body, length)
+                    status = await self._write_back(resolved, body, length, attributes)
                 except BaseException:
                     self.stats.failed += 1
                     raise
@@ -423,7 +447,7 @@ class WriteService:
                         raise ConnectionResetError(
                             f"the body ended after {len(data)} of {length} bytes"
                         )
-                    info = await store.put(resolved.key, bytes(data))
+                    info = await store.put(resolved.key, bytes(data), attributes=attributes)
                     status = _status_from_info(resolved.path, info)
                     if cache:
                         cutter = _PageCutter(pages.page_size)
@@ -431,7 +455,9 @@ class WriteService:
                         for index, page in [*cutter.add(data), *cutter.finish()]:
                             await self._cache_page(PageId(final, index), page)
                 else:
-                    status = await self._write_multipart(resolved, store, body, length, cache)
+                    status = await self._write_multipart(
+                        resolved, store, body, length, cache, attributes
+                    )
             except BaseException:
                 self.stats.failed += 1
                 raise
@@ -455,6 +481,7 @@ class WriteService:
         body: AsyncIterable[bytes],
         length: int,
         cache: bool,
+        attributes: Attributes | None,
     ) -> FileStatus:
         """Upload in parts as the body arrives; with ``cache``, pages go to the page store under a
         provisional key meanwhile and move to the new version's key once it is known."""
@@ -478,7 +505,9 @@ class WriteService:
                     await self._put_quiet(PageId(pending, index), page)
 
         try:
-            info = await store.put_multipart(resolved.key, chunks(), part_size=self.part_size)
+            info = await store.put_multipart(
+                resolved.key, chunks(), part_size=self.part_size, attributes=attributes
+            )
             self.stats.multipart_writes += 1
             status = _status_from_info(resolved.path, info)
             if cutter is not None:
@@ -549,12 +578,16 @@ class WriteService:
                 if await self._is_nonempty_dir(src_store, rs.key):
                     raise Unsupported("renaming a directory is not supported", rs.path) from None
                 raise
+            # The object keeps its attributes (None where the source store keeps none).
             if info.size <= self.multipart_threshold:
                 data = await src_store.get_range(rs.key, 0, info.size, etag=info.etag)
-                new = await dst_store.put(rd.key, data)
+                new = await dst_store.put(rd.key, data, attributes=info.attributes)
             else:
                 new = await dst_store.put_multipart(
-                    rd.key, self._copy_chunks(src_store, rs.key, info), part_size=self.part_size
+                    rd.key,
+                    self._copy_chunks(src_store, rs.key, info),
+                    part_size=self.part_size,
+                    attributes=info.attributes,
                 )
             status = self._committed(rd, new)
             await src_store.delete(rs.key)
