@@ -11,12 +11,22 @@ against what the machine itself can do:
   4 KiB reads with 4 jobs (``rand-read-4k.fio``), the latency of one 4 KiB read to the worker
   (``rand-read-4k-qd1.fio``, on a second mount with prefetch off), re-reads from the kernel page
   cache (``reread-1m.fio``), time to first byte of files not yet in the kernel cache, and
-  ``safetensors.numpy.load_file`` of a model file (mmap).
+  ``safetensors.numpy.load_file`` of a model file (mmap);
+- through the mount, cold data (the worker's page store empty, on a mount of its own): the same
+  fio sequential job and the same load, the first read of each file;
+- the peer, in the same run (``--peer rclone``, on by default when ``/usr/bin/rclone`` exists,
+  ``--no-rclone`` to skip): ``rclone mount --vfs-cache-mode full`` of the same under-store
+  directory (``:local:DIR``, flags in ``bench/rclone_mount.py``), measured with the same fio
+  jobs, first-byte loop and loads, cold (empty VFS cache, new mount) and hot (the same rclone
+  after one full read: its VFS cache holds the files; first byte on a second mount over that
+  cache, so the kernel has looked up nothing). Its rows follow depot's, with the ratio
+  depot / rclone.
 
 The worker and the mounts run as their own processes (``depot worker``, ``depot mount``); the
 under store is a local directory. Data goes to a temp dir that is deleted at the end.
 Needs fio, pyfuse3, numpy and safetensors, and root (or fusermount3).
-Run: ``.venv/bin/python bench/fuse_bench.py [--size-mib 1024] [--model-mib 1024] [--runtime 10]``
+Run: ``.venv/bin/python bench/fuse_bench.py [--size-mib 1024] [--model-mib 1024] [--runtime 10]
+[--no-rclone]``
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -32,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +51,27 @@ ROOT = Path(__file__).resolve().parent.parent
 FIO = Path(__file__).resolve().parent / "fio"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from rclone_mount import RCLONE, RcloneMount, cached_bytes, flags_note, version  # noqa: E402
 from read_bench import gbps, loopback_tcp, page_cache_read  # noqa: E402
 
 from depot.fuse.mounts import State, state  # noqa: E402
 
 PY = sys.executable
 MiB = 1024 * 1024
+PEER = "peer: rclone mount --vfs-cache-mode full, "
+MODEL = Path("models") / "model.safetensors"
 
 
+@dataclass
+class Row:
+    """One line of the table; ``key`` names the figure, so the peer's row can follow depot's."""
 
+    name: str
+    value: str
+    note: str = ""
+    key: str = ""
+    number: float | None = None  # the figure, for the ratio depot / peer
+    time: bool = False  # a time or latency: lower is better
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -229,7 +253,90 @@ def load_safetensors(path: Path) -> float:
     return gbps(size, elapsed)
 
 
+# peer: rclone mount ------------------------------------------------------------------------------------
+
+
+def rclone_rows(tmp: Path, ufs: Path, args: argparse.Namespace,
+                mounts: list[RcloneMount]) -> dict[str, Row]:
+    """The same figures on ``rclone mount --vfs-cache-mode full`` of ``ufs``, keyed like depot's rows.
+
+    Cold: an empty VFS cache dir and a new mount (the kernel holds nothing of it), the first read
+    of each file, like depot's cold mount over an empty page store. Hot: the same rclone process
+    afterwards, its VFS cache holding every file (fio and the loads read whole files), the kernel
+    page cache dropped by each job or load as for depot. First byte: a second rclone process
+    over the same cache dir, so the kernel has looked up none of the files (like depot's mount,
+    whose worker holds them); one more sequential run there, since a new process reads slower.
+    """
+    point, cache = tmp / "rclone", tmp / "rclone-cache"
+    extra = tuple(args.rclone_flag)
+    shutil.rmtree(cache, ignore_errors=True)
+    rows: dict[str, Row] = {}
+    big = point / "big.bin"
+
+    def rclone(log: str) -> RcloneMount:
+        m = RcloneMount(ufs, point, cache, tmp / log, binary=args.rclone, extra=extra)
+        mounts.append(m)
+        return m
+
+    with rclone("rclone.log") as m:
+        cold_seq = fio_gbps("seq-read-1m.fio", big)
+        cold_load = load_safetensors(point / MODEL)
+        for path in sorted((point / "small").iterdir()):
+            path.read_bytes()
+        held = cached_bytes(cache)
+        rows["cold_seq"] = Row(PEER + "fio seq read 1 MiB, 1 job (cold: empty VFS cache)",
+                               f"{cold_seq:.2f} GB/s", "first read of the file", number=cold_seq)
+        rows["cold_load"] = Row(PEER + f"safetensors load_file, {args.model_mib} MiB, mmap (cold)",
+                                f"{cold_load:.2f} GB/s",
+                                f"{cold_load / cold_seq:.2f}x its cold sequential read",
+                                number=cold_load)
+
+        size = big.stat().st_size
+        cpu_before = cpu_seconds(m.pid)
+        seq = runs(args.runs, lambda: fio_gbps("seq-read-1m.fio", big))
+        cpu = (cpu_seconds(m.pid) - cpu_before) / (args.runs * size / 2**30)
+        rand = fio_iops("rand-read-4k.fio", big, args.runtime)
+        rows["rand"] = Row(PEER + "fio rand read 4 KiB, 4 jobs (hot)", f"{rand / 1000:.1f}k IOPS",
+                           "", number=rand)
+        p50, p99 = fio_latency_ms("rand-read-4k-qd1.fio", big, max(2, args.runtime // 2))
+        rows["qd1"] = Row(PEER + "fio rand read 4 KiB, 1 job: latency of one read",
+                          f"p50 {p50:.3f} ms", f"p99 {p99:.3f} ms", number=p50, time=True)
+        read_all(big)
+        reread = runs(args.runs, lambda: fio_gbps("reread-1m.fio", big))
+        rows["reread"] = Row(PEER + "re-read (fio seq 1 MiB, no invalidate)",
+                             f"{max(reread):.2f} GB/s",
+                             "the kernel page cache is not kept across opens: reads go to rclone",
+                             number=max(reread))
+        loads = runs(args.runs, lambda: load_safetensors(point / MODEL))
+        rows["load"] = Row(PEER + f"safetensors load_file, {args.model_mib} MiB, mmap (hot)",
+                           f"{max(loads):.2f} GB/s", f"runs {', '.join(f'{x:.2f}' for x in loads)}",
+                           number=max(loads))
+        read_ahead = m.read_ahead_kb
+
+    with rclone("rclone-remount.log"):
+        files = sorted((point / "small").iterdir())
+        fb50, fb99 = first_byte_ms(files)
+        rows["first_byte"] = Row(PEER + "first byte: open + read 4 KiB of a file in the VFS cache "
+                                 "(new mount)", f"p50 {fb50:.3f} ms",
+                                 f"p99 {fb99:.3f} ms, {len(files)} files", number=fb50, time=True)
+        fresh = fio_gbps("seq-read-1m.fio", big)
+    rows["seq"] = Row(PEER + "fio seq read 1 MiB, 1 job (hot: in the VFS cache)",
+                      f"{max(seq):.2f} GB/s",
+                      f"runs {', '.join(f'{x:.2f}' for x in seq)}; CPU per GiB: rclone {cpu:.2f} s; "
+                      f"a new rclone process over the same cache: {fresh:.2f} GB/s",
+                      number=max(seq))
+    rows["setup"] = Row(PEER + "setup", version(args.rclone),
+                        f"`rclone mount :local:UFS_DIR POINT --config /dev/null --cache-dir TMP "
+                        f"{flags_note(extra)}`; kernel read_ahead_kb {read_ahead} (as depot's "
+                        f"mount); VFS cache after the cold reads: {held / MiB:.0f} MiB")
+    return rows
+
+
 # main ---------------------------------------------------------------------------------------------------
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # runs the finally blocks: unmounts, stops the processes
 
 
 def main() -> None:
@@ -239,49 +346,69 @@ def main() -> None:
     parser.add_argument("--small-files", type=int, default=300, help="files for first byte")
     parser.add_argument("--runtime", type=int, default=10, help="seconds of each random fio job")
     parser.add_argument("--runs", type=int, default=3, help="runs of each throughput figure")
+    parser.add_argument("--peer", choices=("rclone",), default=None,
+                        help="measure this peer too (default: rclone when --rclone exists)")
+    parser.add_argument("--no-rclone", action="store_true", help="skip the rclone peer")
+    parser.add_argument("--rclone", default=RCLONE, help="the rclone binary (default %(default)s)")
+    parser.add_argument("--rclone-flag", action="append", default=[], metavar="FLAG",
+                        help="one more argument for rclone mount (repeat; e.g. "
+                        "--rclone-flag=--buffer-size=64Mi)")
     args = parser.parse_args()
     for tool in ("fio",):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install {tool} (scripts/install-test-deps.sh)")
+    have_rclone = os.access(args.rclone, os.X_OK)
+    if args.peer == "rclone" and args.no_rclone:
+        sys.exit("--peer rclone and --no-rclone contradict each other")
+    if args.peer == "rclone" and not have_rclone:
+        sys.exit(f"{args.rclone} not found: apt-get install rclone")
+    peer = not args.no_rclone and have_rclone
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
     size, model_size = args.size_mib * MiB, args.model_mib * MiB
     tmp = Path(tempfile.mkdtemp(prefix="depot-fuse-bench-"))
-    rows: list[tuple[str, str, str]] = []
+    rows: list[Row] = []
+    peer_rows: dict[str, Row] = {}
     procs: list[subprocess.Popen[bytes]] = []
     points: list[Path] = []
+    rclones: list[RcloneMount] = []
     try:
         ufs = tmp / "ufs"
         (ufs / "small").mkdir(parents=True)
         (ufs / "models").mkdir()
         write_random(ufs / "big.bin", size)
-        write_model(ufs / "models" / "model.safetensors", model_size)
+        write_model(ufs / MODEL, model_size)
         small = os.urandom(64 * 1024)
         for i in range(args.small_files):
             (ufs / "small" / f"f{i:05d}.bin").write_bytes(small)
         worker, config = start_worker(tmp, ufs, size + model_size * 2 + 256 * MiB)
         procs.append(worker)
-        mnt, lat = tmp / "mnt", tmp / "mnt-noprefetch"
-        points += [mnt, lat]
+        mnt, lat, cold_mnt = tmp / "mnt", tmp / "mnt-noprefetch", tmp / "mnt-cold"
+        points += [mnt, lat, cold_mnt]
         mount_pid = mount(mnt, config, tmp / "mount.log")
         mount(lat, config, tmp / "mount2.log", "no_prefetch")
-        # Warm the worker's page store through the second mount (the first keeps a cold kernel cache).
-        t0 = time.perf_counter()
-        cold = read_all(lat / "big.bin") + read_all(lat / "models" / "model.safetensors")
-        cold_s = time.perf_counter() - t0
+        # Cold: the first read of each file, on a mount of its own (the others keep a cold kernel
+        # cache); it fills the worker's page store, so everything after is hot.
+        mount(cold_mnt, config, tmp / "mount-cold.log")
+        cold_seq = fio_gbps("seq-read-1m.fio", cold_mnt / "big.bin")
+        cold_load = load_safetensors(cold_mnt / MODEL)
+        unmount(cold_mnt)
         for path in sorted((lat / "small").iterdir()):
             path.read_bytes()
 
         # machine limits
-        rows.append(("machine: loopback TCP, 1 stream (Python sendall->recv_into)",
-                     f"{loopback_tcp():.2f} GB/s", ""))
-        rows.append(("machine: page-cache read (pread, 8 MiB buffer)",
-                     f"{page_cache_read(ufs / 'big.bin'):.2f} GB/s", ""))
+        rows.append(Row("machine: loopback TCP, 1 stream (Python sendall->recv_into)",
+                        f"{loopback_tcp():.2f} GB/s"))
+        rows.append(Row("machine: page-cache read (pread, 8 MiB buffer)",
+                        f"{page_cache_read(ufs / 'big.bin'):.2f} GB/s"))
         local_seq = max(runs(args.runs, lambda: fio_gbps("reread-1m.fio", ufs / "big.bin")))
         local_rand = fio_iops(
             "rand-read-4k.fio", ufs / "big.bin", max(2, args.runtime // 2), keep_cache=True
         )
-        rows.append(("machine: fio seq 1 MiB on the local file (page cache)", f"{local_seq:.2f} GB/s", ""))
-        rows.append(("machine: fio rand 4 KiB x4 on the local file (page cache)",
-                     f"{local_rand / 1000:.0f}k IOPS", ""))
+        rows.append(Row("machine: fio seq 1 MiB on the local file (page cache)",
+                        f"{local_seq:.2f} GB/s"))
+        rows.append(Row("machine: fio rand 4 KiB x4 on the local file (page cache)",
+                        f"{local_rand / 1000:.0f}k IOPS"))
         null_point = tmp / "null"
         null_point.mkdir()
         points.append(null_point)
@@ -294,53 +421,67 @@ def main() -> None:
         null_rand = fio_iops("rand-read-4k.fio", null_point / "null.bin", max(2, args.runtime // 2))
         null.terminate()
         null.wait(30)
-        rows.append(("machine: null Python FUSE (pyfuse3, memory) fio seq 1 MiB",
-                     f"{null_seq:.2f} GB/s", "the ceiling of a Python FUSE filesystem here"))
-        rows.append(("machine: null Python FUSE fio rand 4 KiB x4",
-                     f"{null_rand / 1000:.1f}k IOPS", "every read is a FUSE request"))
+        rows.append(Row("machine: null Python FUSE (pyfuse3, memory) fio seq 1 MiB",
+                        f"{null_seq:.2f} GB/s", "the ceiling of a Python FUSE filesystem here"))
+        rows.append(Row("machine: null Python FUSE fio rand 4 KiB x4",
+                        f"{null_rand / 1000:.1f}k IOPS", "every read is a FUSE request"))
 
         # through the mount
-        rows.append(("cold fill through the mount (local-dir UFS -> worker -> FUSE)",
-                     f"{gbps(cold, cold_s):.2f} GB/s", "read once to warm the worker"))
+        rows.append(Row("fio seq read 1 MiB, 1 job (cold: worker page store empty, local-dir "
+                        "UFS -> worker -> FUSE)", f"{cold_seq:.2f} GB/s",
+                        "first read of the file, on a mount of its own", "cold_seq", cold_seq))
+        rows.append(Row(f"safetensors load_file, {args.model_mib} MiB, mmap (cold)",
+                        f"{cold_load:.2f} GB/s",
+                        f"{cold_load / cold_seq:.2f}x the cold sequential read", "cold_load",
+                        cold_load))
         cpu_before = cpu_seconds(mount_pid), cpu_seconds(worker.pid)
         seq = runs(args.runs, lambda: fio_gbps("seq-read-1m.fio", mnt / "big.bin"))
         gib_read = args.runs * size / 2**30
         mount_cpu = (cpu_seconds(mount_pid) - cpu_before[0]) / gib_read
         worker_cpu = (cpu_seconds(worker.pid) - cpu_before[1]) / gib_read
-        rows.append(("fio seq read 1 MiB, 1 job (hot)", f"{max(seq):.2f} GB/s",
-                     f"runs {', '.join(f'{x:.2f}' for x in seq)}; "
-                     f"{max(seq) / null_seq:.0%} of null FUSE, {max(seq) / local_seq:.0%} of page "
-                     f"cache; CPU per GiB: mount {mount_cpu:.2f} s, worker {worker_cpu:.2f} s"))
+        rows.append(Row("fio seq read 1 MiB, 1 job (hot)", f"{max(seq):.2f} GB/s",
+                        f"runs {', '.join(f'{x:.2f}' for x in seq)}; "
+                        f"{max(seq) / null_seq:.0%} of null FUSE, {max(seq) / local_seq:.0%} of "
+                        f"page cache; CPU per GiB: mount {mount_cpu:.2f} s, worker "
+                        f"{worker_cpu:.2f} s", "seq", max(seq)))
         before = mount_stats(mnt)
         rand = fio_iops("rand-read-4k.fio", mnt / "big.bin", args.runtime)
         after = mount_stats(mnt)
-        rows.append(("fio rand read 4 KiB, 4 jobs (hot)", f"{rand / 1000:.1f}k IOPS",
-                     f"{rand / null_rand:.1f}x null FUSE; "
-                     f"{after['segments_prefetched'] - before['segments_prefetched']} segments "
-                     f"prefetched, {after['blocks_stored'] - before['blocks_stored']} blocks "
-                     f"stored in the page cache, {after['direct_reads'] - before['direct_reads']} "
-                     "direct reads"))
+        rows.append(Row("fio rand read 4 KiB, 4 jobs (hot)", f"{rand / 1000:.1f}k IOPS",
+                        f"{rand / null_rand:.1f}x null FUSE; "
+                        f"{after['segments_prefetched'] - before['segments_prefetched']} segments "
+                        f"prefetched, {after['blocks_stored'] - before['blocks_stored']} blocks "
+                        f"stored in the page cache, "
+                        f"{after['direct_reads'] - before['direct_reads']} direct reads",
+                        "rand", rand))
         p50, p99 = fio_latency_ms("rand-read-4k-qd1.fio", lat / "big.bin", max(2, args.runtime // 2))
-        rows.append(("fio rand read 4 KiB, 1 job, prefetch off: latency to the worker",
-                     f"p50 {p50:.3f} ms", f"p99 {p99:.3f} ms"))
+        rows.append(Row("fio rand read 4 KiB, 1 job, prefetch off: latency to the worker",
+                        f"p50 {p50:.3f} ms", f"p99 {p99:.3f} ms", "qd1", p50, time=True))
         files = sorted((mnt / "small").iterdir())
         fb50, fb99 = first_byte_ms(files)
-        rows.append(("first byte: open + read 4 KiB of a hot file (kernel cache cold)",
-                     f"p50 {fb50:.3f} ms", f"p99 {fb99:.3f} ms, {len(files)} files"))
+        rows.append(Row("first byte: open + read 4 KiB of a hot file (kernel cache cold)",
+                        f"p50 {fb50:.3f} ms", f"p99 {fb99:.3f} ms, {len(files)} files",
+                        "first_byte", fb50, time=True))
         read_all(mnt / "big.bin")
         reread = runs(args.runs, lambda: fio_gbps("reread-1m.fio", mnt / "big.bin"))
-        rows.append(("re-read from the kernel page cache (fio seq 1 MiB, kept across opens)",
-                     f"{max(reread):.2f} GB/s", f"{max(reread) / local_seq:.0%} of the local file"))
-        model = ufs / "models" / "model.safetensors"
+        rows.append(Row("re-read from the kernel page cache (fio seq 1 MiB, kept across opens)",
+                        f"{max(reread):.2f} GB/s", f"{max(reread) / local_seq:.0%} of the local file",
+                        "reread", max(reread)))
+        model = ufs / MODEL
         read_all(model)
         page_cache_model = max(runs(args.runs, lambda: load_safetensors_local(model)))
-        loads = runs(args.runs, lambda: load_safetensors(mnt / "models" / "model.safetensors"))
-        rows.append((f"safetensors load_file, {args.model_mib} MiB, mmap (hot)",
-                     f"{max(loads):.2f} GB/s",
-                     f"runs {', '.join(f'{x:.2f}' for x in loads)} (later runs find up to "
-                     f"fuse.memory of it in the mount's blocks); local page cache "
-                     f"{page_cache_model:.2f} GB/s"))
+        loads = runs(args.runs, lambda: load_safetensors(mnt / MODEL))
+        rows.append(Row(f"safetensors load_file, {args.model_mib} MiB, mmap (hot)",
+                        f"{max(loads):.2f} GB/s",
+                        f"runs {', '.join(f'{x:.2f}' for x in loads)} (later runs find up to "
+                        f"fuse.memory of it in the mount's blocks); local page cache "
+                        f"{page_cache_model:.2f} GB/s", "load", max(loads)))
+
+        if peer:
+            peer_rows = rclone_rows(tmp, ufs, args, rclones)
     finally:
+        for rclone in rclones:
+            rclone.stop()
         for point in points:
             unmount(point)
         for proc in procs:
@@ -353,10 +494,32 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{args.size_mib} MiB fio file, {args.model_mib} MiB safetensors, run of "
           f"{time.strftime('%Y-%m-%d %H:%M')}, best of {args.runs} where runs are listed\n")
-    print("| measurement | result | notes |")
-    print("|---|---|---|")
-    for name, value, note in rows:
-        print(f"| {name} | {value} | {note} |")
+    print_table(rows, peer_rows, peer)
+
+
+def print_table(rows: list[Row], peer_rows: dict[str, Row], peer: bool) -> None:
+    if not peer:
+        print("| measurement | result | notes |")
+        print("|---|---|---|")
+        for row in rows:
+            print(f"| {row.name} | {row.value} | {row.note} |")
+        return
+    print("| measurement | result | depot / rclone | notes |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row.name} | {row.value} |  | {row.note} |")
+        other = peer_rows.get(row.key) if row.key else None
+        if other is None:
+            continue
+        ratio = ""
+        if row.number is not None and other.number:
+            ratio = f"{row.number / other.number:.2f}x" + (" (time)" if row.time else "")
+        print(f"| {other.name} | {other.value} | {ratio} | {other.note} |")
+    if "setup" in peer_rows:
+        setup = peer_rows["setup"]
+        print(f"| {setup.name} | {setup.value} |  | {setup.note} |")
+    print("\ndepot / rclone: above 1 means depot is faster, except for times (marked \"(time)\": "
+          "latency, first byte), where below 1 means depot is faster.")
 
 
 def load_safetensors_local(path: Path) -> float:
