@@ -109,11 +109,14 @@ async def test_workers_and_clients_agree_on_placement(
     assert cluster.ufs_root is not None
     size = 40 * MiB + 12345  # 6 segments, the last one short
     data = payload(1, size)
-    (cluster.ufs_root / "model.bin").write_bytes(data)
 
     by_worker = views(cluster)
     assert len(by_worker) == 3
     reference = by_worker[0]
+    # Worker identities are random: pick a name whose segments do not all hash to one worker.
+    name = next(f"model-{i}.bin" for i in range(50)
+                if len(owners(reference, f"{cluster.ufs_root.as_uri()}/model-{i}.bin", size)) >= 2)
+    (cluster.ufs_root / name).write_bytes(data)
     assert {w.endpoint for w in reference.ring.workers.values()} == set(cluster.endpoints)
     assert {v.membership for v in by_worker.values()} == {membership}
     ids = {doc["self"] for doc in cluster.documents().values()}
@@ -128,18 +131,18 @@ async def test_workers_and_clients_agree_on_placement(
     async with CacheClient(cluster.endpoints[2], config=client_config()) as client:
         await client.router.refresh()
         assert client.router.view is not None
-        file_key = client.router.view.file_key("/model.bin")
-        assert file_key == f"{cluster.ufs_root.as_uri()}/model.bin"
+        file_key = client.router.view.file_key(f"/{name}")
+        assert file_key == f"{cluster.ufs_root.as_uri()}/{name}"
         for offset in range(0, size, PAGE):
             want = [w.endpoint for w in reference.route(file_key, offset)]
-            assert client.router.targets("/model.bin", offset) == want
+            assert client.router.targets(f"/{name}", offset) == want
         for i in range(200):
             path = f"/shard-{i:05d}.bin"
             want = [w.endpoint for w in reference.route(f"{cluster.ufs_root.as_uri()}{path}", 0)]
             assert client.router.targets(path, 0) == want
 
         # A cold read lands each segment's pages on its owner, and nowhere else.
-        assert await client.read_range("/model.bin", 0) == data
+        assert await client.read_range(f"/{name}", 0) == data
         plan = owners(reference, file_key, size)
         assert len(plan) >= 2, plan  # 6 segments over 3 workers
         after = await settle(cluster, -(-size // PAGE))
