@@ -10,8 +10,9 @@ import pytest
 
 from depot.core.config import UfsConfig
 from depot.core.errors import ConfigError, NotFound, StaleVersion
-from depot.testing.ufs_contract import UnderStoreContract, as_bytes
+from depot.testing.ufs_contract import UnderStoreContract, as_bytes, streamed
 from depot.ufs import UnderStore, open_backend, open_under_store
+from depot.ufs.obstore_store import ObstoreUnderStore
 
 
 class TestLocalContract(UnderStoreContract):
@@ -22,6 +23,34 @@ class TestLocalContract(UnderStoreContract):
         store = open_under_store(root.as_uri(), {}, UfsConfig())
         yield store
         await store.close()
+
+
+class TestLocalStreamingContract(UnderStoreContract):
+    """obstore's streamed GET, which local directories leave off by default, forced on."""
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[UnderStore]:
+        root = tmp_path / "root"
+        root.mkdir()
+        local = open_backend(root.as_uri(), {}, UfsConfig())
+        assert isinstance(local, ObstoreUnderStore) and local.stream_chunk_size == 0
+        store = ObstoreUnderStore(
+            local.store, local.uri, ordered_listing=False, supports_attributes=False,
+            stream_chunk_size=64 * 1024,
+        )
+        yield store
+        await store.close()
+
+
+async def test_local_stream_comes_in_chunks(tmp_path: Path) -> None:
+    local = open_backend(tmp_path.as_uri(), {}, UfsConfig())
+    assert isinstance(local, ObstoreUnderStore)
+    store = ObstoreUnderStore(local.store, local.uri, ordered_listing=False,
+                              supports_attributes=False, stream_chunk_size=64 * 1024)
+    data = os.urandom(1024 * 1024)
+    info = await store.put("f", data)
+    got, sizes = await streamed(store, "f", 0, len(data), etag=info.etag)
+    assert got == data and len(sizes) >= 4 and min(sizes[:-1]) >= 64 * 1024
 
 
 @pytest.fixture

@@ -12,7 +12,13 @@ import pytest
 from depot.core.config import UfsConfig
 from depot.core.errors import ConfigError, StaleVersion
 from depot.testing.ufs_contract import UnderStoreContract, as_bytes
-from depot.ufs import FaultInjectingUnderStore, MemoryUnderStore, UnderStore, open_under_store
+from depot.ufs import (
+    FaultInjectingUnderStore,
+    MemoryUnderStore,
+    RetryingUnderStore,
+    UnderStore,
+    open_under_store,
+)
 from depot.ufs.memory import MemoryBucket, drop_memory_bucket
 
 
@@ -40,6 +46,16 @@ class TestFaultWrapperContract(UnderStoreContract):
     @pytest.fixture
     async def store(self) -> AsyncIterator[UnderStore]:
         yield FaultInjectingUnderStore(MemoryUnderStore())
+
+
+class TestChunkedStreamContract(UnderStoreContract):
+    """Streams cut in small chunks by the fault wrapper, through the retry wrapper."""
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[UnderStore]:
+        faulty = FaultInjectingUnderStore(MemoryUnderStore())
+        faulty.stream_chunks(4096)
+        yield RetryingUnderStore(faulty, 2, 0.0, 0.0)
 
 
 async def test_named_buckets_are_shared() -> None:

@@ -244,3 +244,58 @@ def test_unknown_operation_is_refused() -> None:
         store.fail_next(1, Throttled("x"), ops={"nope"})
     with pytest.raises(ValueError):
         store.fail_next(-1, Throttled("x"))
+
+
+async def _stream(store: RetryingUnderStore, start: int, end: int, etag: str | None) -> bytes:
+    out = bytearray()
+    async for chunk in store.get_range_stream("k", start, end, etag=etag):
+        out += memoryview(chunk)
+    return bytes(out)
+
+
+async def test_stream_failing_before_its_first_byte_is_retried(
+    faulty: FaultInjectingUnderStore,
+) -> None:
+    store, sleeps = retrying(faulty)
+    faulty.stream_chunks(3)
+    faulty.fail_next(2, Throttled("slow down"), ops={"get_range"})
+    assert await _stream(store, 1, 9, None) == b"12345678"
+    assert faulty.calls["get_range_stream"] == 3 and store.retried == 2
+    assert len(sleeps.delays) == 2
+
+
+async def test_pinned_stream_broken_off_resumes_where_it_stopped(
+    faulty: FaultInjectingUnderStore,
+) -> None:
+    store, _ = retrying(faulty)
+    etag = (await faulty.head("k")).etag
+    faulty.stream_chunks(2)
+    faulty.fail_stream(after=4, error=Unavailable("connection reset"), count=2)
+    # Bytes 1-4 come from the first stream, 5-8 from the second (broken too), 9 from a third.
+    assert await _stream(store, 1, 10, etag) == b"123456789"
+    assert faulty.calls["get_range_stream"] == 3 and store.retried == 2
+
+
+async def test_unpinned_stream_broken_off_is_not_resumed(
+    faulty: FaultInjectingUnderStore,
+) -> None:
+    store, _ = retrying(faulty)
+    faulty.stream_chunks(2)
+    faulty.fail_stream(after=4, error=Unavailable("connection reset"))
+    got = bytearray()
+    with pytest.raises(Unavailable):
+        async for chunk in store.get_range_stream("k", 0, 10):
+            got += memoryview(chunk)
+    assert bytes(got) == b"0123"  # the rest could be of another version: not resumed
+    assert faulty.calls["get_range_stream"] == 1 and store.retried == 0
+
+
+async def test_stream_of_another_version_is_not_retried(
+    faulty: FaultInjectingUnderStore,
+) -> None:
+    store, _ = retrying(faulty)
+    old = (await faulty.head("k")).etag
+    await faulty.put("k", b"abcdefghij")
+    with pytest.raises(StaleVersion):
+        await _stream(store, 0, 10, old)
+    assert store.retried == 0

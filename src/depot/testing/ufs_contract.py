@@ -65,6 +65,18 @@ def as_bytes(data: Buffer) -> bytes:
     return bytes(memoryview(data))
 
 
+async def streamed(
+    store: UnderStore, key: str, start: int, end: int, *, etag: str | None = None
+) -> tuple[bytes, list[int]]:
+    """A whole ``get_range_stream``: (its bytes, the size of each chunk)."""
+    out = bytearray()
+    sizes: list[int] = []
+    async for chunk in store.get_range_stream(key, start, end, etag=etag):
+        sizes.append(memoryview(chunk).nbytes)
+        out += memoryview(chunk)
+    return bytes(out), sizes
+
+
 _MODEL_KEYS = ["a", "b", "d/x", "d/y", "d/e/z", "dz", "ü k"]
 
 
@@ -200,6 +212,52 @@ class UnderStoreContract:
         spans = [(i * 4096, i * 4096 + 4096) for i in range(16)]
         parts = await asyncio.gather(*(store.get_range("c", a, b) for a, b in spans))
         assert b"".join(as_bytes(p) for p in parts) == data
+
+    # --- streamed ranges ----------------------------------------------------------------
+
+    async def test_get_range_stream_equals_get_range(self, store: UnderStore) -> None:
+        data = payload(MiB + 4321, seed=21)
+        await store.put("s", data)
+        for start, end in [(0, 1), (0, 4096), (1234, 5678), (100, MiB + 4321), (0, MiB + 4321),
+                           (MiB, MiB + 9999)]:
+            got, sizes = await streamed(store, "s", start, end)
+            assert got == as_bytes(await store.get_range("s", start, end)) == data[start:end]
+            assert sizes and all(size > 0 for size in sizes)
+
+    async def test_get_range_stream_clips_like_get_range(self, store: UnderStore) -> None:
+        await store.put("s", payload(1000, seed=22))
+        assert (await streamed(store, "s", 900, 5000))[0] == payload(1000, seed=22)[900:]
+        assert await streamed(store, "s", 1000, 2000) == (b"", [])
+        assert await streamed(store, "s", 10, 10) == (b"", [])
+        with pytest.raises(InvalidRange):
+            await streamed(store, "s", 20, 10)
+        with pytest.raises(NotFound):
+            await streamed(store, "missing", 0, 10)
+        with pytest.raises(NotFound):
+            await streamed(store, "missing", 5, 5)
+
+    async def test_get_range_stream_pinned_to_a_version(self, store: UnderStore) -> None:
+        old = await store.put("v", payload(300_000, seed=23))
+        got, _ = await streamed(store, "v", 1000, 300_000, etag=old.etag)
+        assert got == payload(300_000, seed=23)[1000:]
+        new = await store.put("v", payload(300_000, seed=24))
+        for start, end in [(0, 100), (0, 300_000), (10, 10), (5000, 6000)]:
+            with pytest.raises(StaleVersion):
+                await streamed(store, "v", start, end, etag=old.etag)
+        got, _ = await streamed(store, "v", 0, 300_000, etag=new.etag)
+        assert got == payload(300_000, seed=24)
+        await store.delete("v")
+        with pytest.raises(NotFound):
+            await streamed(store, "v", 0, 100, etag=new.etag)
+
+    async def test_get_range_stream_closed_early(self, store: UnderStore) -> None:
+        data = payload(MiB, seed=25)
+        await store.put("s", data)
+        chunks = store.get_range_stream("s", 0, MiB)
+        first = await anext(chunks)
+        assert as_bytes(first) == data[: memoryview(first).nbytes]
+        await chunks.aclose()  # a reader that stops early releases the stream
+        assert (await streamed(store, "s", 0, MiB))[0] == data
 
     # --- listing ------------------------------------------------------------------------
 

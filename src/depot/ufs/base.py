@@ -13,6 +13,11 @@ Semantics every backend shares (and the contract checks):
   bytes; a zero-length range still raises ``NotFound``/``StaleVersion`` as a longer one would.
   Negative or inverted ranges raise ``InvalidRange``. Bytes may come back as a ``memoryview``
   over the store's own buffer, not a copy.
+* ``get_range_stream`` yields the same bytes as ``get_range`` in order, in non-empty chunks, as
+  they arrive, with the same errors (raised before the first chunk where the store can tell:
+  ``NotFound``, ``StaleVersion``...). With ``etag`` every chunk is of that version: a store
+  never mixes bytes of two versions in one stream. The default yields the whole ``get_range``
+  result as one chunk, so every backend streams; stores that can (obstore's) do it for real.
 * ``list`` takes a plain string prefix (S3 semantics), returns entries in UTF-8 byte order, and
   its ``next_token`` is the name of the last entry returned; only ``/`` is a valid delimiter.
 * ``ObjectInfo.mtime`` is in seconds since the epoch; ``etag`` is the store's, in quoted form,
@@ -26,7 +31,7 @@ Semantics every backend shares (and the contract checks):
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass, field
 
 from depot.core.types import Attributes
@@ -77,6 +82,19 @@ class UnderStore(abc.ABC):
 
         With ``etag``, raise ``StaleVersion`` instead of returning bytes of another version.
         """
+
+    async def get_range_stream(
+        self, key: str, start: int, end: int, *, etag: str | None = None
+    ) -> AsyncGenerator[Buffer, None]:
+        """Bytes ``[start, end)`` of ``key`` as they arrive: what ``get_range`` returns, in
+        order, in non-empty chunks (see the module doc). The caller should read the stream to
+        its end or close it (``aclose``), which releases the connection.
+
+        This default yields the whole ``get_range`` result at once.
+        """
+        data = await self.get_range(key, start, end, etag=etag)
+        if memoryview(data).nbytes:
+            yield data
 
     @abc.abstractmethod
     async def get(self, key: str) -> Buffer:

@@ -24,15 +24,21 @@ Store-specific behaviour worth knowing:
   there they are dropped. ``object_store`` reads a metadata name that is a content header's
   (``x-amz-meta-content-type``) as that header: such names are refused (``InvalidArgument``), as
   are, on Azure, names that are not C identifiers (Azure's rule: no ``-``).
+* ``get_range_stream`` is one GET whose body is handed on in chunks of at least
+  ``stream_chunk_size`` bytes (256 KiB) as it arrives, pinned with ``If-Match`` like
+  ``get_range``: the store answers with one version or refuses before the first byte. A local
+  directory does not stream (``object_store`` reads a file stream 8 KiB per blocking call, ~20x
+  slower than one read); it answers with the whole range at once, as fast as a disk does.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 import obstore as obs
+from obstore.store import LocalStore
 
 from depot.core.errors import InvalidArgument, InvalidRange, NotFound, StaleVersion
 from depot.core.types import CONTENT_HEADERS, Attributes
@@ -50,11 +56,14 @@ from depot.ufs.keys import (
 )
 
 if TYPE_CHECKING:
-    from obstore import ObjectMeta
+    from obstore import GetOptions, ObjectMeta
     from obstore.store import ObjectStore
 
 _EMPTY = memoryview(b"")
 _LIST_CHUNK = 1000
+#: Smallest chunk of a streamed range (the last excepted): the first one arrives after this
+#: many bytes (~5 ms at 50 MB/s), and a 4 MiB page costs 16 hand-offs, not one per socket read.
+STREAM_CHUNK = 256 * 1024
 
 
 def normalize_etag(etag: str | None) -> str | None:
@@ -131,6 +140,8 @@ class ObstoreUnderStore(UnderStore):
     obstore's own retries, which can resend one part where a caller could only restart a stream.
     ``supports_attributes``: false for stores that keep no attributes (local directories);
     ``identifier_metadata``: metadata names must be C identifiers (Azure).
+    ``stream_chunk_size``: smallest chunk ``get_range_stream`` hands on; 0 turns streaming off
+    (the whole range at once). Default: ``STREAM_CHUNK``, or 0 for a local directory.
     """
 
     def __init__(
@@ -143,8 +154,12 @@ class ObstoreUnderStore(UnderStore):
         upload_store: ObjectStore | None = None,
         supports_attributes: bool = True,
         identifier_metadata: bool = False,
+        stream_chunk_size: int | None = None,
     ) -> None:
         self.store = store
+        if stream_chunk_size is None:
+            stream_chunk_size = 0 if isinstance(store, LocalStore) else STREAM_CHUNK
+        self.stream_chunk_size = max(0, stream_chunk_size)
         self.supports_attributes = supports_attributes
         self.identifier_metadata = identifier_metadata
         self.upload_store = upload_store if upload_store is not None else store
@@ -205,6 +220,45 @@ class ObstoreUnderStore(UnderStore):
                     return _EMPTY
             raise err from exc
         return memoryview(data)
+
+    async def get_range_stream(
+        self, key: str, start: int, end: int, *, etag: str | None = None
+    ) -> AsyncGenerator[Buffer, None]:
+        if not self.stream_chunk_size:
+            async for whole in super().get_range_stream(key, start, end, etag=etag):
+                yield whole
+            return
+        check_key(key)
+        check_range(start, end)
+        if start == end:
+            self._check_etag(await self.head(key), etag)
+            return
+        options: GetOptions = {"range": (start, end)}
+        if etag is not None:
+            options["if_match"] = normalize_etag(etag)
+        try:
+            # The answer's status (412 for another version, 404...) comes before any byte.
+            result = await obs.get_async(self.store, key, options=options)
+        except Exception as exc:
+            err = map_error(exc, key)
+            if isinstance(err, StaleVersion):
+                await self.head(key)  # gone is NotFound (see get_range)
+            elif isinstance(err, InvalidRange):
+                info = await self.head(key)
+                self._check_etag(info, etag)
+                if start >= info.size:
+                    return
+            raise err from exc
+        chunks = result.stream(min_chunk_size=self.stream_chunk_size)
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise map_error(exc, key) from exc
+            if chunk:
+                yield memoryview(chunk)
 
     @staticmethod
     def _check_etag(info: ObjectInfo, etag: str | None) -> None:

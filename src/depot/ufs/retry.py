@@ -7,6 +7,11 @@ the read) and never ``NotFound``/``PermissionDenied``/``InvalidArgument``. A cal
 ``[0, min(backoff_max, backoff_base * 2**(n-1))]`` ("full jitter"), so many workers that hit
 the same throttled store do not retry in lockstep.
 
+``get_range_stream`` is retried like ``get_range`` when it fails before its first chunk. A
+stream pinned to a version (``etag``) that fails later is resumed where it broke off (the rest
+is of the same version or refused); an unpinned one is not, as the rest could be of another
+version.
+
 ``put_multipart`` is not retried: its chunk stream is consumed by the first attempt. The
 obstore backends retry individual parts themselves instead.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import TypeVar
 
 from depot.core.config import UfsConfig
@@ -92,21 +97,25 @@ class RetryingUnderStore(UnderStore):
             except DepotError as exc:
                 if attempt >= self.retries or not is_retryable(exc):
                     raise
-                delay = self.backoff(attempt)
                 attempt += 1
-                self.retried += 1
-                log.debug(
-                    "ufs %s %s failed (%s), retry %d/%d in %.3fs",
-                    op,
-                    key,
-                    exc.code,
-                    attempt,
-                    self.retries,
-                    delay,
-                )
-                if self._on_retry is not None:
-                    self._on_retry(op, key, exc, attempt, delay)
-                await self._sleep(delay)
+                await self._before_retry(op, key, exc, attempt)
+
+    async def _before_retry(self, op: str, key: str, exc: DepotError, attempt: int) -> None:
+        """Count, report and sleep before retry number ``attempt`` (from 1)."""
+        delay = self.backoff(attempt - 1)
+        self.retried += 1
+        log.debug(
+            "ufs %s %s failed (%s), retry %d/%d in %.3fs",
+            op,
+            key,
+            exc.code,
+            attempt,
+            self.retries,
+            delay,
+        )
+        if self._on_retry is not None:
+            self._on_retry(op, key, exc, attempt, delay)
+        await self._sleep(delay)
 
     async def head(self, key: str) -> ObjectInfo:
         return await self._run("head", key, lambda: self.inner.head(key))
@@ -115,6 +124,33 @@ class RetryingUnderStore(UnderStore):
         return await self._run(
             "get_range", key, lambda: self.inner.get_range(key, start, end, etag=etag)
         )
+
+    async def get_range_stream(
+        self, key: str, start: int, end: int, *, etag: str | None = None
+    ) -> AsyncGenerator[Buffer, None]:
+        attempt = 0
+        pos = start
+        while True:
+            failure: DepotError | None = None
+            chunks = self.inner.get_range_stream(key, pos, end, etag=etag)
+            try:
+                while True:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                    except DepotError as exc:
+                        resumable = pos == start or etag is not None
+                        if attempt >= self.retries or not resumable or not is_retryable(exc):
+                            raise
+                        attempt += 1
+                        failure = exc
+                        break
+                    pos += memoryview(chunk).nbytes
+                    yield chunk
+            finally:
+                await chunks.aclose()
+            await self._before_retry("get_range_stream", key, failure, attempt)
 
     async def get(self, key: str) -> Buffer:
         return await self._run("get", key, lambda: self.inner.get(key))

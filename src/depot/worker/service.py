@@ -8,7 +8,10 @@ tests) drives the same logic. Its guarantees:
 - bytes filled from the UFS are fetched with the version's ETag as a precondition, so a page can
   never hold bytes of another version;
 - concurrent misses on one page share a single UFS read (single flight);
-- a read streams pages in order while fetching the missing ones ahead in parallel.
+- a read streams pages in order while fetching the missing ones ahead in parallel;
+- a read whose first page is not cached streams that page from the UFS: its bytes go out as
+  they arrive (time to first byte: the store's, not a whole page's), while the page is still
+  cached only once it is whole.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class ReadStats:
     revalidations: int = 0
     ufs_inflight: int = 0
     ufs_inflight_peak: int = 0
+    # UFS reads of a page streamed to its readers as it arrived (also counted in ufs_reads).
+    ufs_streamed: int = 0
     loaded_pages: int = 0
     loaded_bytes: int = 0
     freed_pages: int = 0
@@ -131,6 +136,81 @@ def _status_from_info(path: str, info: ObjectInfo) -> FileStatus:
     )
 
 
+class _Fill:
+    """A page being streamed from the UFS: the bytes received so far, readable before the end.
+
+    ``view[:received]`` is final (bytes of the pinned version, never rewritten); readers wait
+    on ``changed()`` for more. The last bytes of the page are published only once the stream
+    has ended, so a stream that runs past the page hands out nothing it should not. ``done`` is
+    set when the fill is over: then either ``error`` is the fill's error or ``view`` is the
+    whole page.
+    """
+
+    __slots__ = ("_event", "_written", "done", "error", "length", "received", "view")
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.view: memoryview = memoryview(b"")
+        self.received = 0  # published to readers
+        self._written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._event = asyncio.Event()
+
+    def add(self, chunk: Buffer) -> bool:
+        """Append the next chunk; False if it runs past the page (nothing is kept of it)."""
+        data = memoryview(chunk)
+        if data.format != "B" or data.ndim != 1:
+            data = data.cast("B")
+        end = self._written + len(data)
+        if end > self.length:
+            return False
+        if self._written == 0 and end == self.length:
+            self.view = data  # the whole page at once: kept as it came, not copied
+        else:
+            if self._written == 0:
+                self.view = memoryview(bytearray(self.length))
+            self.view[self._written : end] = data
+        self._written = end
+        if end < self.length:
+            self.received = end
+            self._wake()
+        return True
+
+    def ended(self) -> Buffer:
+        """The stream is over: publish the rest; the bytes received (short if it ended early)."""
+        if self.received != self._written:
+            self.received = self._written
+            self._wake()
+        return self.view[: self.received]
+
+    def finish(self, data: Buffer | None, error: BaseException | None) -> None:
+        if error is not None:
+            self.error = error
+        elif data is not None and self.received < self.length:
+            view = memoryview(data)  # filled by another fetch of the page: the same bytes
+            self.view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+            self.received = len(self.view)
+        self.done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def changed(self) -> None:
+        """Wait until more bytes arrived or the fill is over."""
+        await self._event.wait()
+
+    async def whole(self) -> Buffer:
+        """The whole page once the fill is over, or its error."""
+        while not self.done:
+            await self.changed()
+        if self.error is not None:
+            raise self.error
+        return self.view
+
+
 class ReadThroughService:
     """Serves stat, list and byte ranges of the namespace through the page store."""
 
@@ -167,6 +247,9 @@ class ReadThroughService:
         # Pages fetched from the UFS but not yet in the page store: readers arriving in that
         # window take the bytes from here instead of fetching them again.
         self._filling: dict[PageId, Buffer] = {}
+        # Pages being streamed from the UFS (see _maybe_stream): readers take the bytes that
+        # have arrived instead of waiting for the whole page.
+        self._partial: dict[PageId, _Fill] = {}
         self._fill_waiters: dict[PageId, asyncio.Event] = {}  # load jobs waiting on a fill
         # file key -> highest page read lately, in least-recently-used order (sequential detection)
         self._streams: dict[str, int] = {}
@@ -405,14 +488,19 @@ class ReadThroughService:
 
         Cached pages are read (and verified) into ``scratch``; the caller must consume each
         chunk before asking for the next. Missing pages are fetched ahead, up to the read window,
-        while earlier ones are being sent.
+        while earlier ones are being sent. A first page that is neither cached nor being fetched
+        is streamed: its bytes are yielded as they arrive from the UFS (in several chunks).
         """
         page_size = self.pages.page_size
         key = opened.file_id.key
         indexes = list(rng.pages(page_size))
         ahead: dict[int, asyncio.Future[Buffer]] = {}
         view = memoryview(scratch)
+        streaming = -1  # the page this read started streaming
         if indexes:
+            # Before any read-ahead is queued, so that this page has the first UFS slot.
+            if self._maybe_stream(opened, indexes[0]):
+                streaming = indexes[0]
             self._follow_stream(opened, indexes[0], indexes[-1])
         try:
             for pos, index in enumerate(indexes):
@@ -428,6 +516,31 @@ class ReadThroughService:
                         self.stats.bytes_from_cache += hi - lo
                         yield out
                         continue
+                fill = self._partial.get(PageId(key, index))
+                if fill is not None:
+                    if fut is not None:
+                        fut.cancel()  # joined the same flight; the fill has the bytes first
+                    elif index != streaming:
+                        self.stats.ufs_read_shared += 1
+                    self.stats.misses += 1
+                    self.stats.bytes_from_ufs += hi - lo
+                    # Hand on each stretch of [lo, hi) as soon as it is in.
+                    while lo < hi:
+                        got = fill.received
+                        if got > lo:
+                            upto = min(got, hi)
+                            yield fill.view[lo:upto]
+                            lo = upto
+                        elif fill.error is not None:
+                            raise fill.error
+                        elif fill.done:
+                            raise StaleVersion(
+                                "the file changed while it was being read", opened.resolved.path
+                            )
+                        else:
+                            await fill.changed()
+                    continue
+                if fut is None:
                     fut = asyncio.ensure_future(self._fetch_page(opened, index))
                 data = await fut
                 self.stats.misses += 1
@@ -436,6 +549,43 @@ class ReadThroughService:
         finally:
             for fut in ahead.values():
                 fut.cancel()
+
+    def _maybe_stream(self, opened: OpenedFile, index: int) -> bool:
+        """Start streaming page ``index`` unless it is cached or already coming (False).
+
+        Only pages of a pinned version (an ETag) are streamed: bytes handed on before the page
+        is whole must be of that version, which the store guarantees under ``If-Match``. A page
+        already being fetched whole (read-ahead, prefetch, load) is waited for as before.
+        """
+        page = PageId(opened.file_id.key, index)
+        if (
+            not opened.status.etag
+            or page in self._partial
+            or page in self._filling
+            or page in self._page_flight
+            or self.pages.contains(page)
+        ):
+            return False
+        start, end = self._page_bounds(opened, index)
+        fill = _Fill(end - start)
+        self._partial[page] = fill
+
+        def finished(task: asyncio.Future[Buffer]) -> None:
+            if self._partial.get(page) is fill:
+                del self._partial[page]
+            if task.cancelled():
+                fill.finish(None, asyncio.CancelledError())
+            else:
+                error = task.exception()
+                fill.finish(None if error is not None else task.result(), error)
+
+        task = asyncio.ensure_future(
+            self._page_flight.do(page, lambda: self._fill_page(opened, index, page, fill))
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(finished)
+        return True
 
     def _follow_stream(self, opened: OpenedFile, first: int, last: int) -> None:
         """Fetch ahead of readers that go through a file in order.
@@ -465,7 +615,12 @@ class ReadThroughService:
             last_page = min(last_page, (segment_end - 1) // page_size)
         for ahead in range(last + 1, min(last + 1 + window, last_page + 1)):
             page = PageId(key, ahead)
-            if page in self._filling or page in self._page_flight or self.pages.contains(page):
+            if (
+                page in self._filling
+                or page in self._page_flight
+                or page in self._partial
+                or self.pages.contains(page)
+            ):
                 continue
             self._spawn(self._prefetch(opened, ahead))
 
@@ -484,7 +639,8 @@ class ReadThroughService:
     ) -> None:
         key = opened.file_id.key
         for index in indexes[pos : pos + self._read_window]:
-            if index in ahead or self.pages.contains(PageId(key, index)):
+            page = PageId(key, index)
+            if index in ahead or page in self._partial or self.pages.contains(page):
                 continue
             ahead[index] = asyncio.ensure_future(self._fetch_page(opened, index))
 
@@ -494,6 +650,10 @@ class ReadThroughService:
         if filling is not None:
             self.stats.ufs_read_shared += 1
             return filling
+        streaming = self._partial.get(page)
+        if streaming is not None:
+            self.stats.ufs_read_shared += 1
+            return await streaming.whole()
         if page not in self._page_flight and self.pages.contains(page):
             # Stored since the caller looked (a prefetch or another reader filled it).
             cached = await self.pages.get(page)
@@ -505,9 +665,12 @@ class ReadThroughService:
             self.stats.ufs_read_shared += 1
         return data
 
-    async def _fill_page(self, opened: OpenedFile, index: int, page: PageId) -> Buffer:
+    async def _fill_page(
+        self, opened: OpenedFile, index: int, page: PageId, fill: _Fill | None = None
+    ) -> Buffer:
         start, end = self._page_bounds(opened, index)
         status = opened.status
+        etag = status.etag if status.etag else None
         try:
             async with self._ufs_slots:
                 stats = self.stats
@@ -515,9 +678,13 @@ class ReadThroughService:
                 stats.ufs_inflight += 1
                 stats.ufs_inflight_peak = max(stats.ufs_inflight_peak, stats.ufs_inflight)
                 try:
-                    data = await opened.store.get_range(
-                        opened.resolved.key, start, end, etag=status.etag if status.etag else None
-                    )
+                    if fill is None:
+                        data = await opened.store.get_range(
+                            opened.resolved.key, start, end, etag=etag
+                        )
+                    else:
+                        stats.ufs_streamed += 1
+                        data = await self._stream_page(opened, start, end, etag, fill)
                 finally:
                     stats.ufs_inflight -= 1
         except StaleVersion:
@@ -530,6 +697,22 @@ class ReadThroughService:
         self._filling[page] = data
         self._spawn(self._store_page(page, data))
         return data
+
+    async def _stream_page(
+        self, opened: OpenedFile, start: int, end: int, etag: str | None, fill: _Fill
+    ) -> Buffer:
+        """Read a page from the UFS into ``fill``, chunk by chunk, waking its readers."""
+        chunks = opened.store.get_range_stream(opened.resolved.key, start, end, etag=etag)
+        try:
+            async for chunk in chunks:
+                if not fill.add(chunk):
+                    # More bytes than the page holds: not the version we resolved.
+                    raise StaleVersion(
+                        "the file changed while it was being read", opened.resolved.path
+                    )
+        finally:
+            await chunks.aclose()
+        return fill.ended()  # a short page is refused by the caller
 
     def _forget(self, opened: OpenedFile) -> None:
         self.metadata.invalidate(opened.file_id.ufs_uri)
