@@ -114,10 +114,15 @@ def _run_worker(cfg: DepotConfig, banner: Callable[[str], None] | None) -> None:
                 # The gateway reads through a client (same routing and failover as any reader),
                 # so it is started here, above both the worker and the client.
                 from depot.client.client import CacheClient
-                from depot.s3.server import start_gateway
+                from depot.s3.server import advertised_endpoint, start_gateway
 
                 client = CacheClient(worker.endpoint, config=cfg)
                 gateway = await start_gateway(cfg, client, cfg.worker.host, cfg.worker.s3_port)
+                # In the worker's membership entry: where redirected reads are sent.
+                s3_url = advertised_endpoint(worker.advertised_endpoint, gateway.port)
+                gateway.gateway.advertise(s3_url)
+                if worker.cluster is not None:
+                    await worker.cluster.advertise_s3(s3_url)
             if banner is not None:
                 banner(worker.endpoint)
                 if gateway is not None:

@@ -101,6 +101,9 @@ class WorkerInfo:
     used_bytes: int = 0
     started_at: float = field(default_factory=time.time)
     version: str = ""
+    # The URL of the worker's S3 gateway ("": none, or a worker from before it was advertised);
+    # gateways that redirect reads to a key's owner send clients there (docs/s3.md).
+    s3_endpoint: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker_id, str) or not _ID_RE.fullmatch(self.worker_id):
@@ -116,13 +119,18 @@ class WorkerInfo:
             raise InvalidArgument(f"started_at must be a number, got {self.started_at!r}")
         if not isinstance(self.version, str):
             raise InvalidArgument(f"version must be a string, got {self.version!r}")
+        if self.s3_endpoint != "":
+            check_endpoint(self.s3_endpoint)
 
     @property
     def is_live(self) -> bool:
         return self.state == LIVE
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.s3_endpoint:
+            del data["s3_endpoint"]  # entries without a gateway stay as they always were
+        return data
 
     def to_json(self) -> bytes:
         """Compact, key-sorted JSON: equal infos give equal bytes (etcd compares values)."""

@@ -108,6 +108,11 @@ CODES: dict[str, tuple[int, str]] = {
         "Check your key and signing method.",
     ),
     "SlowDown": (503, "Please reduce your request rate."),
+    "TemporaryRedirect": (
+        307,
+        "Please re-send this request to the specified temporary endpoint. Continue to use the "
+        "original request endpoint for future requests.",
+    ),
     "XAmzContentSHA256Mismatch": (
         400,
         "The provided 'x-amz-content-sha256' header does not match what was computed.",

@@ -12,6 +12,9 @@ multipart, CreateBucket/DeleteBucket) are plugged in by ``depot.s3.writes.instal
 (``register(op, handler)``) when the client can write, and answer ``NotImplemented`` (501)
 otherwise.
 
+With ``s3.redirect_reads``, a GetObject whose bytes another live worker owns is answered with a
+307 to that worker's gateway instead (``depot.s3.redirects``).
+
 The GET path is lean: bytes are received from the worker straight into pooled, pre-touched
 blocks and written from those blocks to the socket (no copy in between), several blocks ahead
 in flight; a block goes back to the pool only once the transport has handed its bytes to the
@@ -36,12 +39,15 @@ from typing import Protocol
 
 from depot.client.buffers import BufferPool
 from depot.client.client import version_of
+from depot.client.routing import WorkerRouter
 from depot.core.config import S3Config
 from depot.core.errors import DepotError, NotFound, StaleVersion
 from depot.core.types import FileStatus
+from depot.placement.membership import WorkerInfo
 from depot.s3.buckets import BucketMap, check_key, valid_bucket_name
 from depot.s3.errors import S3Error, from_depot_error
 from depot.s3.listing import list_keys
+from depot.s3.redirects import SERVED_BY, Redirector, follows_redirects
 from depot.s3.responses import (
     XML_CONTENT_TYPE,
     ListingXml,
@@ -57,7 +63,7 @@ from depot.s3.semantics import (
     parse_range,
     s3_etag,
 )
-from depot.s3.sigv4 import SignedRequest, SigV4Verifier, parse_query
+from depot.s3.sigv4 import REDIRECT_PARAM, SignedRequest, SigV4Verifier, parse_query
 from depot.worker.http import Request, ResponseWriter
 
 log = logging.getLogger(__name__)
@@ -270,6 +276,25 @@ class S3Gateway:
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
         self._date_sec = -1
         self._date = ""
+        # s3.redirect_reads: GETs owned by another worker are answered 307 (depot.s3.redirects).
+        self.redirector: Redirector | None = None
+        self.served_by: str | None = None
+        if settings.redirect_reads:
+            router = getattr(client, "router", None)
+            if isinstance(router, WorkerRouter):
+                self.redirector = Redirector(
+                    router, credentials or {}, settings.region, clock=clock
+                )
+                self.served_by = client.endpoint
+            else:
+                log.warning("s3.redirect_reads: this gateway's reader routes nothing; "
+                            "reads are served here")
+
+    def advertise(self, endpoint: str) -> None:
+        """This gateway's own URL (as other workers' gateways see it in membership)."""
+        if self.redirector is not None:
+            self.redirector.endpoint = endpoint
+            self.served_by = endpoint
 
     def register(self, operation: str, handler: Operation) -> None:
         """Serve ``operation`` (a name of ``OPERATIONS``) with ``handler``."""
@@ -506,14 +531,70 @@ class S3Gateway:
                 "InvalidRequest",
                 "Request specific response headers cannot be used for anonymous GET requests.",
             )
+        status: FileStatus | None = None
+        redirector = self.redirector
+        if (
+            redirector is not None
+            and not ctx.writer.head_only
+            and REDIRECT_PARAM not in params
+            and follows_redirects(ctx.http.headers)
+        ):
+            cached = self._recent.get(path)
+            # An object read here last time (by its last known size) is served on the usual
+            # path (its stat beside a speculative read); others are stat'ed first to be routed.
+            if cached is None or self._owner_of(ctx, redirector, path, cached) is not None:
+                status = await self._stat_object(ctx, root, path)
+                self._remember(path, status)
+                self._redirect(ctx, redirector, path, status)
         for attempt in (0, 1):
             try:
-                await self._get_object(ctx, root, path, overrides)
+                await self._get_object(ctx, root, path, overrides, status)
                 return
             except StaleVersion:
                 # The object changed between its stat and its first bytes: serve the new one.
                 if attempt or ctx.writer.started:
                     raise
+                status = None
+
+    def _owner_of(
+        self, ctx: S3Request, redirector: Redirector, path: str, status: FileStatus
+    ) -> WorkerInfo | None:
+        """The worker whose gateway should serve this GET of an object of ``status``, if not us."""
+        headers_in = ctx.http.headers
+        size = status.size
+        part = ctx.params.get("partNumber")
+        if part is not None:
+            if part != "1" or "range" in headers_in:
+                return None  # the error is answered here
+            start, end = 0, size
+        else:
+            try:
+                rng = parse_range(headers_in.get("range"), size)
+            except S3Error:
+                return None
+            start, end = (0, size) if rng is None else rng
+        return redirector.owner(path, start, end)
+
+    def _redirect(
+        self, ctx: S3Request, redirector: Redirector, path: str, status: FileStatus
+    ) -> None:
+        """Raise a 307 to the gateway of the worker that owns the bytes asked for, if any."""
+        owner = self._owner_of(ctx, redirector, path, status)
+        if owner is None:
+            return
+        location = redirector.location(
+            owner.s3_endpoint, ctx.http.path, parse_query(ctx.http.query), ctx.principal
+        )
+        if location is None:
+            return
+        redirector.sent += 1
+        headers = [("Location", location)]
+        if self.served_by:
+            headers.append((SERVED_BY, self.served_by))
+        raise S3Error(
+            "TemporaryRedirect", headers=headers, Endpoint=location.split("/", 3)[2],
+            Bucket=ctx.bucket,
+        )
 
     async def _stat_object(self, ctx: S3Request, root: str, path: str) -> FileStatus:
         try:
@@ -573,16 +654,24 @@ class S3Gateway:
         read.fut.add_done_callback(done)
 
     async def _get_object(
-        self, ctx: S3Request, root: str, path: str, overrides: list[tuple[str, str]]
+        self,
+        ctx: S3Request,
+        root: str,
+        path: str,
+        overrides: list[tuple[str, str]],
+        status: FileStatus | None = None,
     ) -> None:
-        spec = self._speculate(ctx, path)
-        try:
-            status = await self._stat_object(ctx, root, path)
-        except BaseException:
-            if spec is not None:
-                self._discard(spec)
-            raise
-        self._remember(path, status)
+        """Serve the object; ``status``: its stat, when already taken (a redirect check)."""
+        spec = None
+        if status is None:
+            spec = self._speculate(ctx, path)
+            try:
+                status = await self._stat_object(ctx, root, path)
+            except BaseException:
+                if spec is not None:
+                    self._discard(spec)
+                raise
+            self._remember(path, status)
         try:
             await self._serve_object(ctx, path, status, overrides, spec)
         finally:
@@ -601,6 +690,8 @@ class S3Gateway:
         size = status.size
         etag = s3_etag(status)
         headers = self._base_headers(ctx.request_id)
+        if self.served_by:
+            headers.append((SERVED_BY, self.served_by))
         headers.append(("Last-Modified", http_date(status.mtime)))
         headers.append(("ETag", etag))
         outcome = check_preconditions(headers_in, etag, status.mtime)

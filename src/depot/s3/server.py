@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from depot.core.config import DepotConfig, S3Config
 from depot.core.errors import ConfigError
@@ -71,6 +72,15 @@ def build_gateway(
     return gateway
 
 
+def advertised_endpoint(worker_endpoint: str, port: int) -> str:
+    """The URL of a worker's gateway as the cluster sees it: the host the worker advertises
+    (``cluster.advertise``, else its own URL) and the gateway's port (plain http)."""
+    host = urlsplit(worker_endpoint).hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 @dataclass(slots=True)
 class GatewayServer:
     """A running gateway: its HTTP server, app and port."""
@@ -117,4 +127,6 @@ async def start_gateway(
     )
     bound = await server.start(host, port)
     log.info("S3 gateway listening on %s:%d (reads through %s)", host, bound, client.endpoint)
-    return GatewayServer(server, gateway, host, bound)
+    running = GatewayServer(server, gateway, host, bound)
+    gateway.advertise(running.endpoint)
+    return running

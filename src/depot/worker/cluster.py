@@ -91,6 +91,8 @@ class ClusterNode:
         self._unsubscribe: Callable[[], None] | None = None
         self._usage_task: asyncio.Task[None] | None = None
         self._info: WorkerInfo | None = None
+        # This worker's S3 gateway, once it listens (``advertise_s3``); "" while there is none.
+        self.s3_endpoint = ""
 
     @property
     def view(self) -> ClusterView:
@@ -139,6 +141,7 @@ class ClusterNode:
             used_bytes=used,
             started_at=time.time() if self._info is None else self._info.started_at,
             version=__version__,
+            s3_endpoint=self.s3_endpoint,
         )
 
     async def start(self) -> None:
@@ -148,6 +151,18 @@ class ClusterNode:
         await self.membership.register(self._info)
         self._usage_task = asyncio.create_task(self._publish_usage(), name="depot-usage")
 
+    async def advertise_s3(self, endpoint: str) -> None:
+        """Publish the URL of this worker's S3 gateway in its membership entry, where gateways
+        that redirect reads to a key's owner find it. A backend that cannot take it now gets it
+        with the next usage update."""
+        self.s3_endpoint = endpoint
+        info = self._current_info()
+        try:
+            await self.membership.update(info)
+            self._info = info
+        except DepotError as exc:
+            log.warning("could not advertise the S3 endpoint %s yet: %s", endpoint, exc)
+
     async def _publish_usage(self) -> None:
         while True:
             await asyncio.sleep(USAGE_INTERVAL)
@@ -155,7 +170,8 @@ class ClusterNode:
             if self._info is not None and (
                 info.used_bytes,
                 info.capacity_bytes,
-            ) == (self._info.used_bytes, self._info.capacity_bytes):
+                info.s3_endpoint,
+            ) == (self._info.used_bytes, self._info.capacity_bytes, self._info.s3_endpoint):
                 continue
             try:
                 await self.membership.update(info)

@@ -35,6 +35,7 @@ _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZab
 
 REASONS = {
     200: "OK", 204: "No Content", 206: "Partial Content", 304: "Not Modified",
+    307: "Temporary Redirect",
     400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 409: "Conflict", 411: "Length Required", 412: "Precondition Failed",
     413: "Content Too Large", 416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
