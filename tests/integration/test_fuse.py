@@ -20,6 +20,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -734,6 +735,47 @@ def test_worker_killed_during_reads(tmp_path: Path) -> None:
     finally:
         stop_mount(mount)
         worker.stop()
+
+
+def test_prefetch_on_open_pulls_the_whole_model(tmp_path: Path) -> None:
+    """A mount marked ``prefetch_on_open: ["*.safetensors"]``: one page fault on a model file
+    brings every page of it into the worker's cache; a plain file and a reopen start nothing."""
+    ufs = tmp_path / "ufs"
+    ufs.mkdir()
+    model, plain = _pattern(16 * MiB, 11), _pattern(16 * MiB, 12)
+    (ufs / "model.safetensors").write_bytes(model)
+    (ufs / "plain.bin").write_bytes(plain)
+    mounts = [{"path": "/", "ufs": ufs.as_uri(), "prefetch_on_open": ["*.safetensors"]}]
+    worker = start_worker(tmp_path, ufs, "pw", mounts,
+                          extra={"worker": {"prefetch_pages": 0},
+                                 "client": {"read_ahead": "1MiB"}})
+    mount = mount_background(tmp_path / "mnt", worker.config, log=tmp_path / "p.log")
+
+    def cached() -> int:
+        with urllib.request.urlopen(worker.endpoint + "/api/v1/cache/stats", timeout=5) as r:
+            return int(json.load(r)["pages"])
+
+    try:
+        with open(mount.path / "model.safetensors", "rb") as f, \
+                mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            m.madvise(mmap.MADV_RANDOM)
+            assert m[5 * MiB : 5 * MiB + 8] == model[5 * MiB : 5 * MiB + 8]
+        wait_for(lambda: cached() == 16, 15, "every page of the model in the cache")
+        with open(mount.path / "model.safetensors", "rb") as f:  # a reopen: nothing new
+            assert f.read(4) == model[:4]
+        with open(mount.path / "plain.bin", "rb") as f:
+            assert f.read(1) == plain[:1]
+        time.sleep(0.5)
+        assert cached() < 16 + 8  # the plain file: only what was read (and read ahead)
+        stats = mount.stats()
+        assert stats["prefetch_on_open_triggered"] == 1, stats
+        assert stats["prefetch_on_open_deduplicated"] >= 1, stats
+        assert stats["prefetch_on_open_completed"] == 1, stats
+        assert stats["prefetch_on_open_failed"] == 0, stats
+    finally:
+        stop_mount(mount)
+        worker.stop()
+    assert "Traceback" not in (tmp_path / "p.log").read_text()
 
 
 # -- writes (-o rw) ---------------------------------------------------------------------------------

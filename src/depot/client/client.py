@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
+from depot.client.prefetch import OpenPrefetcher
 from depot.client.routing import UNREACHABLE, WorkerRouter
 from depot.client.shortcircuit import ShortCircuit
 from depot.client.uploads import WriteSource, open_source
@@ -140,6 +141,8 @@ class CacheClient:
         self._retired: list[UfsFallback] = []
         #: Reads of a worker's pages on this node straight from its page files (``None``: off).
         self.short_circuit = ShortCircuit(self.router, self.stat) if settings.short_circuit else None
+        #: Whole-file loads started when a file its mount marks is opened (``prefetch_on_open``).
+        self.prefetcher = OpenPrefetcher(self.router, self.config, self.stat)
 
     @property
     def pool(self) -> ConnectionPool:
@@ -158,6 +161,7 @@ class CacheClient:
         await self.close()
 
     async def close(self) -> None:
+        await self.prefetcher.close()
         if self.short_circuit is not None:
             await self.short_circuit.close()  # reports the last hits while the pools are open
         await self.router.aclose()
@@ -351,6 +355,32 @@ class CacheClient:
         if not wait:
             return doc
         return await self.wait_job(doc["id"], on_progress, poll_interval)
+
+    # prefetch on open (docs/configuration.md#prefetch-on-open) ---------------------------------
+    def prefetch_on_open(self, path: str, status: FileStatus | None = None) -> bool:
+        """Tell the client that ``path`` was opened for reading (``status``: what the open saw).
+
+        When its mount's ``prefetch_on_open`` patterns match, the whole file is loaded into the
+        cache of its segments' owners in the background, at most once per version of the file
+        within ``prefetcher.window`` seconds. Returns whether a prefetch started; never raises
+        and never waits (call it on this client's event loop).
+        """
+        return self.prefetcher.on_open(path, status)
+
+    async def prefetch(self, path: str, status: FileStatus | None = None) -> dict[str, int]:
+        """Load the whole file into the cache of its owners now and wait (what an open of a
+        marked file starts in the background), whatever the patterns. Returns the owners' page
+        counts: ``pages``, ``cached_before``, ``loaded``, ``cached``, ``bytes_from_ufs``."""
+        if status is None:
+            status = await self.stat(path)
+        if status.is_dir:
+            raise IsADirectory("is a directory", status.path)
+        return await self.prefetcher.load(path, status)
+
+    @property
+    def prefetch_stats(self) -> dict[str, int]:
+        """Counters of this client's prefetches on open (see ``OpenPrefetcher.stats``)."""
+        return dict(self.prefetcher.stats)
 
     async def stat(self, path: str, *, attributes: bool = False) -> FileStatus:
         """Status of a file or directory. ``attributes``: fill in a file's content headers and

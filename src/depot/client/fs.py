@@ -5,7 +5,9 @@ or without the ``depot://`` prefix. Files open for reading (``rb``) or for writi
 file (``wb``: uploaded on close, docs/writes.md). A file open for reading pins the version it saw at
 open time, so it returns bytes of that version or raises ``StaleVersion``, never a mix. Sequential
 reads are served from read-ahead blocks fetched while the caller consumes the previous ones;
-large single reads are split into page-aligned requests fetched in parallel.
+large single reads are split into page-aligned requests fetched in parallel. Opening a file that
+its mount marks with ``prefetch_on_open`` (model weights) starts the load of the whole file into
+the cache in the background (docs/configuration.md#prefetch-on-open).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import io
+import logging
 import os
 import tempfile
 import threading
@@ -36,6 +39,8 @@ from depot.core.errors import IsADirectory, NotADirectory, StaleVersion, Unsuppo
 from depot.core.types import FileStatus, parse_size
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # Largest read-ahead block made to the size of the caller's reads.
 _WHOLE_BLOCK_MAX = 64 * 1024 * 1024
@@ -218,6 +223,23 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
             raise NotImplementedError("blocking depot call from its own event loop")
         return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
+    def prefetch_on_open(self, path: str, status: FileStatus) -> None:
+        """A file was opened for reading: let the client start its prefetch when its mount
+        marks it (``prefetch_on_open``). Never waits for the loop, never raises."""
+        loop = self.loop
+        state = self._loops.get(loop)
+        if state is not None and not state.client.prefetcher.wanted(path):
+            return  # the common case decided here, without a hop to the loop
+
+        def start() -> None:
+            try:
+                self.client().prefetch_on_open(path, status)
+            except Exception as exc:
+                log.debug("prefetch on open of %s not started: %s", path, exc)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to prefetch for
+            loop.call_soon_threadsafe(start)
+
     def buffers(self, block_size: int) -> BufferPool:
         """The pool of read-ahead blocks shared by this filesystem's files."""
         with self._buffers_lock:
@@ -262,10 +284,13 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
         return [e.path for e in entries]
 
     async def _cache_stats(self) -> dict[str, Any]:
-        return await self.client().cache_stats()
+        client = self.client()
+        stats = await client.cache_stats()
+        return {**stats, "client": {"prefetch_on_open": client.prefetch_stats}}
 
     def cache_stats(self) -> dict[str, Any]:
-        """The worker's cache counters (hits, misses, bytes from cache and from the UFS...)."""
+        """The worker's cache counters (hits, misses, bytes from cache and from the UFS...);
+        under ``client``, this filesystem's own (``prefetch_on_open``: prefetches started...)."""
         result: dict[str, Any] = sync(self.loop, self._cache_stats)
         return result
 
@@ -706,6 +731,7 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
         self._whole_blocks = False
         self._last_start = -1
         self._last_end = -1
+        fs.prefetch_on_open(self.path, self.status)
 
     # reading ---------------------------------------------------------------------------------------
     def read(self, length: int | None = -1) -> bytes:

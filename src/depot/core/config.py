@@ -8,7 +8,8 @@ underscore (``DEPOT_CACHE__PAGE_SIZE=8MiB``); ``DEPOT_ENDPOINT`` is a short form
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +100,52 @@ class CacheConfig(_Model):
         return self.metadata_dir or self.dirs[0].path / "meta"
 
 
+def _pattern_list(value: Any) -> Any:
+    """Patterns from YAML (a list), or a comma-separated string from a flag or the environment."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def check_glob(pattern: str) -> str:
+    """A ``prefetch_on_open`` pattern, checked: ``fnmatch`` syntax, non-empty, a ``[...]`` set
+    closed, and an absolute namespace path where it names directories (contains ``/``)."""
+    if not pattern.strip():
+        raise ValueError("empty pattern")
+    if any(ord(c) < 32 or ord(c) == 127 for c in pattern):
+        raise ValueError(f"pattern {pattern!r} contains a control character")
+    if "/" in pattern and not pattern.startswith("/"):
+        raise ValueError(
+            f"pattern {pattern!r}: a pattern with '/' is matched against the whole namespace "
+            "path and must start with '/' (or give a file name pattern such as '*.safetensors')"
+        )
+    if pattern.endswith("/"):
+        raise ValueError(f"pattern {pattern!r} ends with '/': patterns name files")
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                raise ValueError(f"pattern {pattern!r} has a '[' that is never closed")
+            i = j
+        i += 1
+    return pattern
+
+
+def glob_matches(patterns: Sequence[str], path: str) -> bool:
+    """Whether a namespace ``path`` matches one of ``patterns`` (``prefetch_on_open``): a pattern
+    without ``/`` is matched against the file's name, one with ``/`` against the whole path
+    (``*`` there also crosses ``/``). Case-sensitive, as POSIX names are."""
+    name = path.rpartition("/")[2]
+    return any(fnmatchcase(path if "/" in p else name, p) for p in patterns)
+
+
 class MountConfig(_Model):
     """A namespace entry: depot ``path`` shows the objects under ``ufs``."""
 
@@ -112,6 +159,22 @@ class MountConfig(_Model):
     # engine settings in the ``writeback:`` section).
     write_mode: Literal["through", "cache-through", "write-back"] = "through"
     options: dict[str, str] = Field(default_factory=dict)
+    # Files that clients pull whole into the cache as soon as they open them for reading (model
+    # weights a server mmaps: docs/configuration.md#prefetch-on-open). Glob patterns matched
+    # against the file's name (``*.safetensors``), or, with a '/', against its whole namespace
+    # path (``/models/llama-*/*.bin``). Served to clients with the cluster view. Empty: off.
+    prefetch_on_open: list[str] = Field(default_factory=list, max_length=256)
+
+    _parse_patterns = field_validator("prefetch_on_open", mode="before")(_pattern_list)
+
+    @field_validator("prefetch_on_open")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(check_glob(p) for p in value))
+
+    def prefetches(self, path: str) -> bool:
+        """Whether an open of ``path`` (a namespace path under this mount) prefetches the file."""
+        return bool(self.prefetch_on_open) and glob_matches(self.prefetch_on_open, path)
 
     @field_validator("options", mode="before")
     @classmethod
@@ -265,6 +328,9 @@ class S3Config(_Model):
     # Where multipart upload parts are staged until Complete/Abort (docs/s3.md); None: an
     # ``s3-staging`` directory under the first cache dir.
     staging_dir: Path | None = None
+    # Answer a GetObject whose bytes another live worker owns with a 307 to that worker's
+    # S3 gateway (docs/s3.md#redirects); off: read through the client, as always.
+    redirect_reads: bool = False
 
     _parse_duration = field_validator("clock_skew", mode="before")(_duration)
 

@@ -387,6 +387,7 @@ class DepotOperations(pyfuse3.Operations):
         """Counters of the read path (for ``getfattr -n user.depot.stats MOUNT``)."""
         return {
             **self.reader.stats,
+            **{f"prefetch_on_open_{k}": v for k, v in self.client.prefetch_stats.items()},
             "blocks_held": self.cache.live,
             "block_size": self.cache.block_size,
             "inodes": len(self.table),
@@ -472,6 +473,9 @@ class DepotOperations(pyfuse3.Operations):
         fh = self._fh()
         self.files[fh] = Handle(fh, node, version, node.status.size, node.data)
         node.opens += 1
+        # Marked files (the mount's prefetch_on_open): the whole file into the cache, in the
+        # background; reopens of the same version within a minute start nothing.
+        self.client.prefetch_on_open(node.path, node.status)
         return FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:

@@ -123,16 +123,7 @@ class ClusterView:
                 "replication": policy.replication,
             },
             "workers": [w.to_dict() for w in self.workers],
-            "mounts": [
-                {
-                    "path": m.path,
-                    "ufs": m.ufs,
-                    "read_only": m.read_only,
-                    "metadata": m.metadata,
-                    "options": public_options(m.options),
-                }
-                for m in self.mounts
-            ],
+            "mounts": [_mount_document(m) for m in self.mounts],
         }
 
     @classmethod
@@ -163,6 +154,21 @@ class ClusterView:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument(f"malformed cluster document: {exc}") from None
+
+
+def _mount_document(mount: MountConfig) -> dict[str, Any]:
+    """A mount as clients see it (no credentials)."""
+    doc: dict[str, Any] = {
+        "path": mount.path,
+        "ufs": mount.ufs,
+        "read_only": mount.read_only,
+        "metadata": mount.metadata,
+        "options": public_options(mount.options),
+    }
+    if mount.prefetch_on_open:
+        # Only when set: clients from before the setting refuse unknown mount fields.
+        doc["prefetch_on_open"] = list(mount.prefetch_on_open)
+    return doc
 
 
 def spread_seed(text: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -50,6 +51,8 @@ METRICS_ROUTE = "/metrics"
 JOBS_PREFIX = "/api/v1/jobs/"
 JOB_ROUTE = JOBS_PREFIX + "{job_id}"
 JOB_STOP_ROUTE = JOBS_PREFIX + "{job_id}/stop"
+#: Ranges one ``POST /api/v1/cache/load?ranges=`` may name (its query stays well under 64 KiB).
+MAX_LOAD_RANGES = 1024
 
 
 def _json(writer: ResponseWriter, data: Any, status: int = 200) -> None:
@@ -92,6 +95,23 @@ def _offset(params: dict[str, str], name: str, default: int) -> int:
     if not text.isdigit() or len(text) > 19:
         raise InvalidArgument(f"{name} must be a byte offset, got {text!r}")
     return int(text)
+
+
+def _byte_ranges(text: str) -> list[tuple[int, int]]:
+    """``A-B,C-D`` (ends exclusive) of a load request; at most ``MAX_LOAD_RANGES`` ranges."""
+    spans: list[tuple[int, int]] = []
+    for part in text.split(","):
+        first, dash, last = part.partition("-")
+        if not (dash and first.isdigit() and last.isdigit() and len(first) < 20
+                and len(last) < 20):
+            raise InvalidArgument(f"ranges: {part!r} is not START-END (bytes, end exclusive)")
+        start, end = int(first), int(last)
+        if end < start:
+            raise InvalidArgument(f"ranges: {part!r} ends before it starts")
+        spans.append((start, end))
+    if len(spans) > MAX_LOAD_RANGES:
+        raise InvalidArgument(f"ranges: at most {MAX_LOAD_RANGES} ranges in one request")
+    return spans
 
 
 def _job_route(path: str) -> str | None:
@@ -239,10 +259,25 @@ class WorkerApp:
         return self.jobs
 
     async def cache_load(self, request: Request, writer: ResponseWriter) -> None:
-        """Load pages of ``[start, end)`` of a file into this worker's cache (a job's step)."""
+        """Load pages of ``[start, end)`` of a file into this worker's cache (a job's step), or
+        of every range of ``ranges`` (``A-B,C-D``, ends exclusive: the segments a client's
+        prefetch on open routes to this worker, in one request)."""
         params = query_params(request)
+        spans = _byte_ranges(params["ranges"]) if "ranges" in params else None
         opened = await self.service.open(_require_path(params))
         size = opened.status.size
+        if spans is not None:
+            verify = parse_bool("verify", params.get("verify"))
+            results = await asyncio.gather(
+                *(self.service.load_range(opened, a, min(b, size), verify=verify) for a, b in spans)
+            )
+            totals: dict[str, int] = {}
+            for result in results:
+                for key, value in result.items():
+                    totals[key] = totals.get(key, 0) + value
+            _json(writer, {"path": opened.status.path, "size": size, "ranges": len(spans),
+                           **totals})
+            return
         start = _offset(params, "start", 0)
         end = min(_offset(params, "end", size), size)
         if end < start and start < size:
