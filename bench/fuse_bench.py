@@ -136,13 +136,17 @@ def write_model(path: Path, size: int) -> None:
 # processes --------------------------------------------------------------------------------------------
 
 
-def start_worker(tmp: Path, ufs: Path, cache_size: int) -> tuple[subprocess.Popen[bytes], Path]:
+def start_worker(
+    tmp: Path, ufs: Path, cache_size: int, prefetch_on_open: list[str]
+) -> tuple[subprocess.Popen[bytes], Path]:
     port = free_port()
     config = tmp / "depot.yaml"
     config.write_text(json.dumps({
         "worker": {"host": "127.0.0.1", "port": port},
         "cache": {"dirs": [{"path": str(tmp / "cache"), "size": cache_size}], "page_size": "4MiB"},
-        "mounts": [{"path": "/", "ufs": ufs.as_uri(), "metadata": "max-age=600s"}],
+        # --prefetch-on-open: model files pulled whole into the cache when opened.
+        "mounts": [{"path": "/", "ufs": ufs.as_uri(), "metadata": "max-age=600s",
+                    "prefetch_on_open": prefetch_on_open}],
         "client": {"endpoint": f"http://127.0.0.1:{port}"},
     }))
     log = open(tmp / "worker.log", "wb")  # noqa: SIM115
@@ -346,6 +350,8 @@ def main() -> None:
     parser.add_argument("--small-files", type=int, default=300, help="files for first byte")
     parser.add_argument("--runtime", type=int, default=10, help="seconds of each random fio job")
     parser.add_argument("--runs", type=int, default=3, help="runs of each throughput figure")
+    parser.add_argument("--prefetch-on-open", action="store_true",
+                        help="mark *.safetensors with the mount's prefetch_on_open (default: off)")
     parser.add_argument("--peer", choices=("rclone",), default=None,
                         help="measure this peer too (default: rclone when --rclone exists)")
     parser.add_argument("--no-rclone", action="store_true", help="skip the rclone peer")
@@ -381,7 +387,8 @@ def main() -> None:
         small = os.urandom(64 * 1024)
         for i in range(args.small_files):
             (ufs / "small" / f"f{i:05d}.bin").write_bytes(small)
-        worker, config = start_worker(tmp, ufs, size + model_size * 2 + 256 * MiB)
+        worker, config = start_worker(tmp, ufs, size + model_size * 2 + 256 * MiB,
+                                      ["*.safetensors"] if args.prefetch_on_open else [])
         procs.append(worker)
         mnt, lat, cold_mnt = tmp / "mnt", tmp / "mnt-noprefetch", tmp / "mnt-cold"
         points += [mnt, lat, cold_mnt]
