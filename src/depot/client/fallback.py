@@ -16,7 +16,7 @@ from depot.core.config import MountConfig, UfsConfig
 from depot.core.errors import NotADirectory, NotFound, StaleVersion
 from depot.core.types import FileStatus
 from depot.namespace import MountTable, Resolved, join_path
-from depot.ufs.base import ObjectInfo, UnderStore
+from depot.ufs.base import UnderStore, file_status
 
 
 def strip_etag(tag: str) -> str:
@@ -28,17 +28,6 @@ def strip_etag(tag: str) -> str:
         value = value[1:-1]
     return value
 
-
-def _status(path: str, info: ObjectInfo) -> FileStatus:
-    return FileStatus(
-        path=path,
-        size=info.size,
-        mtime=info.mtime,
-        is_dir=info.is_dir,
-        etag=info.etag,
-        version=info.version,
-        attributes=info.attributes,
-    )
 
 
 def _directory(path: str) -> FileStatus:
@@ -84,7 +73,7 @@ class UfsFallback:
             return _directory(resolved.path)
         store = self._store(resolved)
         try:
-            return _status(resolved.path, await store.head(resolved.key))
+            return file_status(resolved.path, await store.head(resolved.key))
         except NotFound:
             pass
         if self.table.child_mounts(resolved.path):
@@ -106,7 +95,7 @@ class UfsFallback:
                 for info in page.objects:
                     name = info.key[len(prefix) :].strip("/")
                     if name and "/" not in name:
-                        entries[name] = _status(join_path(resolved.path, name), info)
+                        entries[name] = file_status(join_path(resolved.path, name), info)
                 for pfx in page.prefixes:
                     name = pfx[len(prefix) :].strip("/")
                     if name and "/" not in name and name not in entries:
@@ -141,7 +130,7 @@ class UfsFallback:
             if tag.startswith("e:"):
                 etag = tag[2:]  # checked by the store on the same request
             else:
-                current = _status(resolved.path, await store.head(resolved.key))
+                current = file_status(resolved.path, await store.head(resolved.key))
                 if current.version_tag != tag:
                     raise StaleVersion("the file changed since it was opened", resolved.path)
         data = await store.get_range(resolved.key, start, end, etag=etag)

@@ -34,7 +34,7 @@ import abc
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass, field
 
-from depot.core.types import Attributes
+from depot.core.types import Attributes, FileStatus
 
 # Anything exposing the buffer protocol: bytes, memoryview, obstore.Bytes.
 Buffer = bytes | bytearray | memoryview
@@ -51,6 +51,19 @@ class ObjectInfo:
     version: str | None = None
     is_dir: bool = False
     attributes: Attributes | None = None
+
+
+def file_status(path: str, info: ObjectInfo) -> FileStatus:
+    """The namespace status of ``path`` from its under-store object (attributes included)."""
+    return FileStatus(
+        path=path,
+        size=info.size,
+        mtime=info.mtime,
+        is_dir=info.is_dir,
+        etag=info.etag,
+        version=info.version,
+        attributes=info.attributes,
+    )
 
 
 @dataclass(slots=True)

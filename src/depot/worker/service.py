@@ -38,7 +38,7 @@ from depot.metastore import MetadataStore
 from depot.namespace.mounts import Mount, MountTable, Resolved
 from depot.namespace.paths import join_path, normalize_path
 from depot.pagestore.base import PageStore
-from depot.ufs.base import Buffer, ObjectInfo, UnderStore
+from depot.ufs.base import Buffer, UnderStore, file_status
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +123,6 @@ class PagePlan:
             return "hit"
         return "miss" if self.cached == 0 else "partial"
 
-
-def _status_from_info(path: str, info: ObjectInfo) -> FileStatus:
-    return FileStatus(
-        path=path,
-        size=info.size,
-        mtime=info.mtime,
-        is_dir=info.is_dir,
-        etag=info.etag,
-        version=info.version,
-        attributes=info.attributes,
-    )
 
 
 class _Fill:
@@ -344,7 +333,7 @@ class ReadThroughService:
         try:
             async with self._ufs_slots:
                 info = await store.head(resolved.key)
-            status = _status_from_info(resolved.path, info)
+            status = file_status(resolved.path, info)
         except NotFound:
             status = await self._directory_status(resolved, store)
         self._record_status(cache_key, status)
@@ -405,7 +394,7 @@ class ReadThroughService:
                 if not name or "/" in name:
                     continue
                 child = join_path(resolved.path, name)
-                status = _status_from_info(child, info)
+                status = file_status(child, info)
                 entries[name] = status
                 if not status.is_dir:
                     self._record_status(

@@ -49,7 +49,7 @@ from depot.core.errors import (
 )
 from depot.core.types import Attributes, FileId, FileStatus, PageId
 from depot.namespace.mounts import Resolved
-from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore
+from depot.ufs.base import Buffer, ListPage, ObjectInfo, UnderStore, file_status
 from depot.worker.service import ReadThroughService
 from depot.worker.writeback import Ticket, WriteBackQueue
 
@@ -139,12 +139,6 @@ class _PageCutter:
         self.index += 1
         return out
 
-
-def _status_from_info(path: str, info: ObjectInfo) -> FileStatus:
-    return FileStatus(
-        path=path, size=info.size, mtime=info.mtime, is_dir=info.is_dir, etag=info.etag,
-        version=info.version, attributes=info.attributes,
-    )
 
 
 def _pread(path: str, start: int, end: int) -> bytes:
@@ -268,7 +262,7 @@ class WriteService:
         return bool(page.objects or page.prefixes)
 
     def _committed(self, resolved: Resolved, info: ObjectInfo) -> FileStatus:
-        status = _status_from_info(resolved.path, info)
+        status = file_status(resolved.path, info)
         self.service._record_status(resolved.uri, status)
         self._invalidate_parent(resolved)
         return status
@@ -321,7 +315,7 @@ class WriteService:
     async def on_uploaded(self, ticket: Ticket, info: ObjectInfo) -> None:
         """A staged write reached the under store: it becomes this worker's metadata."""
         path = ticket.file_id or ticket.ufs_key
-        status = _status_from_info(path, info)
+        status = file_status(path, info)
         self.service._record_status(ticket.path, status)
         known = self._staged.get(ticket.path)
         if known is not None and known[0].seq == ticket.seq:
@@ -448,7 +442,7 @@ class WriteService:
                             f"the body ended after {len(data)} of {length} bytes"
                         )
                     info = await store.put(resolved.key, bytes(data), attributes=attributes)
-                    status = _status_from_info(resolved.path, info)
+                    status = file_status(resolved.path, info)
                     if cache:
                         cutter = _PageCutter(pages.page_size)
                         final = FileId(resolved.uri, status.version_tag).key
@@ -509,7 +503,7 @@ class WriteService:
                 resolved.key, chunks(), part_size=self.part_size, attributes=attributes
             )
             self.stats.multipart_writes += 1
-            status = _status_from_info(resolved.path, info)
+            status = file_status(resolved.path, info)
             if cutter is not None:
                 final = FileId(resolved.uri, status.version_tag).key
                 for index in range(cutter.index):
