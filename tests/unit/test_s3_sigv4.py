@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import datetime
 import time
 from urllib.parse import unquote, urlsplit
 
@@ -317,8 +318,11 @@ def test_botocore_signatures_verify(key: str, params: dict[str, str], region: st
     assert info.value.code == "SignatureDoesNotMatch"
 
 
-def test_depot_signer_matches_botocore() -> None:
-    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+def test_depot_signer_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One clock for both signers: botocore stamps the request itself when it signs.
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
+    monkeypatch.setattr("botocore.auth.get_current_datetime", lambda: now)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     ours = sign_headers(
         Credentials("AKIDEXAMPLE", "secret/with+chars"), "GET", "/b/k%20x", "list-type=2&prefix=a",
         {"host": "127.0.0.1:9000"}, amz_date=amz_date,
