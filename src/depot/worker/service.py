@@ -463,7 +463,13 @@ class ReadThroughService:
         page_size = self.pages.page_size
         indexes = list(rng.pages(page_size))
         key = opened.file_id.key
-        cached = sum(1 for i in indexes if self.pages.contains(PageId(key, i)))
+        # A page whose bytes arrived and are being written to the page store is served from
+        # them, without the UFS: a hit for the reader, even before the write lands.
+        filling = self._filling
+        cached = sum(
+            1 for i in indexes
+            if (page := PageId(key, i)) in filling or self.pages.contains(page)
+        )  # fmt: skip
         return PagePlan(indexes, cached)
 
     def _page_bounds(self, opened: OpenedFile, index: int) -> tuple[int, int]:
