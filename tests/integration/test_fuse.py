@@ -9,6 +9,7 @@ Skipped when FUSE is not usable here, and a failure under CI (``CI`` set).
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import mmap
 import os
@@ -231,6 +232,11 @@ def _write_tree(root: Path) -> None:
     }
     save_file(tensors, str(root / "models" / "model.safetensors"))
     np.save(root / "models" / "matrix.npy", rng.standard_normal((2048, 512), dtype=np.float32))
+    if importlib.util.find_spec("torch") is not None:  # the bench extra installs it
+        import torch
+
+        state = {"w": torch.from_numpy(tensors["layer.0.w"]), "h": torch.from_numpy(tensors["head"])}
+        torch.save(state, root / "models" / "state.pt")
 
 
 @pytest.fixture(scope="module")
@@ -438,6 +444,15 @@ def test_safetensors(ufs: Path, mnt: Path) -> None:
         assert np.array_equal(f.get_slice("layer.0.w")[10:20], expected["layer.0.w"][10:20])
     loaded = load_file(str(mnt / "models" / "model.safetensors"))
     assert all(np.array_equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_torch_load_mmap(ufs: Path, mnt: Path) -> None:
+    """``torch.load(mmap=True)`` maps the checkpoint's storages straight from the mount."""
+    torch = pytest.importorskip("torch")
+    expected = torch.load(ufs / "models" / "state.pt", weights_only=True)
+    loaded = torch.load(mnt / "models" / "state.pt", mmap=True, weights_only=True)
+    assert sorted(loaded) == sorted(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
 
 
 def test_random_page_faults_are_prefetched(env: tuple[Path, Worker, Mount]) -> None:
