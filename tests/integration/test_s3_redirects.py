@@ -314,3 +314,39 @@ def test_an_owner_that_died_is_not_redirected_to(cluster: Cluster) -> None:
     finally:
         cluster.local.restart(2)
         cluster.local.wait_ready()
+
+
+def _s3_metrics(endpoint: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The depot_s3_* samples of a worker's GET /metrics: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(endpoint + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("depot_s3_")
+        for sample in family.samples
+    }
+
+
+def test_gateway_counters_in_the_workers_metrics(cluster: Cluster) -> None:
+    s3 = cluster.s3()
+    worker = cluster.local.workers[0].endpoint
+    before = _s3_metrics(worker)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return _s3_metrics(worker).get(key, 0.0) - before.get(key, 0.0)
+
+    key = cluster.key_owned_by(1)
+    assert raw_get(f"{s3[0]}/bkt/{key}")[0] == 307
+    own = cluster.key_owned_by(0)
+    assert raw_get(f"{s3[0]}/bkt/{own}")[0] == 200
+    assert raw_get(f"{s3[0]}/bkt/nope")[0] == 404
+    assert raw_get(f"{s3[0]}/bkt/{own}", sign=False)[0] == 403  # anonymous: not allowed here
+    assert moved("depot_s3_redirects_total") == 1
+    assert moved("depot_s3_requests_total", operation="GetObject") == 3
+    assert moved("depot_s3_errors_total", code="NoSuchKey") == 1
+    assert moved("depot_s3_errors_total", code="AccessDenied") == 1
+    assert _s3_metrics(worker)[("depot_s3_inflight_requests", ())] == 0

@@ -118,6 +118,8 @@ async def test_counters_are_read_at_scrape_time(node: Node) -> None:
     assert node.value("depot_read_bytes_total", source="cache") == SIZE
     assert node.value("depot_read_bytes_total", source="ufs") == SIZE
     assert node.value("depot_ufs_reads_total") == 3
+    # The first page of the cold read went to the reader as it arrived (streamed).
+    assert node.value("depot_ufs_streamed_reads_total") == node.service.stats.ufs_streamed == 1
     assert node.value("depot_ufs_inflight_reads") == 0
     assert node.value("depot_cache_pages") == 3
     store = node.service.pages.stats()

@@ -109,6 +109,7 @@ def _run_worker(cfg: DepotConfig, banner: Callable[[str], None] | None) -> None:
         await worker.start()
         gateway: Any = None
         client: Any = None
+        gateway_metrics: Any = None
         try:
             if cfg.worker.s3_port is not None:
                 # The gateway reads through a client (same routing and failover as any reader),
@@ -118,6 +119,10 @@ def _run_worker(cfg: DepotConfig, banner: Callable[[str], None] | None) -> None:
 
                 client = CacheClient(worker.endpoint, config=cfg)
                 gateway = await start_gateway(cfg, client, cfg.worker.host, cfg.worker.s3_port)
+                # Its counters appear in the worker's GET /metrics (depot_s3_*).
+                from depot.observability.metrics import GatewayMetrics
+
+                gateway_metrics = GatewayMetrics(worker.metrics_registry, gateway.gateway.stats)
                 # In the worker's membership entry: where redirected reads are sent.
                 s3_url = advertised_endpoint(worker.advertised_endpoint, gateway.port)
                 gateway.gateway.advertise(s3_url)
@@ -130,6 +135,8 @@ def _run_worker(cfg: DepotConfig, banner: Callable[[str], None] | None) -> None:
                     sys.stdout.flush()
             await stop.wait()
         finally:
+            if gateway_metrics is not None:
+                gateway_metrics.close()
             if gateway is not None:
                 await gateway.stop()
             if client is not None:

@@ -80,6 +80,9 @@ READ_PATH: tuple[Stat, ...] = (
     _counter("depot_ufs_shared_reads_total",
              "Page reads that joined a fetch already in flight instead of sending their own.",
              "ufs_read_shared"),
+    _counter("depot_ufs_streamed_reads_total",
+             "Page fetches streamed to their readers as the bytes arrived, so the first byte did "
+             "not wait for the whole page (also in depot_ufs_reads_total).", "ufs_streamed"),
     _gauge("depot_ufs_inflight_reads",
            "Page fetches from the under store in flight now.", "ufs_inflight"),
     _counter("depot_stale_files_dropped_total",
@@ -259,6 +262,60 @@ class WorkerCollector(Collector):
                 "Write-back writes waiting for an uploader (not running, not failed).",
                 value=max(0.0, pending - uploading - len(failures)),
             )
+
+
+class GatewayCollector(Collector):
+    """The S3 gateway's counters (``S3Gateway.stats``), read when Prometheus scrapes."""
+
+    def __init__(self, stats: StatsSource) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self._stats())
+
+    @staticmethod
+    def _families(doc: Mapping[str, Any]) -> list[Metric]:
+        requests = CounterMetricFamily(
+            "depot_s3_requests",
+            "S3 requests the gateway dispatched, by operation (CopyObject and UploadPartCopy "
+            "counted as such).", labels=("operation",))
+        for operation, count in sorted((doc.get("requests") or {}).items()):
+            requests.add_metric([operation], count)
+        errors = CounterMetricFamily(
+            "depot_s3_errors",
+            "S3 error answers (4xx/5xx) by S3 error code, requests refused before dispatch "
+            "(auth, SlowDown) included.", labels=("code",))
+        for code, count in sorted((doc.get("errors") or {}).items()):
+            errors.add_metric([code], count)
+        return [
+            requests,
+            errors,
+            CounterMetricFamily(
+                "depot_s3_redirects",
+                "GetObject requests answered 307 to the owner worker's gateway "
+                "(s3.redirect_reads).", value=doc.get("redirects", 0)),
+            GaugeMetricFamily(
+                "depot_s3_inflight_requests",
+                "S3 requests being served now (over s3.max_inflight: SlowDown).",
+                value=doc.get("inflight", 0)),
+        ]
+
+
+class GatewayMetrics:
+    """Registers a gateway's collector in a worker's registry (so ``GET /metrics`` of the
+    worker shows it) until ``close``."""
+
+    def __init__(self, registry: CollectorRegistry, stats: StatsSource) -> None:
+        self.registry = registry
+        self.collector = GatewayCollector(stats)
+        registry.register(self.collector)
+
+    def close(self) -> None:
+        with contextlib.suppress(KeyError):  # already closed
+            self.registry.unregister(self.collector)
 
 
 class WorkerMetrics:

@@ -31,11 +31,11 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Protocol
+from typing import Any, Protocol
 
 from depot.client.buffers import BufferPool
 from depot.client.client import version_of
@@ -93,7 +93,7 @@ OPERATIONS: dict[tuple[str, str, str | None], str] = {
     ("GET", "bucket", "versioning"): "GetBucketVersioning",
     ("GET", "object", None): "GetObject",
     ("HEAD", "object", None): "HeadObject",
-    # write operations: no handler until the depot write path exists
+    # write operations: handled once depot.s3.writes registers them (a client that can write)
     ("PUT", "bucket", None): "CreateBucket",
     ("DELETE", "bucket", None): "DeleteBucket",
     ("POST", "bucket", "delete"): "DeleteObjects",
@@ -106,6 +106,8 @@ OPERATIONS: dict[tuple[str, str, str | None], str] = {
     ("DELETE", "object", "uploadId"): "AbortMultipartUpload",
     ("GET", "object", "uploadId"): "ListParts",
 }
+# What PutObject and UploadPart are when they carry x-amz-copy-source (for metrics and errors).
+COPY_OPERATIONS = {"PutObject": "CopyObject", "UploadPart": "UploadPartCopy"}
 
 RESPONSE_OVERRIDES = {
     "response-content-type": "Content-Type",
@@ -271,6 +273,10 @@ class S3Gateway:
         self._recent: dict[str, FileStatus] = {}
         self.inflight = 0
         self.max_inflight = settings.max_inflight
+        # For metrics (``stats``): requests by operation, error answers by S3 code. Both are
+        # keyed by fixed names (OPERATIONS, S3Error codes), never by anything a client chose.
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
         self.started_at = time.time()
         self.host_id = base64.b64encode(os.urandom(24)).decode("ascii")
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 24)
@@ -289,6 +295,15 @@ class S3Gateway:
             else:
                 log.warning("s3.redirect_reads: this gateway's reader routes nothing; "
                             "reads are served here")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this gateway (the worker's metrics export them)."""
+        return {
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+            "redirects": self.redirector.sent if self.redirector is not None else 0,
+            "inflight": self.inflight,
+        }
 
     def advertise(self, endpoint: str) -> None:
         """This gateway's own URL (as other workers' gateways see it in membership)."""
@@ -392,9 +407,10 @@ class S3Gateway:
                 f"{method} on a {level}{what} is not implemented by depot's S3 gateway",
             )
         handler = self.handlers.get(operation)
+        if "x-amz-copy-source" in ctx.http.headers:
+            operation = COPY_OPERATIONS.get(operation, operation)
+        self.requests[operation] += 1
         if handler is None:
-            if operation == "PutObject" and "x-amz-copy-source" in ctx.http.headers:
-                operation = "CopyObject"
             raise S3Error(
                 "NotImplemented",
                 f"{operation} is not implemented: this gateway's client cannot write",
@@ -404,6 +420,8 @@ class S3Gateway:
     def _send_error(
         self, request: Request, writer: ResponseWriter, request_id: str, err: S3Error
     ) -> None:
+        if err.status >= 400:  # not 304 Not Modified, not a 307 redirect
+            self.errors[err.code] += 1
         if writer.started:
             # Headers are out: the only honest signal left is a cut connection.
             log.warning("S3 %s %s failed mid-response: %s", request.method, request.path, err)

@@ -84,6 +84,7 @@ class ReadStats:
             "bytes_from_ufs": self.bytes_from_ufs,
             "ufs_reads": self.ufs_reads,
             "ufs_read_shared": self.ufs_read_shared,
+            "ufs_streamed": self.ufs_streamed,
             "stale_dropped_files": self.stale_dropped_files,
             "ufs_inflight": self.ufs_inflight,
             "ufs_inflight_peak": self.ufs_inflight_peak,
