@@ -9,7 +9,9 @@ Prints one markdown table; every figure is measured in the same run, so each is 
 - GET of a hot 4 KiB object with a keep-alive raw HTTP client (one connection, signed request):
   p50 / p99 over ``--requests`` GETs; the same through the worker's own HTTP API as the floor;
 - the client's own ceiling: the same obstore reads from a process that serves the bytes from memory
-  with the same HTTP server and nothing else.
+  with the same HTTP server and nothing else, and from nginx serving the file from the page cache
+  (when nginx is installed: ``make bench`` installs it as root), a server that spends far less CPU
+  per byte than any Python one.
 
 Two deployments are measured: the gateway inside the worker process (``worker.s3_port``: one
 process, one event loop serves S3 and the worker API) and standalone (``depot s3``, its own
@@ -25,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,6 +72,46 @@ def serve(config_path: str, with_gateway: bool) -> None:
         await asyncio.Event().wait()
 
     asyncio.run(main())
+
+
+@contextlib.contextmanager
+def nginx(root: Path, tmp: Path) -> Iterator[str | None]:
+    """nginx (C, epoll, sendfile off: read + write, which measured faster than sendfile on this
+    VM's loopback) serving ``root`` on a free port, or None when nginx is not installed. A second
+    ceiling for the client with a server that spends far less CPU per byte than any Python one."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if binary is None:
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"worker_processes 1; daemon off; pid {tmp / 'nginx.pid'}; error_log {tmp / 'nginx.err'};\n"
+        "events { worker_connections 256; }\n"
+        f"http {{ access_log off; sendfile off; output_buffers 2 4m; keepalive_requests 100000;\n"
+        f"  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n"
+        f"  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n"
+        f"  server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    yield None
+                    return
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def serve_memory(size: int) -> None:
@@ -324,6 +367,13 @@ def main() -> None:
             ceiling = max(obstore_ranges(json.loads(line)["s3"], "bench/big.bin", size) for _ in range(args.runs))
         row(f"machine: obstore 8 x 8 MiB ranges of {args.size_mib} MiB from memory, same HTTP server, no depot",
             f"{ceiling:.2f} GB/s", f"{ceiling / loop_bw:.2f} x loopback: this client's ceiling here")
+        with nginx(tmp / "data", tmp) as url:
+            if url is None:
+                row("machine: obstore 8 x 8 MiB ranges from nginx", "n/a", "nginx not installed")
+            else:
+                native = max(obstore_ranges(url, "bench/big.bin", size) for _ in range(args.runs))
+                row(f"machine: obstore 8 x 8 MiB ranges of {args.size_mib} MiB from nginx (page cache)",
+                    f"{native:.2f} GB/s", f"{native / loop_bw:.2f} x loopback: the same client with a C server")
 
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             cfg = {
