@@ -61,12 +61,15 @@ unit: $(VENV)/.dev-installed
 # The benchmark suite's peers: Run:ai Model Streamer needs torch (installed with the test
 # dependencies: the FUSE tests load a checkpoint with torch.load(mmap=True)); without a CPU build
 # of torch in the index the suite reports that peer as missing.
+# nginx: a C server, the second ceiling of the S3 bench's client (installed when root).
 $(VENV)/.bench-installed: pyproject.toml | $(VENV)/.dev-installed
-	# nginx: a C server for the S3 bench's client ceiling (skipped when not root or not found).
-	if ! command -v nginx >/dev/null && [ -x /usr/sbin/nginx ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! [ -x /usr/sbin/nginx ]; then \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light \
-			|| echo "make: nginx not installed: the S3 bench skips its nginx row" >&2; \
+	if ! command -v nginx >/dev/null && ! [ -x /usr/sbin/nginx ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				nginx-light || echo "make: nginx not installed: no nginx row" >&2; \
+		else \
+			echo "make: nginx not found (needs root to install): no nginx row" >&2; \
+		fi; \
 	fi
 	if $(PY) -c 'import torch' 2>/dev/null || $(PIP) install --quiet '$(TORCH)'; then \
 		$(PIP) install --quiet -e '.[bench]'; \
