@@ -199,11 +199,15 @@ def fio(job: str, file: Path, runtime: int = 10, *, keep_cache: bool = False) ->
         copy = Path(tempfile.mkdtemp(prefix="depot-fio-")) / job
         copy.write_text(job_file.read_text().replace("invalidate=1", "invalidate=0"))
         job_file = copy
-    proc = subprocess.run(
-        ["fio", "--output-format=json", str(job_file)],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "DEPOT_FIO_FILE": str(file), "DEPOT_FIO_RUNTIME": str(runtime)},
-    )
+    try:
+        proc = subprocess.run(
+            ["fio", "--output-format=json", str(job_file)],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "DEPOT_FIO_FILE": str(file), "DEPOT_FIO_RUNTIME": str(runtime)},
+        )
+    finally:
+        if keep_cache:
+            shutil.rmtree(job_file.parent, ignore_errors=True)  # the edited copy's temp dir
     if proc.returncode != 0:
         raise RuntimeError(f"fio {job} failed: {proc.stderr or proc.stdout}")
     read: dict[str, Any] = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["read"]
