@@ -192,8 +192,10 @@ def mount_stats(point: Path) -> dict[str, int]:
 # fio ----------------------------------------------------------------------------------------------------
 
 
-def fio(job: str, file: Path, runtime: int = 10, *, keep_cache: bool = False) -> dict[str, Any]:
-    """Run one job file on ``file``; ``keep_cache``: without its ``invalidate=1`` (page cache)."""
+def fio(job: str, file: Path | None, runtime: int = 10, *, keep_cache: bool = False,
+        env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one job file on ``file``; ``keep_cache``: without its ``invalidate=1`` (page cache);
+    ``env``: the job's variables (default: ``DEPOT_FIO_FILE`` and ``DEPOT_FIO_RUNTIME``)."""
     job_file = FIO / job
     if keep_cache:
         copy = Path(tempfile.mkdtemp(prefix="depot-fio-")) / job
@@ -203,7 +205,8 @@ def fio(job: str, file: Path, runtime: int = 10, *, keep_cache: bool = False) ->
         proc = subprocess.run(
             ["fio", "--output-format=json", str(job_file)],
             capture_output=True, text=True, timeout=600,
-            env={**os.environ, "DEPOT_FIO_FILE": str(file), "DEPOT_FIO_RUNTIME": str(runtime)},
+            env={**os.environ, **(env or {"DEPOT_FIO_FILE": str(file),
+                                          "DEPOT_FIO_RUNTIME": str(runtime)})},
         )
     finally:
         if keep_cache:
@@ -229,15 +232,10 @@ def fio_latency_ms(job: str, file: Path, runtime: int) -> tuple[float, float]:
 
 def fio_first_byte_ms(files: list[Path]) -> tuple[float, float]:
     """fio's clat of one 1-byte read at offset 0 of each of ``files`` (one directory), each opened anew."""
-    proc = subprocess.run(
-        ["fio", "--output-format=json", str(FIO / "first-byte-1b.fio")],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "DEPOT_FIO_DIR": str(files[0].parent),
-             "DEPOT_FIO_FILES": ":".join(path.name for path in files)},
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"fio first-byte-1b.fio failed: {proc.stderr or proc.stdout}")
-    read = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["read"]
+    read = fio("first-byte-1b.fio", None, env={
+        "DEPOT_FIO_DIR": str(files[0].parent),
+        "DEPOT_FIO_FILES": ":".join(path.name for path in files),
+    })
     if read["total_ios"] != len(files):
         raise RuntimeError(f"fio made {read['total_ios']} reads of {len(files)} files")
     clat = read["clat_ns"]["percentile"]
