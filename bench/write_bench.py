@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import platform
@@ -42,14 +43,17 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from read_bench import depot_fs, gbps, loopback_tcp, pct  # noqa: E402
+from read_bench import gbps, loopback_tcp, pct  # noqa: E402
 from s3_bench import AK, SK, deployment  # noqa: E402
 
 from depot.core.config import DepotConfig  # noqa: E402
@@ -141,6 +145,24 @@ def local_write(folder: Path, files: list[bytes]) -> float:
     finally:
         os.close(fd)
     return time.perf_counter() - t0
+
+
+def writer_fs(endpoint: str, local_writes: bool) -> Any:
+    """The fsspec client of the writes: with local writes (a write-back write stages the
+    worker's file itself, docs/writes.md) or every write streamed over HTTP."""
+    from depot.core.config import load_config
+
+    client = {"short_circuit": local_writes, "local_writes": local_writes}
+    config = load_config(environ={}, overrides={"client": client})
+    return fsspec.filesystem("depot", endpoint=endpoint, config=config, skip_instance_cache=True,
+                             ufs_fallback=False)
+
+
+def write_counters(endpoint: str) -> dict[str, int]:
+    """The worker's write counters (``writes`` of its stats document)."""
+    with urllib.request.urlopen(f"{endpoint}/api/v1/cache/stats", timeout=30) as response:
+        doc: dict[str, int] = json.loads(response.read())["writes"]
+        return doc
 
 
 def fs_write(fs: Any, folder: str, files: list[bytes]) -> tuple[float, float]:
@@ -300,6 +322,8 @@ def main() -> None:
     parser.add_argument("--size", default="512MiB", help="checkpoint size (the issue's figure: 2GiB)")
     parser.add_argument("--size-mib", type=int, default=None, help=argparse.SUPPRESS)  # older flag
     parser.add_argument("--shards", type=int, default=8, help="files of the sharded variant")
+    parser.add_argument("--http-writes", action="store_true",
+                        help="stream every write to the worker over HTTP (client.local_writes off)")
     parser.add_argument("--pairs", type=int, default=2,
                         help="pairs of local write + write-back to a local-dir UFS, alternating order")
     parser.add_argument("--layers", type=int, default=32, help="transformer layers of the checkpoint")
@@ -362,7 +386,7 @@ def main() -> None:
             cfg_file.write_text(yaml.safe_dump(cfg))
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "DEPOT_S3_ACCESS_KEY": AK, "DEPOT_S3_SECRET_KEY": SK}
             with deployment("in-worker", cfg_file, env) as (s3_gateway, endpoint):
-                fs = depot_fs(endpoint)
+                fs = writer_fs(endpoint, local_writes=not args.http_writes)
                 for mount in ("", "/through", "/s3wb", "/s3through"):
                     fs.pipe_file(f"{mount}/warm/x.bin", b"x")  # each mount's under store up, untimed
                 sync(endpoint)
@@ -457,6 +481,11 @@ def main() -> None:
                 landed = len(list((s3_root / BUCKET / "wb" / "small").iterdir()))
                 row("  after the last PUT: all durable in the UFS", f"{drained:.2f} s",
                     f"{landed} of {args.puts} objects in the store")
+                counters = write_counters(endpoint)
+                row("writes the fsspec client staged itself (local writes)",
+                    f"{counters['local_writes']} of {counters['writes']}",
+                    "write-back writes to this node's worker (docs/writes.md#local-writes); "
+                    "the rest went over HTTP" + (" (--http-writes)" if args.http_writes else ""))
     row("machine: load average (1 min) at start, at end", f"{load_start:.1f}, {os.getloadavg()[0]:.1f}",
         "shared cores: figures drift with it")
     print(f"\nUFS: S3-like store = bench/ufs_server.py ({store_label})")

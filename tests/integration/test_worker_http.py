@@ -260,7 +260,9 @@ def test_openapi_lists_every_route(worker: LocalWorker) -> None:
                                   "/api/v1/cache/hits",
                                   "/api/v1/jobs", "/api/v1/jobs/{job_id}",
                                   "/api/v1/jobs/{job_id}/stop", "/api/v1/write",
-                                  "/api/v1/file", "/api/v1/mkdir", "/api/v1/rename"}
+                                  "/api/v1/file", "/api/v1/mkdir", "/api/v1/rename",
+                                  "/api/v1/sync", "/api/v1/write/open", "/api/v1/write/commit",
+                                  "/api/v1/write/abort"}
     assert Http(worker.endpoint).json("/healthz") == {"status": "ok"}
 
 

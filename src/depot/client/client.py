@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import io
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from urllib.parse import quote
 
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
+from depot.client.localwrites import LocalWrite, open_local_write
 from depot.client.prefetch import OpenPrefetcher
 from depot.client.routing import UNREACHABLE, WorkerRouter
 from depot.client.shortcircuit import ShortCircuit
@@ -713,6 +715,20 @@ class CacheClient:
         for writes: an unreachable cluster is an error. ``attributes`` (content headers, user
         metadata) are stored with the object where its under store keeps them.
         """
+        local = await self.open_local_write(path, _known_length(data))
+        if local is not None:
+            try:
+                if isinstance(data, bytes | bytearray | memoryview):
+                    await asyncio.to_thread(local.write, data)
+                elif hasattr(data, "read"):
+                    await asyncio.to_thread(local.write_from, data)
+                else:
+                    async for chunk in data:
+                        await asyncio.to_thread(local.write, chunk)
+                return await local.commit(attributes)
+            except BaseException:
+                await local.abort()
+                raise
         headers: list[tuple[str, str]] = []
         if attributes is not None:
             # ASCII JSON: any value survives a header, which is Latin-1 on the wire.
@@ -727,6 +743,36 @@ class CacheClient:
                 return self._status_of(response, path)
 
             return await self._write_call(send, path)
+
+    async def open_local_write(
+        self, path: str, size_hint: int | None = None
+    ) -> LocalWrite | None:
+        """A local write of ``path`` (docs/writes.md, "Local writes"), or None where it does not
+        apply: local writes or short-circuit off, the owner not on this node or down, the mount
+        not ``write-back``. The caller writes into it, then commits it (or aborts it)."""
+        short_circuit = self.short_circuit
+        if short_circuit is None or not self.config.client.local_writes:
+            return None
+        router = self.router
+        view = await router.current_view()
+        if view is None:
+            return None
+        try:
+            mount = view.table.resolve(path).mount
+        except DepotError:
+            return None  # the HTTP write says what is wrong with the path
+        if mount.write_mode != "write-back":
+            return None
+        endpoint = router.write_targets(path)[0]
+        if router.is_down(endpoint):
+            return None
+        if (await short_circuit.local_store(endpoint)).store is None:
+            return None
+        try:
+            return await open_local_write(router.pool(endpoint), path, size_hint)
+        except _UNREACHABLE as exc:
+            router.failed(endpoint, exc)
+            return None  # the HTTP write fails over, or says the cluster is unreachable
 
     async def delete(self, path: str) -> None:
         """Delete a file (directories: delete their files; an empty one then disappears)."""
@@ -932,3 +978,14 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 __all__ = ["CacheClient", "resolve_endpoint", "version_of"]
+
+
+def _known_length(data: WriteSource) -> int | None:
+    """The bytes a write of ``data`` will hold, where that is known before reading it."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return memoryview(data).nbytes
+    file: Any = data
+    try:
+        return max(0, os.fstat(file.fileno()).st_size - int(file.tell()))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None

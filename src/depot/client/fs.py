@@ -33,6 +33,7 @@ from fsspec.utils import stringify_path
 
 from depot.client.buffers import BufferPool, alloc_result, finish_result
 from depot.client.client import MIN_CHUNK, CacheClient, resolve_endpoint, version_of
+from depot.client.localwrites import LocalWrite
 from depot.client.shortcircuit import ShortCircuit
 from depot.core.config import DepotConfig, load_config
 from depot.core.errors import IsADirectory, NotADirectory, StaleVersion, Unsupported
@@ -584,8 +585,13 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
 
 
 class DepotWriteFile(io.RawIOBase):
-    """A file open for writing: bytes go to a spool (memory, then a temporary file) and the whole
-    file is uploaded on ``close``; readers see the new content after ``close`` returns."""
+    """A file open for writing, whose whole content is written on ``close``; readers see the
+    new content after ``close`` returns.
+
+    Where the path's owner worker runs on this node and the mount is ``write-back``, the bytes
+    go straight into the worker's staging file and ``close`` fsyncs and commits it (a local
+    write, docs/writes.md); otherwise they go to a spool (memory, then a temporary file) that
+    ``close`` uploads to the owner."""
 
     def __init__(self, fs: DepotFileSystem, path: str) -> None:
         super().__init__()
@@ -594,7 +600,12 @@ class DepotWriteFile(io.RawIOBase):
         self.fs = fs
         self.path = path
         self.mode = "wb"
-        self._spool: Any = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115
+        self._local: LocalWrite | None = fs._run(self._open_local())
+        self._spool: Any = (
+            None
+            if self._local is not None
+            else tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115
+        )
         self._discard = False
 
     def writable(self) -> bool:
@@ -606,31 +617,51 @@ class DepotWriteFile(io.RawIOBase):
     def write(self, data: Any) -> int:
         if self.closed:
             raise ValueError("I/O operation on closed file.")
+        if self._local is not None:
+            return self._local.write(data)
         view = memoryview(data).cast("B")
         self._spool.write(view)
         return view.nbytes
 
     def tell(self) -> int:
+        if self._local is not None:
+            return self._local.size
         return int(self._spool.tell())
+
+    async def _open_local(self) -> LocalWrite | None:
+        return await self.fs.client().open_local_write(self.path)
 
     async def _upload(self) -> None:
         await self.fs.client().write(self.path, self._spool)
 
     def discard(self) -> None:
-        """Close without uploading."""
+        """Close without writing anything."""
         self._discard = True
         self.close()
 
     def close(self) -> None:
         if self.closed:
             return
+        local = self._local
         try:
-            if not self._discard:
+            if local is not None:
+                if self._discard:
+                    self.fs._run(local.abort())
+                else:
+                    try:
+                        local.finish()  # flush + fsync here, in the writer's thread
+                        self.fs._run(local.commit())
+                    except BaseException:
+                        self.fs._run(local.abort())
+                        raise
+                    self.fs.invalidate_cache(self.path)
+            elif not self._discard:
                 self._spool.seek(0)
                 self.fs._run(self._upload())
                 self.fs.invalidate_cache(self.path)
         finally:
-            self._spool.close()
+            if self._spool is not None:
+                self._spool.close()
             super().close()
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:

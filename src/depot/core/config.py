@@ -223,11 +223,16 @@ class WriteBackSettings(_Model):
     max_attempts: int | None = Field(default=None, ge=1)
     # Longest wait of one POST /api/v1/sync?wait=1 (the client asks again until its deadline).
     sync_timeout: float = Field(default=20.0, gt=0)
+    # How long a staging file lent to a writer on this node (a local write) may stay open
+    # before the worker drops it, uncommitted.
+    local_write_ttl: float = Field(default=3600.0, gt=0)
 
     _parse_size = field_validator(
         "quota", "part_size", "multipart_threshold", "bandwidth", mode="before"
     )(lambda v: None if v is None else _size(v))
-    _parse_duration = field_validator("full_wait", "sync_timeout", mode="before")(_duration)
+    _parse_duration = field_validator(
+        "full_wait", "sync_timeout", "local_write_ttl", mode="before"
+    )(_duration)
 
     def staging_dir(self, cache: CacheConfig) -> Path:
         return self.dir or cache.dirs[0].path / "writeback"
@@ -243,6 +248,9 @@ class ClientConfig(_Model):
     # Read pages of a worker on the same node straight from its cache dirs (verified, counted
     # as hits by the worker); used only where the node and the dirs are found to be shared.
     short_circuit: bool = True
+    # Write-back writes whose owner worker is on this node: write the worker's staging file here
+    # and commit it, instead of streaming the bytes to it (needs short_circuit's node check).
+    local_writes: bool = True
     # A request that has not finished after this long makes the client check, on a connection
     # of its own, that the worker still answers (/healthz within connect_timeout); a hung or
     # cut-off worker is then left at once for the next one. 0 turns the check off.

@@ -165,6 +165,9 @@ def _mount_document(mount: MountConfig) -> dict[str, Any]:
         "metadata": mount.metadata,
         "options": public_options(mount.options),
     }
+    if mount.write_mode != "through":
+        # Clients stage write-back writes to a worker on their node themselves (local writes).
+        doc["write_mode"] = mount.write_mode
     if mount.prefetch_on_open:
         # Only when set: clients from before the setting refuse unknown mount fields.
         doc["prefetch_on_open"] = list(mount.prefetch_on_open)

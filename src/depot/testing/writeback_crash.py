@@ -4,6 +4,8 @@ mid-upload, restart it on the same cache dir, sync, and check what the under sto
 Used by ``tests/integration/test_writeback.py`` (a few dozen iterations) and by
 ``bench/writeback_soak.py`` (many more). The under store is a local directory (``file://``),
 whose writes land by rename, so a watcher polling it can tell a partial object from a whole one.
+Every other file of a round is a local write (``/api/v1/write/open``, the file written and
+fsync'd here, ``/api/v1/write/commit``), the rest are streamed PUTs: the kill lands in either.
 
 Checked, every iteration:
 
@@ -33,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 SHARED = "shared.bin"  # overwritten by every iteration
 
@@ -206,7 +210,35 @@ class Harness:
                 with lock:
                     acked[name] = data
 
-        threads = [threading.Thread(target=put, args=job) for job in jobs]
+        def put_local(name: str, data: bytes) -> None:
+            try:
+                status, body = self.request("POST", f"/api/v1/write/open?path=/{name}")
+                if status != 200:
+                    return
+                slot = json.loads(body)
+                fd = os.open(slot["file"], os.O_WRONLY)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                status, _ = self.request(
+                    "POST",
+                    f"/api/v1/write/commit?path=/{name}&token={slot['token']}"
+                    f"&size={len(data)}&checksum={xxhash.xxh3_64_hexdigest(data)}",
+                )
+            except (OSError, http.client.HTTPException, ValueError):
+                return  # the worker died (its slot file with it): not acknowledged
+            if status == 200:
+                with lock:
+                    acked[name] = data
+
+        threads = [
+            threading.Thread(target=put_local if i % 2 else put, args=job)
+            for i, job in enumerate(jobs)
+        ]
         for t in threads:
             t.start()
         if kill_at is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -95,6 +96,17 @@ def _offset(params: dict[str, str], name: str, default: int) -> int:
     if not text.isdigit() or len(text) > 19:
         raise InvalidArgument(f"{name} must be a byte offset, got {text!r}")
     return int(text)
+
+
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+_CHECKSUM = re.compile(r"[0-9a-f]{16}")
+
+
+def _slot_token(params: dict[str, str]) -> str:
+    token = params.get("token", "")
+    if not _TOKEN.fullmatch(token):
+        raise InvalidArgument("token must be the 32 hex digits /api/v1/write/open answered")
+    return token
 
 
 def _byte_ranges(text: str) -> list[tuple[int, int]]:
@@ -205,6 +217,9 @@ class WorkerApp:
             "/api/v1/mkdir": {"POST": self.mkdir},
             "/api/v1/rename": {"POST": self.rename},
             "/api/v1/sync": {"POST": self.sync},
+            "/api/v1/write/open": {"POST": self.write_open},
+            "/api/v1/write/commit": {"POST": self.write_commit},
+            "/api/v1/write/abort": {"POST": self.write_abort},
         }
 
     @staticmethod
@@ -337,6 +352,34 @@ class WorkerApp:
             path, stream, stream.length, attributes=_attributes(request)
         )
         _json(writer, status.to_dict())
+
+    async def write_open(self, request: Request, writer: ResponseWriter) -> None:
+        """Local write, step 1: a staging file for a writer on this node (write-back mounts)."""
+        params = query_params(request)
+        path = _require_path(params)
+        size = _offset(params, "size", 0)
+        _json(writer, await self.writes.open_local(path, size or None))
+
+    async def write_commit(self, request: Request, writer: ResponseWriter) -> None:
+        """Local write, step 2: acknowledge the staging file the writer filled and fsync'd."""
+        params = query_params(request)
+        path = _require_path(params)
+        token = _slot_token(params)
+        if "size" not in params:
+            raise InvalidArgument("missing query parameter 'size'")
+        size = _offset(params, "size", 0)
+        checksum = params.get("checksum", "")
+        if not _CHECKSUM.fullmatch(checksum):
+            raise InvalidArgument("checksum must be the xxh3_64 of the content, 16 hex digits")
+        status = await self.writes.commit_local(
+            path, token, size, checksum, attributes=_attributes(request)
+        )
+        _json(writer, status.to_dict())
+
+    async def write_abort(self, request: Request, writer: ResponseWriter) -> None:
+        """Local write, given up: drop the staging file (nothing was acknowledged)."""
+        token = _slot_token(query_params(request))
+        _json(writer, {"token": token, "dropped": await self.writes.abort_local(token)})
 
     async def delete(self, request: Request, writer: ResponseWriter) -> None:
         path = _require_path(query_params(request))

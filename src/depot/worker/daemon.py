@@ -180,6 +180,7 @@ class Worker:
             staging_quota=wb.quota,
             on_full=wb.on_full,
             full_wait_timeout=wb.full_wait,
+            slot_ttl=wb.local_write_ttl,
         )
         self.writeback = await WriteBackQueue.open(
             wb.staging_dir(self.config.cache),

@@ -58,7 +58,14 @@ from typing import IO, Any, Literal
 
 import xxhash
 
-from depot.core.errors import Corrupted, DepotError, NoSpace, NotFound, Timeout
+from depot.core.errors import (
+    Corrupted,
+    DepotError,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    Timeout,
+)
 from depot.core.types import Attributes
 from depot.ufs.base import Buffer, ObjectInfo, UnderStore
 from depot.worker.journal import Journal, Record, fsync_dir
@@ -118,6 +125,18 @@ class _Entry:
 
 
 @dataclass(slots=True)
+class Slot:
+    """A staging file handed to a writer on this node, who fills and fsyncs it itself
+    (``open_slot``); it becomes a write only through ``adopt``."""
+
+    token: str
+    path: str
+    staging_path: Path
+    reserved: int
+    expires: float  # time.monotonic() after which the slot and its file are dropped
+
+
+@dataclass(slots=True)
 class WriteBackConfig:
     concurrency: int = 4
     part_size: int = DEFAULT_PART_SIZE
@@ -130,10 +149,13 @@ class WriteBackConfig:
     on_full: Literal["error", "wait"] = "error"
     full_wait_timeout: float = 60.0
     compact_after: int = 1000  # journal appends between compactions (if mostly dead)
+    slot_ttl: float = 3600.0  # seconds a slot of a writer on this node may stay open
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.part_size < 1 or self.multipart_threshold < 0:
             raise ValueError("concurrency and part_size must be positive")
+        if not self.slot_ttl > 0:
+            raise ValueError("slot_ttl must be positive")
         if self.on_full not in ("error", "wait"):
             raise ValueError("on_full must be 'error' or 'wait'")
 
@@ -189,6 +211,7 @@ class WriteBackQueue:
         self._changed = asyncio.Condition()
         self._next_seq = 1
         self._reserved = 0  # bytes being staged, not yet acknowledged
+        self._slots: dict[str, Slot] = {}  # staging files lent to writers on this node
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._limiter = _TokenBucket(config.bandwidth_limit) if config.bandwidth_limit else None
@@ -349,13 +372,12 @@ class WriteBackQueue:
         if size_hint:
             await self._reserve(size_hint, path)
             reserved = size_hint
-        fd = await asyncio.to_thread(
-            os.open, staging_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
-        )
         hasher = xxhash.xxh3_64()
         size = 0
-        ack: asyncio.Future[Ticket] | None = None
         try:
+            fd = await asyncio.to_thread(
+                os.open, staging_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+            )
             try:
                 async for chunk in _chunks(source):
                     n = len(chunk)
@@ -368,13 +390,136 @@ class WriteBackQueue:
                 await asyncio.to_thread(os.fsync, fd)
             finally:
                 await asyncio.to_thread(os.close, fd)
+        except BaseException as exc:
+            await self._drop_staging(staging_path, reserved, path, exc)
+            raise
+        return await self._commit(
+            path, store_uri, ufs_key, size, hasher.hexdigest(), staging_path, file_id,
+            attributes, reserved,
+        )
+
+    async def open_slot(self, path: str, size_hint: int | None = None) -> Slot:
+        """Lend a new, empty staging file to a writer on this node (a short-circuit write).
+
+        The writer writes the content into ``slot.staging_path`` itself, fsyncs it and calls
+        ``adopt``; until then nothing is acknowledged. With ``size_hint`` the quota is reserved
+        now (a write that cannot fit fails before any byte is written); otherwise at ``adopt``.
+        A slot not adopted or discarded within ``slot_ttl`` is dropped with its file.
+        """
+        if self._closed:
+            raise RuntimeError("write-back queue is closed")
+        await self._drop_expired_slots()
+        reserved = 0
+        if size_hint:
+            await self._reserve(size_hint, path)
+            reserved = size_hint
+        token = uuid.uuid4().hex
+        staging_path = self.staging_dir / f"{token}.data"
+        try:
+            fd = await asyncio.to_thread(
+                os.open, staging_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+            )
+            os.close(fd)
+        except BaseException as exc:
+            await self._drop_staging(staging_path, reserved, path, exc)
+            raise
+        slot = Slot(token, path, staging_path, reserved, time.monotonic() + self.config.slot_ttl)
+        self._slots[token] = slot
+        return slot
+
+    async def adopt(
+        self,
+        token: str,
+        path: str,
+        ufs_key: str,
+        size: int,
+        checksum: str,
+        *,
+        store_uri: str = "",
+        file_id: str = "",
+        attributes: Attributes | None = None,
+    ) -> Ticket:
+        """Acknowledge the content a writer on this node put in slot ``token`` (``open_slot``).
+
+        The writer fsync'd the file and computed ``checksum`` (xxh3_64 hex) of what it wrote;
+        the file's size must be ``size``. The file is fsync'd again here (cheap when it is
+        clean) with its directory, then journaled like ``stage``. Any failure drops the slot.
+        """
+        slot = self._slots.get(token)
+        if slot is None or slot.path != path:
+            raise NotFound("no such write slot (expired, or the worker restarted)", path)
+        del self._slots[token]
+        reserved = slot.reserved
+        try:
+            if slot.expires < time.monotonic():
+                raise NotFound("the write slot expired before it was committed", path)
+            actual = await asyncio.to_thread(_fsync_size, slot.staging_path)
+            if actual != size:
+                raise InvalidArgument(
+                    f"the slot's file holds {actual} bytes, the writer reported {size}", path
+                )
+            if size > reserved:
+                await self._reserve(size - reserved, path)
+                reserved = size
+        except BaseException as exc:
+            await self._drop_staging(slot.staging_path, reserved, path, exc)
+            raise
+        return await self._commit(
+            path, store_uri, ufs_key, size, checksum, slot.staging_path, file_id, attributes,
+            reserved,
+        )
+
+    async def discard_slot(self, token: str) -> bool:
+        """Drop a slot and its file (the writer gave up); False if there was no such slot."""
+        slot = self._slots.pop(token, None)
+        if slot is None:
+            return False
+        await self._drop_staging(slot.staging_path, slot.reserved, slot.path, None)
+        return True
+
+    async def _drop_expired_slots(self) -> None:
+        now = time.monotonic()
+        for token in [t for t, s in self._slots.items() if s.expires < now]:
+            path = self._slots[token].path
+            log.warning("write-back: dropping the slot of %s, not committed in time", path)
+            await self.discard_slot(token)
+
+    async def _drop_staging(
+        self, staging_path: Path, reserved: int, path: str, exc: BaseException | None
+    ) -> None:
+        """A staging file that will not be acknowledged: remove it, free its reservation, and
+        raise a disk-full error as ``NoSpace``."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging_path)
+        await self._release(reserved)
+        if (
+            isinstance(exc, OSError)
+            and not isinstance(exc, DepotError)
+            and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            raise NoSpace(f"staging disk is full: {exc.strerror}", path) from exc
+
+    async def _commit(
+        self,
+        path: str,
+        store_uri: str,
+        ufs_key: str,
+        size: int,
+        checksum: str,
+        staging_path: Path,
+        file_id: str,
+        attributes: Attributes | None,
+        reserved: int,
+    ) -> Ticket:
+        """Journal a staging file that is durable (file fsync'd): the acknowledgement."""
+        ack: asyncio.Future[Ticket] | None = None
+        try:
             await asyncio.to_thread(fsync_dir, self.staging_dir)
             # The journal append is the acknowledgement; a cancelled caller must not leave it
             # half-known (journaled but its staging file removed), so it runs to completion.
             ack = asyncio.ensure_future(
                 self._acknowledge(
-                    path, store_uri, ufs_key, size, hasher.hexdigest(), staging_path, file_id,
-                    attributes,
+                    path, store_uri, ufs_key, size, checksum, staging_path, file_id, attributes
                 )
             )
             ticket = await asyncio.shield(ack)
@@ -385,15 +530,7 @@ class WriteBackQueue:
                 if not ack.cancelled() and ack.exception() is None:
                     self._reserved -= reserved  # acknowledged after all: keep everything
                     raise
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staging_path)
-            await self._release(reserved)
-            if (
-                isinstance(exc, OSError)
-                and not isinstance(exc, DepotError)
-                and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            ):
-                raise NoSpace(f"staging disk is full: {exc.strerror}", path) from exc
+            await self._drop_staging(staging_path, reserved, path, exc)
             raise
         # The reservation becomes the entry's dirty bytes (counted from _entries).
         self._reserved -= reserved
@@ -785,6 +922,16 @@ class WriteBackQueue:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _fsync_size(path: Path) -> int:
+    """fsync a file written by another process; its size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, chunk: Buffer, hasher: Any) -> None:

@@ -66,6 +66,7 @@ class WriteStats:
     writes: int = 0
     bytes_written: int = 0
     multipart_writes: int = 0
+    local_writes: int = 0  # write-back writes a writer on this node staged itself
     pages_cached: int = 0
     deletes: int = 0
     renames: int = 0
@@ -76,6 +77,7 @@ class WriteStats:
             "writes": self.writes,
             "bytes_written": self.bytes_written,
             "multipart_writes": self.multipart_writes,
+            "local_writes": self.local_writes,
             "pages_cached": self.pages_cached,
             "deletes": self.deletes,
             "renames": self.renames,
@@ -360,11 +362,84 @@ class WriteService:
             size_hint=length,
             attributes=attributes,
         )
+        return self._acknowledged(resolved, ticket)
+
+    def _acknowledged(self, resolved: Resolved, ticket: Ticket) -> FileStatus:
+        """A write-back write of ``resolved`` was acknowledged: serve it from now on."""
         self._staged[resolved.uri] = (ticket, time.time())
         # Older statuses of the path must not be served once the staged file is gone.
         self.service.metadata.invalidate(resolved.uri)
         self._invalidate_parent(resolved)
         return self._staged_status(ticket, resolved.path)
+
+    # short-circuit write-back writes -----------------------------------------------------------
+    def _local_target(self, path: str) -> tuple[Resolved, WriteBackQueue]:
+        resolved = self._file_target(path)
+        if resolved.mount.write_mode != "write-back":
+            raise Unsupported(
+                f"local writes are for write-back mounts; this one is {resolved.mount.write_mode}",
+                resolved.path,
+            )
+        queue = self.writeback
+        if queue is None:
+            raise Unavailable("write-back is not running on this worker", resolved.path)
+        return resolved, queue
+
+    async def open_local(self, path: str, size_hint: int | None = None) -> dict[str, Any]:
+        """``POST /api/v1/write/open``: lend a staging file to a writer on this node.
+
+        The writer fills and fsyncs the file itself, then commits it (``commit_local``): the
+        bytes cross no socket and are written once. Only on write-back mounts."""
+        resolved, queue = self._local_target(path)
+        slot = await queue.open_slot(resolved.uri, size_hint)
+        return {
+            "path": resolved.path,
+            "token": slot.token,
+            "file": str(slot.staging_path),
+            "ttl": queue.config.slot_ttl,
+        }
+
+    async def commit_local(
+        self,
+        path: str,
+        token: str,
+        size: int,
+        checksum: str,
+        *,
+        attributes: Attributes | None = None,
+    ) -> FileStatus:
+        """``POST /api/v1/write/commit``: acknowledge the content of a lent staging file."""
+        resolved, queue = self._local_target(path)
+        store = self.service.store_for(resolved.mount)
+        try:
+            if attributes is not None:
+                store.check_attributes(resolved.key, attributes)
+            async with self._locks.hold(resolved.uri):
+                ticket = await queue.adopt(
+                    token,
+                    resolved.uri,
+                    resolved.key,
+                    size,
+                    checksum,
+                    store_uri=resolved.mount.ufs_uri,
+                    file_id=resolved.path,
+                    attributes=attributes,
+                )
+                status = self._acknowledged(resolved, ticket)
+        except BaseException:
+            # The slot is gone if it was this path's (adopt drops it on any failure); another
+            # path's commit naming it must not take it from its writer.
+            self.stats.failed += 1
+            raise
+        self.stats.writes += 1
+        self.stats.local_writes += 1
+        self.stats.bytes_written += size
+        return status
+
+    async def abort_local(self, token: str) -> bool:
+        """``POST /api/v1/write/abort``: the writer gave up; drop the slot and its file."""
+        queue = self.writeback
+        return queue is not None and await queue.discard_slot(token)
 
     async def _sync_pending(self, *uris: str) -> None:
         """Upload pending write-back writes of ``uris`` before a delete or a rename."""

@@ -1,0 +1,153 @@
+"""Local writes: a write-back write to a worker on this node, staged by the writer itself.
+
+A write over HTTP costs a write-back checkpoint three passes over its bytes on one node: the
+client's spool, the loopback socket and the worker's staging file. When the path's owner runs on
+this node (the short-circuit check: same kernel boot id, its cache dirs visible here) and the
+path's mount is ``write-back``, the client instead asks the owner for a staging file
+(``POST /api/v1/write/open``), writes the content into it, computes its xxh3_64 as it goes,
+fsyncs it and commits it (``POST /api/v1/write/commit``). The worker checks the size, fsyncs the
+file and its directory and journals it: the same acknowledgement as a write over HTTP, after
+one pass over the bytes. If the file cannot be opened here (another node, another user), the
+slot is given back and the write goes over HTTP; a write abandoned before its commit is dropped
+(``POST /api/v1/write/abort``, or by the worker after ``slot_ttl``) and nothing is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+from typing import Any
+from urllib.parse import quote
+
+import xxhash
+
+from depot.core.errors import DepotError, InvalidArgument
+from depot.core.transport import ConnectionPool, error_from_response
+from depot.core.types import Attributes, FileStatus
+
+log = logging.getLogger(__name__)
+
+OPEN = "/api/v1/write/open"
+COMMIT = "/api/v1/write/commit"
+ABORT = "/api/v1/write/abort"
+ATTRIBUTES_HEADER = "X-Depot-Attributes"
+# Small writes are gathered into this much before they reach the staging file; larger ones go
+# straight through (io.BufferedWriter does not copy them).
+BUFFER = 1024 * 1024
+COPY_CHUNK = 8 * 1024 * 1024
+
+
+class LocalWrite:
+    """One write being staged here: the owner worker's staging file, open for writing.
+
+    ``write`` is plain blocking file I/O, for any one thread at a time; ``commit`` and ``abort``
+    run on the client's event loop.
+    """
+
+    def __init__(self, pool: ConnectionPool, path: str, token: str, file: str, fd: int) -> None:
+        self.pool = pool
+        self.path = path
+        self.token = token
+        self.file = file
+        self.size = 0
+        self._hasher = xxhash.xxh3_64()
+        self._out = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), buffer_size=BUFFER)
+        self._done = False
+
+    def write(self, data: Any) -> int:
+        """Append ``data`` (any bytes-like object) to the staging file."""
+        view = memoryview(data).cast("B")
+        self._hasher.update(view)
+        self._out.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def write_from(self, source: Any) -> None:
+        """Append what is left of a binary file object (blocking)."""
+        readinto = getattr(source, "readinto", None)
+        if readinto is None:
+            while block := source.read(COPY_CHUNK):
+                self.write(block)
+            return
+        buffer = bytearray(COPY_CHUNK)
+        view = memoryview(buffer)
+        while n := readinto(view):
+            self.write(view[:n])
+
+    def finish(self) -> None:
+        """Flush and fsync the staging file and close it (blocking): before ``commit``."""
+        out = self._out
+        if out.closed:
+            return
+        try:
+            out.flush()
+            os.fsync(out.fileno())
+        finally:
+            out.close()
+
+    async def commit(self, attributes: Attributes | None = None) -> FileStatus:
+        """Hand the written file to the worker; returns the new status once it is acknowledged.
+
+        Call ``finish`` first (or let this do it in a thread)."""
+        if self._done:
+            raise InvalidArgument("this local write was already committed or aborted", self.path)
+        self._done = True
+        if not self._out.closed:
+            await asyncio.to_thread(self.finish)
+        headers: list[tuple[str, str]] = []
+        if attributes is not None:
+            headers.append((ATTRIBUTES_HEADER, json.dumps(attributes.to_dict())))
+        target = (
+            f"{COMMIT}?path={quote(self.path, safe='')}&token={self.token}"
+            f"&size={self.size}&checksum={self._hasher.hexdigest()}"
+        )
+        response = await self.pool.request(target, headers, method="POST")
+        if response.status >= 300:
+            raise error_from_response(response, self.path)
+        return FileStatus.from_dict(response.json())
+
+    async def abort(self) -> None:
+        """Give up: nothing is acknowledged and the worker drops the staging file."""
+        if self._done:
+            return
+        self._done = True
+        with contextlib.suppress(OSError):
+            self._out.close()
+        try:
+            await self.pool.request(f"{ABORT}?token={self.token}", method="POST")
+        except (DepotError, OSError) as exc:  # the worker drops it after slot_ttl anyway
+            log.debug("could not abort local write of %s: %s", self.path, exc)
+
+
+async def open_local_write(
+    pool: ConnectionPool, path: str, size_hint: int | None = None
+) -> LocalWrite | None:
+    """Ask the worker behind ``pool`` for a staging file of ``path`` and open it here.
+
+    None when the worker does not lend one for this path (not a write-back mount) or the file
+    is not reachable from here; errors that an HTTP write would meet too (read-only mount, full
+    staging disk) are raised.
+    """
+    target = f"{OPEN}?path={quote(path, safe='')}"
+    if size_hint:
+        target += f"&size={size_hint}"
+    response = await pool.request(target, method="POST")
+    if response.status in (404, 405, 501):  # an older worker, or not a write-back mount now
+        return None
+    if response.status >= 300:
+        raise error_from_response(response, path)
+    doc = response.json()
+    token, file = str(doc["token"]), str(doc["file"])
+    try:
+        # The worker made the file (O_EXCL, a random name): opening it proves it is the same one.
+        fd = await asyncio.to_thread(os.open, file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        log.info("local writes to %s are not possible here (%s): writing over HTTP", file, exc)
+        with contextlib.suppress(DepotError, OSError):
+            await pool.request(f"{ABORT}?token={token}", method="POST")
+        return None
+    return LocalWrite(pool, path, token, file, fd)
