@@ -7,9 +7,9 @@ fsspec client (``fs.open(path, "wb")``, files one after the other) to one worker
 measured against what the machine and the under store do on their own in the same run:
 
 - machine: loopback TCP, and a direct local-disk write + fsync of the same bytes (the floor of
-  any write that is acknowledged as durable on this node), in ``--pairs`` with the write-back
-  write below, in alternating order (the second of two big writes in a row pays this VM's cost
-  of faulting in memory the hypervisor took back);
+  any write that is acknowledged as durable on this node), in ``--pairs`` rounds with the two
+  write-back writes below, the order turned around each round (the later of big writes in a row
+  pays this VM's cost of faulting in memory the hypervisor took back);
 - under store = a local directory (``file://``, same disk): ``write-back`` (time to close, i.e.
   acknowledged: fsync'd and journaled on the worker; then close -> durable in the under store,
   ``sync --wait``) and ``through`` (close = durable);
@@ -19,7 +19,8 @@ measured against what the machine and the under store do on their own in the sam
   uploader makes: multipart, obstore's 12 parts in flight, as many files at once as depot's
   uploader runs), then
   ``through`` and ``write-back`` to it: the background upload's rate against the store's own, and
-  how much sooner write-back returns than through;
+  how much sooner write-back returns than through. The fsspec client stages write-back writes
+  itself (local writes, docs/writes.md) unless ``--http-writes``;
 - S3 PUT of 4 KiB objects through depot's S3 gateway (in the worker) onto a write-back mount over
   the emulated store: p50 / p99 over ``--puts`` boto3 PUTs on keep-alive connections, and the
   floor of any acknowledged small write here (create + write + fsync + rename of a 4 KiB file).
@@ -322,10 +323,12 @@ def main() -> None:
     parser.add_argument("--size", default="512MiB", help="checkpoint size (the issue's figure: 2GiB)")
     parser.add_argument("--size-mib", type=int, default=None, help=argparse.SUPPRESS)  # older flag
     parser.add_argument("--shards", type=int, default=8, help="files of the sharded variant")
+    parser.add_argument("--defer-uploads", default=None,
+                        help="the worker's writeback.defer_uploads (default: its default, 5s)")
     parser.add_argument("--http-writes", action="store_true",
                         help="stream every write to the worker over HTTP (client.local_writes off)")
     parser.add_argument("--pairs", type=int, default=2,
-                        help="pairs of local write + write-back to a local-dir UFS, alternating order")
+                        help="rounds of local write + write-back to a local-dir UFS and to the store, order turned around each round")
     parser.add_argument("--layers", type=int, default=32, help="transformer layers of the checkpoint")
     parser.add_argument("--first-byte-ms", type=float, default=20.0, help="emulated store: time to first byte")
     parser.add_argument("--rate-per-conn", default="50MB", help="emulated store: bytes/s per connection")
@@ -380,6 +383,8 @@ def main() -> None:
                 ],
                 "log_level": "warning",
             }
+            if args.defer_uploads is not None:
+                cfg["writeback"] = {"defer_uploads": args.defer_uploads}
             import yaml
 
             cfg_file = tmp / "worker.yaml"
@@ -398,37 +403,53 @@ def main() -> None:
                         f"{sum(len(g) for g in parts)} float16 tensors, safetensors; "
                         f"serialized in memory at {gbps(total, ser):.2f} GB/s")
                     folder = label.replace(" ", "-")
-                    # The local write and the write-back write to a local-dir UFS, in pairs of
-                    # alternating order (on this VM the second of two big writes in a row runs on
-                    # memory the hypervisor took back in between, and pays to fault it in again).
+                    # The local write and the write-back writes (to a local-dir UFS and to the
+                    # store), in rounds whose order turns around each time (on this VM the later
+                    # of big writes in a row runs on memory the hypervisor took back in between,
+                    # and pays to fault it in again).
                     locals_: list[float] = []
                     closes: list[float] = []
                     durables: list[float] = []
+                    s3_closes: list[float] = []
+                    s3_durables: list[float] = []
+                    s3_wb = s3_root / BUCKET / "wb"
                     for run in range(args.pairs):
-                        for what in ("local", "wb") if run % 2 == 0 else ("wb", "local"):
+                        order = ("local", "wb", "s3wb")
+                        for what in order if run % 2 == 0 else order[::-1]:
                             if what == "local":
                                 locals_.append(local_write(tmp / "local" / folder, files))
                                 shutil.rmtree(tmp / "local")
-                                continue
-                            closed, _ = fs_write(fs, f"/ckpt-{folder}-{run}", files)
-                            durables.append(sync(endpoint))
-                            check_objects(ufs_local / f"ckpt-{folder}-{run}", files)
-                            closes.append(closed)
-                            fs.rm(f"/ckpt-{folder}-{run}", recursive=True)
-                    local, closed = statistics.mean(locals_), statistics.mean(closes)
-                    pairs = ", ".join(
-                        f"{'local first' if run % 2 == 0 else 'write-back first'} {lw / wb_:.2f}"
-                        for run, (lw, wb_) in enumerate(zip(locals_, closes, strict=True)))
+                            elif what == "wb":
+                                closed, _ = fs_write(fs, f"/ckpt-{folder}-{run}", files)
+                                durables.append(sync(endpoint))
+                                check_objects(ufs_local / f"ckpt-{folder}-{run}", files)
+                                closes.append(closed)
+                                fs.rm(f"/ckpt-{folder}-{run}", recursive=True)
+                            else:
+                                closed, _ = fs_write(fs, f"/s3wb/ckpt-{folder}-{run}", files)
+                                s3_durables.append(sync(endpoint))
+                                check_objects(s3_wb / f"ckpt-{folder}-{run}", files)
+                                s3_closes.append(closed)
+                                shutil.rmtree(s3_wb / f"ckpt-{folder}-{run}")
+                    local = statistics.mean(locals_)
+
+                    def rates(times: list[float], total: int = total) -> str:
+                        return ", ".join(f"{gbps(total, x):.2f}" for x in times)
+
+                    def rounds(times: list[float], locals_: list[float] = locals_) -> str:
+                        return ", ".join(
+                            f"{'local first' if run % 2 == 0 else 'local last'} {lw / x:.2f}"
+                            for run, (lw, x) in enumerate(zip(locals_, times, strict=True)))
+
                     row(f"  machine: direct local write + fsync, {label}", f"{gbps(total, local):.2f} GB/s",
-                        f"{local:.2f} s (mean of {len(locals_)}: "
-                        f"{', '.join(f'{gbps(total, x):.2f}' for x in locals_)} GB/s): the floor of "
-                        "a write acknowledged as durable here")
+                        f"{local:.2f} s (mean of {len(locals_)}: {rates(locals_)} GB/s): the floor "
+                        "of a write acknowledged as durable here")
 
                     # under store: a local directory on the same disk
+                    closed = statistics.mean(closes)
                     row(f"  local-dir UFS, write-back, {label}: to close", f"{gbps(total, closed):.2f} GB/s",
-                        f"{closed:.2f} s (mean of {len(closes)}: "
-                        f"{', '.join(f'{gbps(total, x):.2f}' for x in closes)} GB/s); "
-                        f"{local / closed:.2f} x the local write's rate (means; pairs: {pairs})")
+                        f"{closed:.2f} s (mean of {len(closes)}: {rates(closes)} GB/s); "
+                        f"{local / closed:.2f} x the local write's rate (means; rounds: {rounds(closes)})")
                     row(f"  local-dir UFS, write-back, {label}: close -> durable in UFS",
                         f"{statistics.mean(durables):.2f} s", "")
                     through = fs_write(fs, f"/through/ckpt-{folder}", files)[0]
@@ -450,21 +471,19 @@ def main() -> None:
                     check_objects(s3_root / BUCKET / "through" / f"ckpt-{folder}", files)
                     row(f"  S3-like store, through, {label}: to close (= durable)", f"{gbps(total, s3_through):.2f} GB/s",
                         f"{s3_through:.2f} s; {direct / s3_through:.2f} x the store's own rate")
-                    wb_closed, first_close = fs_write(fs, f"/s3wb/ckpt-{folder}", files)
-                    wb_durable = sync(endpoint)
-                    check_objects(s3_root / BUCKET / "wb" / f"ckpt-{folder}", files)
+                    wb_closed = statistics.mean(s3_closes)
                     row(f"  S3-like store, write-back, {label}: to close", f"{gbps(total, wb_closed):.2f} GB/s",
-                        f"{wb_closed:.2f} s; {local / wb_closed:.2f} x the local write's rate; "
-                        f"{s3_through / wb_closed:.2f} x faster to close than through")
-                    # Uploads start at each file's close: from the first close to the last
-                    # byte in the store is the background upload's time (for one file, close -> durable).
-                    upload_time = wb_closed - first_close + wb_durable
-                    upload = gbps(total, upload_time)
+                        f"{wb_closed:.2f} s (mean of {len(s3_closes)}: {rates(s3_closes)} GB/s); "
+                        f"{local / wb_closed:.2f} x the local write's rate (means; rounds: "
+                        f"{rounds(s3_closes)}); {s3_through / wb_closed:.2f} x faster to close than through")
+                    # The sync right after the last close starts every upload still held back
+                    # (writeback.defer_uploads): its time is the upload's.
+                    wb_durable = statistics.mean(s3_durables)
+                    upload = gbps(total, wb_durable)
                     row(f"  S3-like store, write-back, {label}: close -> durable in UFS", f"{wb_durable:.2f} s",
-                        f"upload {upload:.2f} GB/s over {upload_time:.2f} s from the first close = "
+                        f"mean of {len(s3_durables)}; upload {upload:.2f} GB/s = "
                         f"{upload / gbps(total, direct):.2f} x the store's own PUT rate")
                     shutil.rmtree(s3_root / BUCKET / "through")
-                    shutil.rmtree(s3_root / BUCKET / "wb")
                     del files, parts
 
                 # small objects through the S3 gateway, write-back

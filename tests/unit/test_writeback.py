@@ -24,7 +24,9 @@ from depot.worker.writeback import WriteBackConfig, WriteBackQueue
 
 
 def fast(**kw: object) -> WriteBackConfig:
-    opts: dict[str, object] = {"backoff_base": 0.001, "backoff_max": 0.01, "concurrency": 4}
+    opts: dict[str, object] = {
+        "backoff_base": 0.001, "backoff_max": 0.01, "concurrency": 4, "defer_uploads": 0.0,
+    }
     opts.update(kw)
     return WriteBackConfig(**opts)  # type: ignore[arg-type]
 
@@ -459,3 +461,105 @@ async def _run_model(ops: list[tuple[str, object, object]]) -> None:
             assert env.obj(path[1:]) == data
         assert q.stats()["queue_length"] == 0
         await q.close()
+
+
+# local-write slots and deferred uploads -------------------------------------------------------
+
+
+def _fill(path: Path, data: bytes) -> str:
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+async def test_slot_adopted_is_a_staged_write(env: Env) -> None:
+    q = await env.open()
+    slot = await q.open_slot("/s.bin", size_hint=5)
+    assert slot.staging_path.exists() and slot.staging_path.parent == q.staging_dir
+    checksum = _fill(slot.staging_path, b"hello")
+    t = await q.adopt(slot.token, "/s.bin", "s.bin", 5, checksum)
+    assert t.size == 5 and t.checksum == checksum and q.pending("/s.bin") == t
+    await q.sync(timeout=5)
+    assert env.obj("s.bin") == b"hello" and q.stats()["dirty_bytes"] == 0
+    # A slot is used once; another path cannot take it; a wrong size drops it.
+    with pytest.raises(NotFound):
+        await q.adopt(slot.token, "/s.bin", "s.bin", 5, checksum)
+    other = await q.open_slot("/o.bin")
+    _fill(other.staging_path, b"abc")
+    with pytest.raises(NotFound):
+        await q.adopt(other.token, "/elsewhere.bin", "elsewhere.bin", 3, checksum)
+    from depot.core.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        await q.adopt(other.token, "/o.bin", "o.bin", 4, checksum)
+    assert not other.staging_path.exists() and q.stats()["queue_length"] == 0
+    await q.close()
+
+
+async def test_slot_quota_discard_and_recovery_drop(env: Env) -> None:
+    q = await env.open(staging_quota=1000)
+    with pytest.raises(NoSpace):
+        await q.open_slot("/big", size_hint=2000)
+    slot = await q.open_slot("/x")  # size unknown: checked at adopt
+    data = os.urandom(1500)
+    checksum = _fill(slot.staging_path, data)
+    with pytest.raises(NoSpace):
+        await q.adopt(slot.token, "/x", "x", len(data), checksum)
+    assert not slot.staging_path.exists()
+    kept = await q.open_slot("/y")
+    assert await q.discard_slot(kept.token) and not kept.staging_path.exists()
+    assert not await q.discard_slot(kept.token)
+    left = await q.open_slot("/z")  # never committed: an orphan at the next open
+    await q.close()
+    q2 = await env.open()
+    assert not left.staging_path.exists() and q2.pending("/z") is None
+    with pytest.raises(NotFound):
+        await q2.adopt(left.token, "/z", "z", 0, checksum)
+    await q2.close()
+
+
+async def test_uploads_wait_while_writes_come_in(env: Env) -> None:
+    q = await env.open(defer_uploads=30.0)
+    await q.stage("/first", "first", b"1")
+    writing = await q.open_slot("/second")  # a write in progress: /first waits
+    await asyncio.sleep(0.6)
+    assert env.obj("first") is None
+    checksum = _fill(writing.staging_path, b"2")
+    await q.adopt(writing.token, "/second", "second", 1, checksum)
+    for _ in range(100):  # then both go up once writes have been quiet for a moment
+        if env.obj("first") is not None and env.obj("second") is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert env.obj("first") == b"1" and env.obj("second") == b"2"
+    # A sync does not wait for the writes to stop.
+    still = await q.open_slot("/third")
+    await q.stage("/fourth", "fourth", b"4")
+    await q.sync("/fourth", timeout=5)
+    assert env.obj("fourth") == b"4"
+    await q.discard_slot(still.token)
+    await q.close()
+
+
+async def test_deferral_is_capped_and_can_be_off(env: Env) -> None:
+    q = await env.open(defer_uploads=0.5)
+    writing = await q.open_slot("/open-for-long")
+    await q.stage("/capped", "capped", b"c")
+    for _ in range(60):
+        if env.obj("capped") is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert env.obj("capped") == b"c"  # uploaded within the cap though the slot is still open
+    await q.discard_slot(writing.token)
+    await q.close()
+    q = await env.open(defer_uploads=0)
+    writing = await q.open_slot("/open")
+    await q.stage("/at-once", "at-once", b"a")
+    for _ in range(40):
+        if env.obj("at-once") is not None:
+            break
+        await asyncio.sleep(0.025)
+    assert env.obj("at-once") == b"a"
+    await q.discard_slot(writing.token)
+    await q.close()

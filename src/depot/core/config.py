@@ -226,12 +226,15 @@ class WriteBackSettings(_Model):
     # How long a staging file lent to a writer on this node (a local write) may stay open
     # before the worker drops it, uncommitted.
     local_write_ttl: float = Field(default=3600.0, gt=0)
+    # Uploads wait while writes are coming in, so that a checkpoint of many files is not slowed
+    # by the upload of its first ones; at most this long after a write. 0: upload at once.
+    defer_uploads: float = Field(default=5.0, ge=0)
 
     _parse_size = field_validator(
         "quota", "part_size", "multipart_threshold", "bandwidth", mode="before"
     )(lambda v: None if v is None else _size(v))
     _parse_duration = field_validator(
-        "full_wait", "sync_timeout", "local_write_ttl", mode="before"
+        "full_wait", "sync_timeout", "local_write_ttl", "defer_uploads", mode="before"
     )(_duration)
 
     def staging_dir(self, cache: CacheConfig) -> Path:

@@ -181,6 +181,7 @@ class Worker:
             on_full=wb.on_full,
             full_wait_timeout=wb.full_wait,
             slot_ttl=wb.local_write_ttl,
+            defer_uploads=wb.defer_uploads,
         )
         self.writeback = await WriteBackQueue.open(
             wb.staging_dir(self.config.cache),
