@@ -1239,3 +1239,51 @@ def test_copy_in_answers_eio_when_the_store_is_down(tmp_path: Path) -> None:
         if worker is not None:
             worker.stop()
         s3_process.stop()
+
+
+def _worker_stats(wenv: WriteEnv) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{wenv.worker.endpoint}/api/v1/cache/stats", timeout=30) as r:
+        doc: dict[str, Any] = json.loads(r.read())
+        return doc
+
+
+def test_write_back_files_are_spooled_in_the_workers_staging_file(wenv: WriteEnv) -> None:
+    """On a write-back mount whose worker is on this node, a new file is spooled in a staging
+    file the worker lends and its close commits it (a local write, docs/writes.md): front to
+    back, in any order, written again after an fsync; a file unlinked while open leaves
+    nothing behind."""
+    mnt = wenv.mount.path / "wb"
+    before = _worker_stats(wenv)["writes"]["local_writes"]
+    payload = _pattern(5 * MiB + 3, 71)
+    with open(mnt / "ckpt.bin", "wb") as f:  # front to back: hashed as it is written
+        for pos in range(0, len(payload), MiB):
+            f.write(payload[pos : pos + MiB])
+    fd = os.open(mnt / "shuffled.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:  # out of order: hashed again at the commit
+        os.pwrite(fd, b"B" * 1000, 1000)
+        os.pwrite(fd, b"A" * 1000, 0)
+    finally:
+        os.close(fd)
+    with open(mnt / "twice.bin", "wb", buffering=0) as f:
+        f.write(b"one ")
+        os.fsync(f.fileno())  # committed here: the worker's file from now on
+        f.write(b"two")  # so this change goes to a copy of it
+        assert (mnt / "twice.bin").read_bytes() == b"one two"
+    assert _stored(wenv, "wb", "ckpt.bin") == payload
+    assert _stored(wenv, "wb", "shuffled.bin") == b"A" * 1000 + b"B" * 1000
+    assert _stored(wenv, "wb", "twice.bin") == b"one two"
+    assert (mnt / "ckpt.bin").read_bytes() == payload
+    stats = _worker_stats(wenv)
+    assert stats["writes"]["local_writes"] - before >= 4
+    # Unlinked while open: nothing is committed and the slot's file is dropped.
+    f = open(mnt / "gone.bin", "wb")  # noqa: SIM115
+    f.write(b"x" * 100)
+    f.flush()
+    os.unlink(mnt / "gone.bin")
+    f.close()
+    assert not (wenv.ufs("wb") / "gone.bin").exists()
+    staging = wenv.root / "wworker-cache" / "writeback" / "staging"
+    wait_for(lambda: os.listdir(staging) == [], 10, "the staging dir to empty")
+    assert _worker_stats(wenv)["writeback"]["failures"] == []

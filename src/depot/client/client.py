@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
-from depot.client.localwrites import LocalWrite, open_local_write
+from depot.client.localwrites import LocalWrite, Slot, request_slot
 from depot.client.prefetch import OpenPrefetcher
 from depot.client.routing import UNREACHABLE, WorkerRouter
 from depot.client.shortcircuit import ShortCircuit
@@ -748,8 +748,24 @@ class CacheClient:
         self, path: str, size_hint: int | None = None
     ) -> LocalWrite | None:
         """A local write of ``path`` (docs/writes.md, "Local writes"), or None where it does not
-        apply: local writes or short-circuit off, the owner not on this node or down, the mount
-        not ``write-back``. The caller writes into it, then commits it (or aborts it)."""
+        apply (see ``local_slot``). The caller writes into it, then commits it (or aborts it)."""
+        slot = await self.local_slot(path, size_hint)
+        if slot is None:
+            return None
+        try:
+            fd = await asyncio.to_thread(
+                os.open, slot.file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+        except OSError as exc:
+            log.info("local writes to %s are not possible here (%s)", slot.file, exc)
+            await slot.abort()
+            return None
+        return LocalWrite(slot, fd)
+
+    async def local_slot(self, path: str, size_hint: int | None = None) -> Slot | None:
+        """A staging file of ``path``'s owner worker to write here, or None where local writes
+        do not apply: local writes or short-circuit off, the owner not on this node or down,
+        the mount not ``write-back``."""
         short_circuit = self.short_circuit
         if short_circuit is None or not self.config.client.local_writes:
             return None
@@ -769,7 +785,7 @@ class CacheClient:
         if (await short_circuit.local_store(endpoint)).store is None:
             return None
         try:
-            return await open_local_write(router.pool(endpoint), path, size_hint)
+            return await request_slot(router.pool(endpoint), path, size_hint)
         except _UNREACHABLE as exc:
             router.failed(endpoint, exc)
             return None  # the HTTP write fails over, or says the cluster is unreachable

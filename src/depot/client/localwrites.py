@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -41,18 +42,96 @@ BUFFER = 1024 * 1024
 COPY_CHUNK = 8 * 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A staging file the owner worker lent for one write (``POST /api/v1/write/open``):
+    write it, fsync it, then ``commit`` (or ``abort``)."""
+
+    pool: ConnectionPool
+    path: str
+    token: str
+    file: str
+
+    async def commit(
+        self, size: int, checksum: str, attributes: Attributes | None = None
+    ) -> FileStatus:
+        """Acknowledge the content (``size`` bytes, xxh3_64 hex ``checksum``) the caller wrote
+        into ``file`` and fsync'd; returns the new status. ``NotFound`` when the worker no
+        longer knows the slot (it expired, or the worker restarted): nothing was written."""
+        headers: list[tuple[str, str]] = []
+        if attributes is not None:
+            headers.append((ATTRIBUTES_HEADER, json.dumps(attributes.to_dict())))
+        target = (
+            f"{COMMIT}?path={quote(self.path, safe='')}&token={self.token}"
+            f"&size={size}&checksum={checksum}"
+        )
+        response = await self.pool.request(target, headers, method="POST")
+        if response.status >= 300:
+            raise error_from_response(response, self.path)
+        return FileStatus.from_dict(response.json())
+
+    async def abort(self) -> None:
+        """Give the slot back: nothing is acknowledged and the worker drops its file."""
+        try:
+            await self.pool.request(f"{ABORT}?token={self.token}", method="POST")
+        except (DepotError, OSError) as exc:  # the worker drops it after slot_ttl anyway
+            log.debug("could not abort local write of %s: %s", self.path, exc)
+
+
+async def request_slot(
+    pool: ConnectionPool, path: str, size_hint: int | None = None
+) -> Slot | None:
+    """Ask the worker behind ``pool`` for a staging file of ``path`` that this process can
+    write.
+
+    None when the worker does not lend one for this path (not a write-back mount) or its file
+    cannot be written from here; errors that an HTTP write would meet too (read-only mount,
+    full staging disk) are raised.
+    """
+    target = f"{OPEN}?path={quote(path, safe='')}"
+    if size_hint:
+        target += f"&size={size_hint}"
+    response = await pool.request(target, method="POST")
+    if response.status in (404, 405, 501):  # an older worker, or not a write-back mount now
+        return None
+    if response.status >= 300:
+        raise error_from_response(response, path)
+    doc = response.json()
+    slot = Slot(pool, path, str(doc["token"]), str(doc["file"]))
+    # The worker made the file (O_EXCL, a random name): if it can be written here, it is the
+    # same file, on the same disk.
+    if not await asyncio.to_thread(os.access, slot.file, os.W_OK):
+        log.info("local writes to %s are not possible here: writing over HTTP", slot.file)
+        await slot.abort()
+        return None
+    return slot
+
+
+def checksum_of(fd: int, size: int) -> str:
+    """xxh3_64 hex of the first ``size`` bytes of ``fd`` (blocking)."""
+    hasher = xxhash.xxh3_64()
+    buffer = bytearray(min(COPY_CHUNK, max(size, 1)))
+    view = memoryview(buffer)
+    pos = 0
+    while pos < size:
+        count = os.preadv(fd, [view[: min(len(buffer), size - pos)]], pos)
+        if count <= 0:
+            raise OSError(f"the file ended at {pos} of {size} bytes")
+        hasher.update(view[:count])
+        pos += count
+    return hasher.hexdigest()
+
+
 class LocalWrite:
-    """One write being staged here: the owner worker's staging file, open for writing.
+    """One write being staged here, front to back: a slot's file open for writing.
 
     ``write`` is plain blocking file I/O, for any one thread at a time; ``commit`` and ``abort``
     run on the client's event loop.
     """
 
-    def __init__(self, pool: ConnectionPool, path: str, token: str, file: str, fd: int) -> None:
-        self.pool = pool
-        self.path = path
-        self.token = token
-        self.file = file
+    def __init__(self, slot: Slot, fd: int) -> None:
+        self.slot = slot
+        self.path = slot.path
         self.size = 0
         self._hasher = xxhash.xxh3_64()
         self._out = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), buffer_size=BUFFER)
@@ -98,17 +177,7 @@ class LocalWrite:
         self._done = True
         if not self._out.closed:
             await asyncio.to_thread(self.finish)
-        headers: list[tuple[str, str]] = []
-        if attributes is not None:
-            headers.append((ATTRIBUTES_HEADER, json.dumps(attributes.to_dict())))
-        target = (
-            f"{COMMIT}?path={quote(self.path, safe='')}&token={self.token}"
-            f"&size={self.size}&checksum={self._hasher.hexdigest()}"
-        )
-        response = await self.pool.request(target, headers, method="POST")
-        if response.status >= 300:
-            raise error_from_response(response, self.path)
-        return FileStatus.from_dict(response.json())
+        return await self.slot.commit(self.size, self._hasher.hexdigest(), attributes)
 
     async def abort(self) -> None:
         """Give up: nothing is acknowledged and the worker drops the staging file."""
@@ -117,37 +186,5 @@ class LocalWrite:
         self._done = True
         with contextlib.suppress(OSError):
             self._out.close()
-        try:
-            await self.pool.request(f"{ABORT}?token={self.token}", method="POST")
-        except (DepotError, OSError) as exc:  # the worker drops it after slot_ttl anyway
-            log.debug("could not abort local write of %s: %s", self.path, exc)
+        await self.slot.abort()
 
-
-async def open_local_write(
-    pool: ConnectionPool, path: str, size_hint: int | None = None
-) -> LocalWrite | None:
-    """Ask the worker behind ``pool`` for a staging file of ``path`` and open it here.
-
-    None when the worker does not lend one for this path (not a write-back mount) or the file
-    is not reachable from here; errors that an HTTP write would meet too (read-only mount, full
-    staging disk) are raised.
-    """
-    target = f"{OPEN}?path={quote(path, safe='')}"
-    if size_hint:
-        target += f"&size={size_hint}"
-    response = await pool.request(target, method="POST")
-    if response.status in (404, 405, 501):  # an older worker, or not a write-back mount now
-        return None
-    if response.status >= 300:
-        raise error_from_response(response, path)
-    doc = response.json()
-    token, file = str(doc["token"]), str(doc["file"])
-    try:
-        # The worker made the file (O_EXCL, a random name): opening it proves it is the same one.
-        fd = await asyncio.to_thread(os.open, file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        log.info("local writes to %s are not possible here (%s): writing over HTTP", file, exc)
-        with contextlib.suppress(DepotError, OSError):
-            await pool.request(f"{ABORT}?token={token}", method="POST")
-        return None
-    return LocalWrite(pool, path, token, file, fd)

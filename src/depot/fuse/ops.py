@@ -46,7 +46,7 @@ from pyfuse3 import (
 
 from depot.client.client import MIN_CHUNK, CacheClient
 from depot.core.config import DepotConfig
-from depot.core.errors import AlreadyExists, IsADirectory, NotFound
+from depot.core.errors import AlreadyExists, DepotError, IsADirectory, NotFound
 from depot.core.types import FileStatus
 from depot.fuse.errors import errno_of
 from depot.fuse.inodes import ROOT_INODE, Inode, InodeTable, join
@@ -560,24 +560,56 @@ class DepotOperations(pyfuse3.Operations):
         ``AlreadyExists`` when a file is there (the worker's mkdir check, which creates nothing)."""
         await self.client.mkdir(path)
 
-    def _stage(self, node: Inode, *, local: bool) -> Staged:
-        staged = Staged(node.path, self.staging_dir, base_size=node.status.size, local=local)
+    async def _stage(self, node: Inode, *, local: bool) -> tuple[Staged, bool]:
+        """The spool of ``node``: a new one (True), or the one another open made meanwhile.
+
+        A new or truncated file whose owner worker is on this node, on a write-back mount,
+        is spooled in a staging file the worker lends (a local write, docs/writes.md): the
+        upload at close is then a commit, with no second copy of the bytes."""
+        slot = None
+        if local:
+            try:
+                slot = await self.client.local_slot(node.path)
+            except DepotError as exc:  # the upload at close meets it again and answers it
+                log.debug("no local write for %s: %s", node.path, exc)
+        if node.staged is not None:
+            if slot is not None:
+                await slot.abort()
+            return node.staged, False
+        try:
+            staged = Staged(
+                node.path, self.staging_dir, base_size=node.status.size, local=local, slot=slot
+            )
+        except OSError as exc:  # the lent file cannot be opened here after all
+            log.info("spooling %s here instead of in the worker's file: %s", node.path, exc)
+            if slot is not None:
+                await slot.abort()
+            staged = Staged(node.path, self.staging_dir, base_size=node.status.size, local=local)
         node.staged = staged
         self.writing[node.ino] = node
-        return staged
+        return staged, True
 
     def _source(self, node: Inode) -> _StoredFile:
         return _StoredFile(self, node)
 
     def _open_writer(
-        self, node: Inode, staged: Staged, *, append: bool = False, writable: bool = True
+        self,
+        node: Inode,
+        staged: Staged,
+        *,
+        append: bool = False,
+        writable: bool = True,
+        flags: int = 0,
     ) -> FileInfo:
         staged.handles += 1
         node.opens += 1
         fh = self._fh()
         self.writers[fh] = _WriteHandle(fh, node, staged, append=append, writable=writable)
-        # No keep_cache: the kernel drops the pages it held of the old content.
-        return FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        # No keep_cache: the kernel drops the pages it held of the old content. A write-only
+        # handle (which cannot be read or mapped) skips the kernel's page cache: its writes
+        # reach the spool with one copy less.
+        write_only = (flags & os.O_ACCMODE) == os.O_WRONLY
+        return FileInfo(fh=fh, keep_cache=False, direct_io=write_only)
 
     def _uploaded(self, node: Inode, status: FileStatus) -> None:
         """``node`` has new content in the store: record it, drop every cached byte of the old.
@@ -599,8 +631,19 @@ class DepotOperations(pyfuse3.Operations):
                 return
             staged.dirty = False
             try:
-                await asyncio.to_thread(staged.file.seek, 0)
-                status = await self.client.write(node.path, staged.file)
+                status: FileStatus | None = None
+                slot = staged.slot
+                if slot is not None:  # a local write: the spool is the worker's staging file
+                    checksum = await asyncio.to_thread(staged.finish_slot)
+                    try:
+                        status = await slot.commit(staged.size, checksum)
+                    except NotFound:  # the worker dropped the slot (expired, restarted)
+                        staged.slot = None
+                    else:
+                        staged.committed()
+                if status is None:
+                    await asyncio.to_thread(staged.file.seek, 0)
+                    status = await self.client.write(node.path, staged.file)
             except BaseException:
                 staged.dirty = True
                 staged.failed = True
@@ -621,6 +664,9 @@ class DepotOperations(pyfuse3.Operations):
                     await self._upload(node, staged)
                 except Exception as exc:
                     log.warning("uploading %s on release failed: %s", node.path, exc)
+            if staged.slot is not None:  # lent, never committed: nothing to acknowledge
+                await staged.slot.abort()
+                staged.slot = None
             staged.close()
             node.staged = None
             self.writing.pop(node.ino, None)
@@ -657,10 +703,12 @@ class DepotOperations(pyfuse3.Operations):
             await self._refresh_file(node)
         staged = node.staged  # again: another open may have staged the file meanwhile
         if staged is None:
-            return self._open_writer(
-                node, self._stage(node, local=truncate), append=bool(flags & os.O_APPEND)
-            )
-        info = self._open_writer(node, staged, append=bool(flags & os.O_APPEND))
+            staged, new = await self._stage(node, local=truncate)
+            if new:
+                return self._open_writer(
+                    node, staged, append=bool(flags & os.O_APPEND), flags=flags
+                )
+        info = self._open_writer(node, staged, append=bool(flags & os.O_APPEND), flags=flags)
         if truncate:
             await self._truncate_open(info.fh, node, staged, 0)
         return info
@@ -696,14 +744,14 @@ class DepotOperations(pyfuse3.Operations):
             node = self._record(path, status)
         elif node is None or node.status.is_dir:
             node = self._record(path, FileStatus(path=path, size=0, mtime=time.time()))
-        staged = node.staged
-        if staged is None:
-            staged = self._stage(node, local=truncate or not exists)
-            info = self._open_writer(node, staged, append=bool(flags & os.O_APPEND))
-        else:
-            info = self._open_writer(node, staged, append=bool(flags & os.O_APPEND))
-            if truncate:
-                await self._truncate_open(info.fh, node, staged, 0)
+        staged, new = (
+            (node.staged, False)
+            if node.staged is not None
+            else await self._stage(node, local=truncate or not exists)
+        )
+        info = self._open_writer(node, staged, append=bool(flags & os.O_APPEND), flags=flags)
+        if not new and truncate:
+            await self._truncate_open(info.fh, node, staged, 0)
         node.lookups += 1
         return info, self._attrs(node)
 
@@ -745,7 +793,7 @@ class DepotOperations(pyfuse3.Operations):
         if staged is None:
             if size == node.status.size:
                 return
-            staged = self._stage(node, local=size == 0)
+            staged, _ = await self._stage(node, local=size == 0)
         info = self._open_writer(node, staged)
         try:
             if size != staged.size:

@@ -28,8 +28,11 @@ import asyncio
 import os
 import tempfile
 import time
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
+import xxhash
+
+from depot.client.localwrites import Slot, checksum_of
 from depot.core.errors import StaleVersion
 
 #: Bytes copied into the spool per request: a few pages, fetched in parallel by the client,
@@ -50,6 +53,20 @@ class Source(Protocol):
         (fewer only at the end of the file). ``StaleVersion`` if that version was replaced."""
 
 
+def _spool(staging_dir: str | None) -> IO[bytes]:
+    return tempfile.TemporaryFile(dir=staging_dir, prefix="depot-write-")
+
+
+def _copy_file(src: int, dst: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``src`` to ``dst`` in the kernel."""
+    pos = 0
+    while pos < size:
+        count = os.copy_file_range(src, dst, size - pos, pos, pos)
+        if count <= 0:
+            raise OSError(f"copying a spool ended at {pos} of {size} bytes")
+        pos += count
+
+
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -62,12 +79,32 @@ class Staged:
     """The spool of one file being written (shared by every open of it on the mount)."""
 
     def __init__(
-        self, path: str, staging_dir: str | None, *, base_size: int, local: bool
+        self,
+        path: str,
+        staging_dir: str | None,
+        *,
+        base_size: int,
+        local: bool,
+        slot: Slot | None = None,
     ) -> None:
         self.path = path
-        self.file: IO[bytes] = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
-            dir=staging_dir, prefix="depot-write-"
-        )
+        self.staging_dir = staging_dir
+        #: A staging file lent by the owner worker (a local write, docs/writes.md): the spool
+        #: is that file, and the upload is its commit. None: an anonymous spool.
+        self.slot = slot
+        self.file: IO[bytes]
+        if slot is not None:
+            fd = os.open(slot.file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.file = open(fd, "r+b", buffering=0)  # noqa: SIM115 (closed by close())
+        else:
+            self.file = _spool(staging_dir)
+        #: The xxh3 of the spool's first ``_hashed`` bytes, while writes come front to back
+        #: (a checkpoint): the commit then needs no second pass. None after any other change.
+        self._hasher: Any = xxhash.xxh3_64() if slot is not None else None
+        self._hashed = 0
+        #: The spool was committed as a slot: the worker owns that file now (it uploads it), so
+        #: the next change first moves the content to a spool of this mount's own.
+        self.frozen = False
         #: The spool holds the whole content (a new or truncated file, or the stored bytes were
         #: copied in). False while the file still is the stored object, untouched.
         self.local = local
@@ -100,6 +137,7 @@ class Staged:
                 raise
 
     async def _copy(self, source: Source) -> None:
+        self._hasher = None  # bytes copied in: the commit hashes the spool
         size = self.size = await source.refresh()
         fd = self.file.fileno()
         buffer = memoryview(bytearray(min(COPY_CHUNK, size)))
@@ -122,13 +160,41 @@ class Staged:
         self.failed = False
         self.mtime = time.time()
 
+    async def _thaw(self) -> None:
+        """Before a change of a committed spool: copy it to a new one (the worker's file must
+        not change under its upload)."""
+        if not self.frozen:
+            return
+        committed, size = self.file, self.size
+        spool = _spool(self.staging_dir)
+        try:
+            await asyncio.to_thread(_copy_file, committed.fileno(), spool.fileno(), size)
+        except BaseException:
+            spool.close()
+            raise
+        committed.close()
+        self.file, self.frozen, self.slot, self._hasher = spool, False, None, None
+
+    def committed(self) -> None:
+        """The slot was committed: its file is the worker's now, read-only here."""
+        self.slot = None
+        self.frozen = True
+        self._hasher = None
+
     async def write(self, offset: int | None, data: bytes, source: Source) -> int:
         """Write ``data`` at ``offset`` (None: at the end, for ``O_APPEND``); a write past the
         end leaves a hole of zeros."""
         async with self.lock:
             await self._load(source)
+            await self._thaw()
             at = self.size if offset is None else offset
             _pwrite_all(self.file.fileno(), data, at)
+            if self._hasher is not None:
+                if at == self._hashed:
+                    self._hasher.update(data)
+                    self._hashed += len(data)
+                else:
+                    self._hasher = None  # not front to back: hashed again at commit
             self.size = max(self.size, at + len(data))
             self._changed()
             return len(data)
@@ -140,9 +206,22 @@ class Staged:
                 self.local = True
             else:
                 await self._load(source)
+            await self._thaw()
             self.file.truncate(size)
+            if self.slot is not None and size == 0:
+                self._hasher, self._hashed = xxhash.xxh3_64(), 0
+            elif size != self._hashed:
+                self._hasher = None
             self.size = size
             self._changed()
+
+    def finish_slot(self) -> str:
+        """fsync the slot's file; its content's xxh3 (blocking; the caller holds the lock)."""
+        fd = self.file.fileno()
+        os.fsync(fd)
+        if self._hasher is not None and self._hashed == self.size:
+            return str(self._hasher.hexdigest())
+        return checksum_of(fd, self.size)
 
     async def read(self, offset: int, size: int, source: Source) -> bytes:
         """Bytes of the file as this mount sees it: the spool, or the stored version while
