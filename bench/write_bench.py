@@ -21,6 +21,9 @@ measured against what the machine and the under store do on their own in the sam
   ``through`` and ``write-back`` to it: the background upload's rate against the store's own, and
   how much sooner write-back returns than through. The fsspec client stages write-back writes
   itself (local writes, docs/writes.md) unless ``--http-writes``;
+- the same files written through ``depot mount -o rw`` (plain ``open``/``write``/``close``) onto
+  the write-back mount over the local directory, in the same rounds (``--no-fuse`` leaves it
+  out; skipped where FUSE is not usable);
 - S3 PUT of 4 KiB objects through depot's S3 gateway (in the worker) onto a write-back mount over
   the emulated store: p50 / p99 over ``--puts`` boto3 PUTs on keep-alive connections, and the
   floor of any acknowledged small write here (create + write + fsync + rename of a 4 KiB file).
@@ -41,6 +44,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -157,6 +161,42 @@ def writer_fs(endpoint: str, local_writes: bool) -> Any:
     config = load_config(environ={}, overrides={"client": client})
     return fsspec.filesystem("depot", endpoint=endpoint, config=config, skip_instance_cache=True,
                              ufs_fallback=False)
+
+
+@contextlib.contextmanager
+def fuse_mount(point: Path, endpoint: str, log: Path) -> Iterator[Path | None]:
+    """The worker mounted read-write at ``point`` (``depot mount -o rw``); None where FUSE is
+    not usable here."""
+    if not os.path.exists("/dev/fuse"):
+        yield None
+        return
+    point.mkdir(parents=True, exist_ok=True)
+    cmd = [PY, "-m", "depot.cli.mount"]
+    started = subprocess.run(
+        [*cmd, "mount", str(point), "--endpoint", endpoint, "-o", "rw", "--log-file", str(log)],
+        capture_output=True, text=True, timeout=120,
+    )
+    if started.returncode != 0:
+        print(f"(no FUSE rows: depot mount failed: {started.stderr.strip()})", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield point
+    finally:
+        subprocess.run([*cmd, "unmount", str(point)], capture_output=True, timeout=60)
+
+
+def file_write(folder: Path, files: list[bytes]) -> float:
+    """The files written through a mount like any local file (``open(.., "wb")``, then close:
+    no fsync, the mount's close is the acknowledgement); seconds to the last close."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for name, data in zip(names(len(files)), files, strict=True):
+        with open(folder / name, "wb") as f:
+            view = memoryview(data)
+            for pos in range(0, len(view), BLOCK):
+                f.write(view[pos:pos + BLOCK])
+    return time.perf_counter() - t0
 
 
 def write_counters(endpoint: str) -> dict[str, int]:
@@ -325,6 +365,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8, help="files of the sharded variant")
     parser.add_argument("--defer-uploads", default=None,
                         help="the worker's writeback.defer_uploads (default: its default, 5s)")
+    parser.add_argument("--no-fuse", dest="fuse", action="store_false",
+                        help="leave out the writes through a FUSE mount")
     parser.add_argument("--http-writes", action="store_true",
                         help="stream every write to the worker over HTTP (client.local_writes off)")
     parser.add_argument("--pairs", type=int, default=2,
@@ -390,8 +432,13 @@ def main() -> None:
             cfg_file = tmp / "worker.yaml"
             cfg_file.write_text(yaml.safe_dump(cfg))
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "DEPOT_S3_ACCESS_KEY": AK, "DEPOT_S3_SECRET_KEY": SK}
-            with deployment("in-worker", cfg_file, env) as (s3_gateway, endpoint):
+            with contextlib.ExitStack() as stack, deployment("in-worker", cfg_file, env) as (
+                s3_gateway, endpoint
+            ):
                 fs = writer_fs(endpoint, local_writes=not args.http_writes)
+                mounted = stack.enter_context(
+                    fuse_mount(tmp / "mnt", endpoint, tmp / "mount.log")
+                ) if args.fuse else None
                 for mount in ("", "/through", "/s3wb", "/s3through"):
                     fs.pipe_file(f"{mount}/warm/x.bin", b"x")  # each mount's under store up, untimed
                 sync(endpoint)
@@ -412,9 +459,10 @@ def main() -> None:
                     durables: list[float] = []
                     s3_closes: list[float] = []
                     s3_durables: list[float] = []
+                    fuses: list[float] = []
                     s3_wb = s3_root / BUCKET / "wb"
                     for run in range(args.pairs):
-                        order = ("local", "wb", "s3wb")
+                        order = ("local", "wb", "s3wb", "fuse") if mounted else ("local", "wb", "s3wb")
                         for what in order if run % 2 == 0 else order[::-1]:
                             if what == "local":
                                 locals_.append(local_write(tmp / "local" / folder, files))
@@ -425,6 +473,12 @@ def main() -> None:
                                 check_objects(ufs_local / f"ckpt-{folder}-{run}", files)
                                 closes.append(closed)
                                 fs.rm(f"/ckpt-{folder}-{run}", recursive=True)
+                            elif what == "fuse":
+                                assert mounted is not None
+                                fuses.append(file_write(mounted / f"fuse-{folder}-{run}", files))
+                                sync(endpoint)
+                                check_objects(ufs_local / f"fuse-{folder}-{run}", files)
+                                fs.rm(f"/fuse-{folder}-{run}", recursive=True)
                             else:
                                 closed, _ = fs_write(fs, f"/s3wb/ckpt-{folder}-{run}", files)
                                 s3_durables.append(sync(endpoint))
@@ -452,6 +506,13 @@ def main() -> None:
                         f"{local / closed:.2f} x the local write's rate (means; rounds: {rounds(closes)})")
                     row(f"  local-dir UFS, write-back, {label}: close -> durable in UFS",
                         f"{statistics.mean(durables):.2f} s", "")
+                    if fuses:
+                        through_fuse = statistics.mean(fuses)
+                        row(f"  local-dir UFS, write-back through FUSE, {label}: to close",
+                            f"{gbps(total, through_fuse):.2f} GB/s",
+                            f"{through_fuse:.2f} s (mean of {len(fuses)}: {rates(fuses)} GB/s); "
+                            f"{local / through_fuse:.2f} x the local write's rate (means; rounds: "
+                            f"{rounds(fuses)}); open(.., 'wb') + write + close on `depot mount -o rw`")
                     through = fs_write(fs, f"/through/ckpt-{folder}", files)[0]
                     check_objects(ufs_through / f"ckpt-{folder}", files)
                     row(f"  local-dir UFS, through, {label}: to close (= durable)", f"{gbps(total, through):.2f} GB/s",
