@@ -325,6 +325,12 @@ def test_mount_options() -> None:
         parse_options(["nosuchthing"])
     with pytest.raises(depot_errors.ConfigError, match="contradict"):
         parse_options(["ro,rw"])
+    assert parse_options(["fsync=store"])[0] == {"fsync": "store"}
+    from depot.core.config import load_config
+
+    assert load_config(environ={}, overrides={"fuse": {"fsync": "store"}}).fuse.fsync == "store"
+    with pytest.raises(depot_errors.ConfigError, match="fsync"):
+        load_config(environ={}, overrides={"fuse": {"fsync": "sometimes"}})
 
 
 # -- the namespace ------------------------------------------------------------------------------------
@@ -1287,3 +1293,22 @@ def test_write_back_files_are_spooled_in_the_workers_staging_file(wenv: WriteEnv
     staging = wenv.root / "wworker-cache" / "writeback" / "staging"
     wait_for(lambda: os.listdir(staging) == [], 10, "the staging dir to empty")
     assert _worker_stats(wenv)["writeback"]["failures"] == []
+
+
+def test_fsync_store_waits_for_the_upload(wenv: WriteEnv) -> None:
+    """-o fsync=store: fsync of a file on a write-back mount returns once the upload is in the
+    under store (the default returns once the worker has it durable, as close does)."""
+    point = wenv.root / "mnt-fsync-store"
+    mount = mount_background(point, wenv.worker.config, "rw,fsync=store",
+                             f"staging_dir={wenv.root / 'staging2'}", log=wenv.root / "m2.log")
+    try:
+        payload = _pattern(2 * MiB + 5, 81)
+        with open(point / "wb" / "durable.bin", "wb", buffering=0) as f:
+            f.write(payload)
+            os.fsync(f.fileno())
+            # No sync asked for: the store already holds it when fsync returns.
+            assert (wenv.ufs("wb") / "durable.bin").read_bytes() == payload
+            f.write(b"more")
+        assert _stored(wenv, "wb", "durable.bin") == payload + b"more"
+    finally:
+        stop_mount(mount)

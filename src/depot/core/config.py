@@ -395,6 +395,10 @@ class FuseConfig(_Model):
     # are staged in `staging_dir` (default: the system temp dir) and uploaded on close.
     read_only: bool = True
     staging_dir: str | None = None
+    # What fsync of a written file waits for: "local", the file acknowledged by the worker
+    # (on a write-back mount: durable on its disk, as at close); "store", also in the under
+    # store (a write-back upload is waited for).
+    fsync: Literal["local", "store"] = "local"
 
     _parse_size = field_validator("memory", "prefetch_segment", mode="before")(_size)
     _parse_duration = field_validator(

@@ -507,6 +507,11 @@ class DepotOperations(pyfuse3.Operations):
     @fuse_errors
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.flush(fh)
+        writer = self.writers.get(fh)
+        if self.settings.fsync == "store" and writer is not None and writer.writable:
+            # -o fsync=store: a write-back upload is waited for (no deadline, like a hard
+            # NFS mount: the bytes stay safe on the worker while the store is away).
+            await self.client.sync(writer.inode.path, wait=True)
 
     async def release(self, fh: FileHandleT) -> None:
         handle = self.files.pop(fh, None)

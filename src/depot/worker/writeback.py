@@ -9,6 +9,11 @@ fsyncs it. Only then does it return a ``Ticket``: an acknowledged write survives
 process or of the machine. A crash before that point leaves at most an orphan staging file
 (removed at the next open) and a torn journal tail (ignored at replay).
 
+Local writes. ``open_slot`` lends a new, empty staging file to a writer on this node, which
+writes and fsyncs it itself; ``adopt`` checks its size, fsyncs it and the directory and journals
+it exactly like ``stage`` (the bytes cross no socket). A slot that is not adopted is dropped with
+its file by ``discard_slot``, after ``slot_ttl``, or at the next open (an orphan).
+
 Ordering. Every acknowledged write gets the next sequence number, under the journal lock, so
 sequence order is acknowledgement order ("last close wins"). Uploads of one path are serialized:
 a path has at most one upload in flight, and a newer write of a path supersedes the older ones
@@ -16,7 +21,8 @@ that have not started (they are journaled ``abandoned`` and their staging files 
 older upload already in flight is allowed to finish, and the newer one starts only after it, so
 an older object can never land after a newer one.
 
-Upload. A pool of ``concurrency`` tasks streams staged files to the under store: one ``put``
+Upload. A pool of ``concurrency`` tasks streams staged files to the under store (holding back
+while writes are coming in, up to ``defer_uploads`` seconds, unless a sync waits): one ``put``
 up to ``multipart_threshold``, ``put_multipart`` above it (the staging file is read part by part;
 the checksum is verified as the bytes are read and a mismatch aborts the upload before its last
 part, so nothing appears under the final name). Retryable errors (``Throttled``,
