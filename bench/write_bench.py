@@ -133,8 +133,10 @@ def names(count: int) -> list[str]:
 
 # writers ------------------------------------------------------------------------------------------
 
-def local_write(folder: Path, files: list[bytes]) -> float:
-    """The same files written to local disk, each fsync'd (and its directory): durable here."""
+def file_write(folder: Path, files: list[bytes], *, fsync: bool = False) -> float:
+    """The files written like any local file (``open(.., "wb")``, ``write``, with ``fsync``
+    an fsync, ``close``), one after the other; seconds to the last close. Through a mount the
+    close is the acknowledgement."""
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for name, data in zip(names(len(files)), files, strict=True):
@@ -142,8 +144,16 @@ def local_write(folder: Path, files: list[bytes]) -> float:
             view = memoryview(data)
             for pos in range(0, len(view), BLOCK):
                 f.write(view[pos:pos + BLOCK])
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def local_write(folder: Path, files: list[bytes]) -> float:
+    """The same files written to local disk, each fsync'd (and its directory): durable here."""
+    t0 = time.perf_counter()
+    file_write(folder, files, fsync=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -184,19 +194,6 @@ def fuse_mount(point: Path, endpoint: str, log: Path) -> Iterator[Path | None]:
         yield point
     finally:
         subprocess.run([*cmd, "unmount", str(point)], capture_output=True, timeout=60)
-
-
-def file_write(folder: Path, files: list[bytes]) -> float:
-    """The files written through a mount like any local file (``open(.., "wb")``, then close:
-    no fsync, the mount's close is the acknowledgement); seconds to the last close."""
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    for name, data in zip(names(len(files)), files, strict=True):
-        with open(folder / name, "wb") as f:
-            view = memoryview(data)
-            for pos in range(0, len(view), BLOCK):
-                f.write(view[pos:pos + BLOCK])
-    return time.perf_counter() - t0
 
 
 def write_counters(endpoint: str) -> dict[str, int]:
