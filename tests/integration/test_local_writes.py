@@ -217,3 +217,29 @@ async def test_quota_applies_to_local_writes(tmp_path: Path) -> None:
         assert _stats(w.endpoint)["writes"]["local_writes"] == 1
         staged = os.listdir(_staging(tmp_path))
         assert len(staged) <= 1  # only /one.bin's file, until its upload lands
+
+
+async def test_a_slot_not_reachable_here_falls_back_to_http(
+    worker: LocalWorker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staging file this process cannot open (another node's disk, another user): the slot
+    is given back and the write goes over HTTP."""
+    import dataclasses
+
+    from depot.client import client as client_module
+
+    real = client_module.request_slot
+
+    async def elsewhere(*args: Any, **kwargs: Any) -> Any:
+        slot = await real(*args, **kwargs)
+        return None if slot is None else dataclasses.replace(slot, file="/nonexistent/slot.data")
+
+    monkeypatch.setattr(client_module, "request_slot", elsewhere)
+    async with CacheClient(worker.endpoint, config=DepotConfig()) as client:
+        await client.write("/fallback.bin", b"over http after all")
+        assert bytes(await client.read_range("/fallback.bin", 0, 19)) == b"over http after all"
+        await client.sync(wait=True, deadline=60)
+    stats = _stats(worker.endpoint)["writes"]
+    assert stats["local_writes"] == 0 and stats["writes"] == 1
+    assert (tmp_path / "ufs" / "fallback.bin").read_bytes() == b"over http after all"
+    assert os.listdir(_staging(tmp_path)) == []  # the given-back slot's file is gone too

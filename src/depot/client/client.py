@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import io
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,7 +20,7 @@ from urllib.parse import quote
 
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
-from depot.client.localwrites import LocalWrite, Slot, request_slot
+from depot.client.localwrites import LocalWrite, Slot, attribute_headers, request_slot
 from depot.client.prefetch import OpenPrefetcher
 from depot.client.routing import UNREACHABLE, WorkerRouter
 from depot.client.shortcircuit import ShortCircuit
@@ -52,7 +51,6 @@ STATS = "/api/v1/cache/stats"
 HEALTH = "/healthz"
 JOBS = "/api/v1/jobs"
 WRITE = "/api/v1/write"
-ATTRIBUTES_HEADER = "X-Depot-Attributes"  # of a write: Attributes.to_dict() as JSON
 FILE = "/api/v1/file"
 MKDIR = "/api/v1/mkdir"
 RENAME = "/api/v1/rename"
@@ -729,10 +727,7 @@ class CacheClient:
             except BaseException:
                 await local.abort()
                 raise
-        headers: list[tuple[str, str]] = []
-        if attributes is not None:
-            # ASCII JSON: any value survives a header, which is Latin-1 on the wire.
-            headers.append((ATTRIBUTES_HEADER, json.dumps(attributes.to_dict())))
+        headers = attribute_headers(attributes)
         async with await open_source(data) as source:
             upload = source.upload
 

@@ -35,11 +35,19 @@ log = logging.getLogger(__name__)
 OPEN = "/api/v1/write/open"
 COMMIT = "/api/v1/write/commit"
 ABORT = "/api/v1/write/abort"
-ATTRIBUTES_HEADER = "X-Depot-Attributes"
+ATTRIBUTES_HEADER = "X-Depot-Attributes"  # of a write: Attributes.to_dict() as JSON
 # Small writes are gathered into this much before they reach the staging file; larger ones go
 # straight through (io.BufferedWriter does not copy them).
 BUFFER = 1024 * 1024
 COPY_CHUNK = 8 * 1024 * 1024
+
+
+def attribute_headers(attributes: Attributes | None) -> list[tuple[str, str]]:
+    """The header that carries a write's attributes (none without them)."""
+    if attributes is None:
+        return []
+    # ASCII JSON: any value survives a header, which is Latin-1 on the wire.
+    return [(ATTRIBUTES_HEADER, json.dumps(attributes.to_dict()))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +66,11 @@ class Slot:
         """Acknowledge the content (``size`` bytes, xxh3_64 hex ``checksum``) the caller wrote
         into ``file`` and fsync'd; returns the new status. ``NotFound`` when the worker no
         longer knows the slot (it expired, or the worker restarted): nothing was written."""
-        headers: list[tuple[str, str]] = []
-        if attributes is not None:
-            headers.append((ATTRIBUTES_HEADER, json.dumps(attributes.to_dict())))
         target = (
             f"{COMMIT}?path={quote(self.path, safe='')}&token={self.token}"
             f"&size={size}&checksum={checksum}"
         )
-        response = await self.pool.request(target, headers, method="POST")
+        response = await self.pool.request(target, attribute_headers(attributes), method="POST")
         if response.status >= 300:
             raise error_from_response(response, self.path)
         return FileStatus.from_dict(response.json())
@@ -81,12 +86,12 @@ class Slot:
 async def request_slot(
     pool: ConnectionPool, path: str, size_hint: int | None = None
 ) -> Slot | None:
-    """Ask the worker behind ``pool`` for a staging file of ``path`` that this process can
-    write.
+    """Ask the worker behind ``pool`` for a staging file of ``path``.
 
-    None when the worker does not lend one for this path (not a write-back mount) or its file
-    cannot be written from here; errors that an HTTP write would meet too (read-only mount,
-    full staging disk) are raised.
+    None when the worker does not lend one for this path (not a write-back mount); errors that
+    an HTTP write would meet too (read-only mount, full staging disk) are raised. The caller
+    opens ``slot.file``: the worker made it (``O_EXCL``, a random name), so being able to open
+    it here means it is the same file, on the same disk; if that fails, it aborts the slot.
     """
     target = f"{OPEN}?path={quote(path, safe='')}"
     if size_hint:
@@ -97,14 +102,7 @@ async def request_slot(
     if response.status >= 300:
         raise error_from_response(response, path)
     doc = response.json()
-    slot = Slot(pool, path, str(doc["token"]), str(doc["file"]))
-    # The worker made the file (O_EXCL, a random name): if it can be written here, it is the
-    # same file, on the same disk.
-    if not await asyncio.to_thread(os.access, slot.file, os.W_OK):
-        log.info("local writes to %s are not possible here: writing over HTTP", slot.file)
-        await slot.abort()
-        return None
-    return slot
+    return Slot(pool, path, str(doc["token"]), str(doc["file"]))
 
 
 def checksum_of(fd: int, size: int) -> str:

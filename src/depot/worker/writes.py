@@ -410,10 +410,9 @@ class WriteService:
     ) -> FileStatus:
         """``POST /api/v1/write/commit``: acknowledge the content of a lent staging file."""
         resolved, queue = self._local_target(path)
-        store = self.service.store_for(resolved.mount)
         try:
             if attributes is not None:
-                store.check_attributes(resolved.key, attributes)
+                self.service.store_for(resolved.mount).check_attributes(resolved.key, attributes)
             async with self._locks.hold(resolved.uri):
                 ticket = await queue.adopt(
                     token,
