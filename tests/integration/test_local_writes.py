@@ -109,8 +109,11 @@ def test_fsspec_open_wb_is_a_local_write(worker: LocalWorker, tmp_path: Path) ->
         assert not fs.exists("/ckpt/model.safetensors")
     content = b"".join(parts)
     assert fs.cat_file("/ckpt/model.safetensors") == content
-    fs.pipe_file("/ckpt/small.json", b"{}")
-    assert _stats(worker.endpoint)["writes"]["local_writes"] == 2
+    fs.pipe_file("/ckpt/small.json", b"{}")  # small: one HTTP request beats the slot's two
+    fs.pipe_file("/ckpt/large.bin", content)
+    writes = _stats(worker.endpoint)["writes"]
+    assert writes["local_writes"] == 2 and writes["writes"] == 3
+    assert fs.cat_file("/ckpt/small.json") == b"{}" and fs.cat_file("/ckpt/large.bin") == content
     # An exception inside ``with``: nothing is written, the slot and its file are gone.
     with pytest.raises(RuntimeError), fs.open("/ckpt/model.safetensors", "wb") as f:
         f.write(b"half a checkpoint")

@@ -20,7 +20,13 @@ from urllib.parse import quote
 
 from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
-from depot.client.localwrites import LocalWrite, Slot, attribute_headers, request_slot
+from depot.client.localwrites import (
+    LOCAL_WRITE_MIN,
+    LocalWrite,
+    Slot,
+    attribute_headers,
+    request_slot,
+)
 from depot.client.prefetch import OpenPrefetcher
 from depot.client.routing import UNREACHABLE, WorkerRouter
 from depot.client.shortcircuit import ShortCircuit
@@ -713,7 +719,10 @@ class CacheClient:
         for writes: an unreachable cluster is an error. ``attributes`` (content headers, user
         metadata) are stored with the object where its under store keeps them.
         """
-        local = await self.open_local_write(path, _known_length(data))
+        size = _known_length(data)
+        local = None
+        if size is None or size >= LOCAL_WRITE_MIN:
+            local = await self.open_local_write(path, size)
         if local is not None:
             try:
                 if isinstance(data, bytes | bytearray | memoryview):

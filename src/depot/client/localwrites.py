@@ -7,7 +7,8 @@ path's mount is ``write-back``, the client instead asks the owner for a staging 
 (``POST /api/v1/write/open``), writes the content into it, computes its xxh3_64 as it goes,
 fsyncs it and commits it (``POST /api/v1/write/commit``). The worker checks the size, fsyncs the
 file and its directory and journals it: the same acknowledgement as a write over HTTP, after
-one pass over the bytes. If the file cannot be opened here (another node, another user), the
+one pass over the bytes. A write known to be smaller than ``LOCAL_WRITE_MIN`` goes over HTTP
+(one request instead of two). If the file cannot be opened here (another node, another user), the
 slot is given back and the write goes over HTTP; a write abandoned before its commit is dropped
 (``POST /api/v1/write/abort``, or by the worker after ``slot_ttl``) and nothing is acknowledged.
 """
@@ -36,6 +37,10 @@ OPEN = "/api/v1/write/open"
 COMMIT = "/api/v1/write/commit"
 ABORT = "/api/v1/write/abort"
 ATTRIBUTES_HEADER = "X-Depot-Attributes"  # of a write: Attributes.to_dict() as JSON
+# A write known to be smaller than this goes over HTTP even where a local write applies: its one
+# request costs less than the slot's two (open and commit), and the worker acknowledges a small
+# write with a single fsync (docs/writes.md, "Small writes").
+LOCAL_WRITE_MIN = 256 * 1024
 # Small writes are gathered into this much before they reach the staging file; larger ones go
 # straight through (io.BufferedWriter does not copy them).
 BUFFER = 1024 * 1024

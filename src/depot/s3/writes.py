@@ -35,6 +35,7 @@ from depot.s3.semantics import check_preconditions, parse_range, request_attribu
 MAX_DELETE_KEYS = 1000
 COPY_BLOCK = 4 * 1024 * 1024
 DELETE_CONCURRENCY = 16
+SMALL_BODY = 256 * 1024  # PUT bodies up to this are gathered and written as bytes
 
 
 @runtime_checkable
@@ -201,7 +202,8 @@ class S3Writes:
         attributes = request_attributes(ctx.http.headers)
         path = await self._object_path(ctx)
         digest = BodyDigest()
-        await self.client.write(path, self._body(ctx, digest), attributes=attributes)
+        body = await _small_or_stream(self._body(ctx, digest))
+        await self.client.write(path, body, attributes=attributes)
         headers = self._headers(ctx)
         headers.append(("ETag", f'"{digest.etag_hex}"'))
         ctx.writer.start(200, headers, 0)
@@ -594,3 +596,25 @@ def install_writes(gateway: S3Gateway, client: ObjectWriter, staging_dir: Path) 
 
 
 __all__ = ["ObjectWriter", "S3Writes", "install_writes", "multipart_etag", "parse_xml"]
+
+
+async def _small_or_stream(chunks: AsyncIterator[bytes]) -> bytes | AsyncIterator[bytes]:
+    """A small body as bytes (its size known: written in one request, no spool); a larger one as
+    a stream of its bytes."""
+    head: list[bytes] = []
+    size = 0
+    while size < SMALL_BODY:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return b"".join(head)
+        head.append(chunk)
+        size += len(chunk)
+
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in head:
+            yield chunk
+        async for chunk in chunks:
+            yield chunk
+
+    return stream()

@@ -14,7 +14,8 @@ File layout::
              and payload is one compact JSON object with a "t" (type) field.
 
 Record types: ``staged`` (a write acknowledged to its client; its ``attrs``, the object's
-content headers and user metadata, only when given: older records without it still replay),
+content headers and user metadata, only when given: older records without it still replay; the
+content itself, base64 in ``data``, for a small write whose staging file was not fsync'd),
 ``uploaded`` (it reached the under store), ``abandoned`` (it will never be uploaded: superseded
 or dropped by an operator) and ``seq`` (the next sequence number, written by compaction so
 numbers never go back).

@@ -7,7 +7,11 @@ Acknowledgement point. ``stage`` writes the bytes to a new staging file, fsyncs 
 staging directory, then appends a ``staged`` record to the journal (``depot.worker.journal``) and
 fsyncs it. Only then does it return a ``Ticket``: an acknowledged write survives a crash of the
 process or of the machine. A crash before that point leaves at most an orphan staging file
-(removed at the next open) and a torn journal tail (ignored at replay).
+(removed at the next open) and a torn journal tail (ignored at replay). A write of at most
+``_INLINE_WRITE`` bytes (an S3 PUT of a small object) is acknowledged with one fsync instead of
+three: its ``staged`` record carries the content, and its staging file is written but not
+fsync'd. Recovery writes such a file again from its record; compaction, which drops the content
+from the journal, fsyncs the files first.
 
 Local writes. ``open_slot`` lends a new, empty staging file to a writer on this node, which
 writes and fsyncs it itself; ``adopt`` checks its size, fsyncs it and the directory and journals
@@ -47,6 +51,7 @@ for uploads to free space, then raises ``NoSpace``. A disk-full error while stag
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import enum
 import errno
@@ -58,7 +63,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -87,6 +92,11 @@ DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 # Writes up to this size are gathered in memory and staged in one thread call.
 _SMALL_WRITE = 256 * 1024
+# Writes up to this size are carried in their journal record: one fsync acknowledges them (the
+# journal's), not three (staging file, staging directory, journal).
+_INLINE_WRITE = 64 * 1024
+# The journal is compacted (dropping that content) once it holds this much of it.
+_INLINE_JOURNAL_BYTES = 64 * 1024 * 1024
 _RATE_WINDOW = 10.0
 # Uploads deferred while writes come in start once no write has been in progress this long.
 _QUIET = 0.25
@@ -128,6 +138,7 @@ class _Entry:
     error: DepotError | None = None
     superseded: bool = False
     claimed: bool = False  # about to be abandoned: uploaders must not take it
+    inline: bool = False  # its content is in the journal, its staging file not fsync'd yet
 
     @property
     def has_file(self) -> bool:
@@ -226,6 +237,7 @@ class WriteBackQueue:
         self._changed = asyncio.Condition()
         self._next_seq = 1
         self._reserved = 0  # bytes being staged, not yet acknowledged
+        self._inline_bytes = 0  # write content carried in the journal since its compaction
         self._slots: dict[str, Slot] = {}  # staging files lent to writers on this node
         self._writing = 0  # writes being staged now (stage calls and open slots)
         self._last_write = 0.0  # time.monotonic() when the last of them ended
@@ -334,6 +346,10 @@ class WriteBackQueue:
             self.counters["superseded"] += 1
         for seq in sorted(staged):
             entry = _entry_from_record(staged[seq], self.staging_dir)
+            data = staged[seq].get("data")
+            if isinstance(data, str):
+                # An inline write: its staging file was never fsync'd; the record is the truth.
+                _restore_inline(entry.ticket.staging_path, base64.b64decode(data))
             problem = _verify_staging_file(entry.ticket)
             if problem is not None:
                 entry.state = State.LOST
@@ -393,6 +409,7 @@ class WriteBackQueue:
         hasher = xxhash.xxh3_64()
         size = 0
         dir_synced = False
+        inline: bytes | None = None
         self._writing += 1
         try:
             # A small body (an S3 PUT of a few KiB) is gathered first and staged in one thread
@@ -412,7 +429,9 @@ class WriteBackQueue:
             if size > reserved:
                 await self._reserve(size - reserved, path)
                 reserved = size
-            if ended:
+            if ended and size <= _INLINE_WRITE:
+                inline = await asyncio.to_thread(_stage_inline, staging_path, head, hasher)
+            elif ended:
                 await asyncio.to_thread(_stage_small, staging_path, head, hasher)
                 dir_synced = True
             else:
@@ -439,10 +458,10 @@ class WriteBackQueue:
             raise
         finally:
             self._write_ended()
-        return await self._commit(
-            path, store_uri, ufs_key, size, hasher.hexdigest(), staging_path, file_id,
-            attributes, reserved, dir_synced=dir_synced,
+        draft = Ticket(
+            0, path, store_uri, ufs_key, size, hasher.hexdigest(), staging_path, file_id, attributes
         )
+        return await self._commit(draft, reserved, dir_synced=dir_synced, inline=inline)
 
     async def open_slot(self, path: str, size_hint: int | None = None) -> Slot:
         """Lend a new, empty staging file to a writer on this node (a short-circuit write).
@@ -512,10 +531,10 @@ class WriteBackQueue:
         except BaseException as exc:
             await self._drop_staging(slot.staging_path, reserved, path, exc)
             raise
-        return await self._commit(
-            path, store_uri, ufs_key, size, checksum, slot.staging_path, file_id, attributes,
-            reserved,
+        draft = Ticket(
+            0, path, store_uri, ufs_key, size, checksum, slot.staging_path, file_id, attributes
         )
+        return await self._commit(draft, reserved)
 
     async def discard_slot(self, token: str) -> bool:
         """Drop a slot and its file (the writer gave up); False if there was no such slot."""
@@ -573,31 +592,22 @@ class WriteBackQueue:
 
     async def _commit(
         self,
-        path: str,
-        store_uri: str,
-        ufs_key: str,
-        size: int,
-        checksum: str,
-        staging_path: Path,
-        file_id: str,
-        attributes: Attributes | None,
+        draft: Ticket,
         reserved: int,
         *,
         dir_synced: bool = False,
+        inline: bytes | None = None,
     ) -> Ticket:
-        """Journal a staging file that is durable (file fsync'd, and its directory unless
-        ``dir_synced``): the acknowledgement."""
+        """Journal a staged write (``draft``: its ticket before it has a number): the
+        acknowledgement. The staging file is durable (fsync'd, and its directory unless
+        ``dir_synced``), or its content is ``inline``: then the journal record carries it."""
         ack: asyncio.Future[Ticket] | None = None
         try:
-            if not dir_synced:
+            if not dir_synced and inline is None:
                 await asyncio.to_thread(fsync_dir, self.staging_dir)
             # The journal append is the acknowledgement; a cancelled caller must not leave it
             # half-known (journaled but its staging file removed), so it runs to completion.
-            ack = asyncio.ensure_future(
-                self._acknowledge(
-                    path, store_uri, ufs_key, size, checksum, staging_path, file_id, attributes
-                )
-            )
+            ack = asyncio.ensure_future(self._acknowledge(draft, inline))
             ticket = await asyncio.shield(ack)
         except BaseException as exc:
             if ack is not None:
@@ -606,32 +616,24 @@ class WriteBackQueue:
                 if not ack.cancelled() and ack.exception() is None:
                     self._reserved -= reserved  # acknowledged after all: keep everything
                     raise
-            await self._drop_staging(staging_path, reserved, path, exc)
+            await self._drop_staging(draft.staging_path, reserved, draft.path, exc)
             raise
         # The reservation becomes the entry's dirty bytes (counted from _entries).
         self._reserved -= reserved
         return ticket
 
-    async def _acknowledge(
-        self,
-        path: str,
-        store_uri: str,
-        ufs_key: str,
-        size: int,
-        checksum: str,
-        staging_path: Path,
-        file_id: str,
-        attributes: Attributes | None,
-    ) -> Ticket:
+    async def _acknowledge(self, draft: Ticket, inline: bytes | None) -> Ticket:
         async with self._journal_lock:
             if self._closed:
                 raise RuntimeError("write-back queue is closed")
             seq = self._next_seq
-            ticket = Ticket(
-                seq, path, store_uri, ufs_key, size, checksum, staging_path, file_id, attributes
-            )
-            entry = _Entry(ticket, time.time())
-            records = [_record_from_entry(entry)]
+            path = draft.path
+            ticket = replace(draft, seq=seq)
+            entry = _Entry(ticket, time.time(), inline=inline is not None)
+            record = _record_from_entry(entry)
+            if inline is not None:
+                record["data"] = base64.b64encode(inline).decode("ascii")
+            records = [record]
             older = self._latest.get(path)
             drop: _Entry | None = None
             if older is not None and older.state in (State.QUEUED, State.FAILED, State.LOST):
@@ -651,6 +653,8 @@ class WriteBackQueue:
             self._next_seq = seq + 1
             self._entries[seq] = entry
             self._latest[path] = entry
+            if inline is not None:
+                self._inline_bytes += len(inline)
             if older is not None and drop is None:
                 older.superseded = True  # in flight: it finishes first, then this one goes
             if drop is not None:
@@ -659,7 +663,7 @@ class WriteBackQueue:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(drop.ticket.staging_path)
             self.counters["staged"] += 1
-            self.counters["staged_bytes"] += size
+            self.counters["staged_bytes"] += ticket.size
         await self._schedule(path)
         await self._notify()
         await self._maybe_compact()
@@ -991,14 +995,36 @@ class WriteBackQueue:
         finally:
             await asyncio.to_thread(f.close)
 
+    def _compaction_due(self) -> bool:
+        return (
+            self._journal.appended >= self.config.compact_after
+            or self._inline_bytes >= _INLINE_JOURNAL_BYTES
+        )
+
     async def _maybe_compact(self) -> None:
-        if self._journal.appended < self.config.compact_after:
+        if not self._compaction_due():
             return
         async with self._journal_lock:
-            if self._journal.appended < self.config.compact_after or self._closed:
+            if not self._compaction_due() or self._closed:
                 return
-            records = self._live_records()
-            await asyncio.to_thread(self._journal.rewrite, records)
+            await asyncio.to_thread(self._compact)
+
+    def _compact(self) -> None:
+        """Rewrite the journal to its live records (blocking; under the journal lock).
+
+        The rewrite carries no inline content, so the staging files of the inline writes still
+        pending are made durable first."""
+        inline = [e for e in self._entries.values() if e.inline]
+        for entry in inline:
+            if entry.has_file:
+                with contextlib.suppress(FileNotFoundError):
+                    _fsync_size(entry.ticket.staging_path)
+        if inline:
+            fsync_dir(self.staging_dir)
+        self._journal.rewrite(self._live_records())
+        for entry in inline:
+            entry.inline = False
+        self._inline_bytes = 0
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1024,6 +1050,30 @@ def _stage_small(path: Path, chunks: list[Buffer], hasher: Any) -> None:
     finally:
         os.close(fd)
     fsync_dir(path.parent)
+
+
+def _stage_inline(path: Path, chunks: list[Buffer], hasher: Any) -> bytes:
+    """Create ``path`` with ``chunks`` without fsync: the journal record will carry the content
+    (blocking). Returns the content."""
+    data = b"".join(chunks)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _write_all(fd, data, hasher)
+    finally:
+        os.close(fd)
+    return data
+
+
+def _restore_inline(path: Path, data: bytes) -> None:
+    """Write a staging file again from its journal record's content and fsync it (blocking)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, chunk: Buffer, hasher: Any) -> None:
