@@ -332,6 +332,36 @@ def boto3_puts(endpoint: str, bucket: str, count: int) -> list[float]:
 
 
 @contextlib.contextmanager
+def null_s3() -> Iterator[str]:
+    """An HTTP server that reads each PUT's body and answers 200 with an ETag, doing nothing
+    else: what boto3 itself costs per PUT here."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("ETag", '"0"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def emulated_store(root: Path, first_byte_ms: float, rate_per_conn: str, rate_total: str,
                    etag: str = "md5") -> Iterator[str]:
     import subprocess
@@ -549,6 +579,11 @@ def main() -> None:
                 row("machine: create + write 4 KiB + fsync + rename + fsync dir (p50 / p99)",
                     f"{pct(floor, 0.5) * 1e3:.3f} / {pct(floor, 0.99) * 1e3:.3f} ms",
                     f"{len(floor)} files: the floor of an acknowledged small write")
+                with null_s3() as null_endpoint:
+                    nulls = boto3_puts(null_endpoint, "null", args.puts)
+                row("machine: boto3 PUT 4 KiB to a server that only answers 200 (p50 / p99)",
+                    f"{pct(nulls, 0.5) * 1e3:.3f} / {pct(nulls, 0.99) * 1e3:.3f} ms",
+                    "the client's own cost per PUT (signing, checksums, HTTP) on this machine")
                 puts = boto3_puts(s3_gateway, "s3wb", args.puts)
                 p50, p99 = pct(puts, 0.5) * 1e3, pct(puts, 0.99) * 1e3
                 row("S3 gateway PUT 4 KiB, write-back over the S3-like store, boto3 (p50 / p99)",

@@ -430,7 +430,9 @@ class WriteBackQueue:
                 await self._reserve(size - reserved, path)
                 reserved = size
             if ended and size <= _INLINE_WRITE:
-                inline = await asyncio.to_thread(_stage_inline, staging_path, head, hasher)
+                # Its file is written with the journal append, in the same thread call.
+                inline = b"".join(head)
+                hasher.update(inline)
             elif ended:
                 await asyncio.to_thread(_stage_small, staging_path, head, hasher)
                 dir_synced = True
@@ -645,7 +647,10 @@ class WriteBackQueue:
                 )
             # If this append fails nothing changed in memory and the write is not acknowledged.
             try:
-                await asyncio.to_thread(self._journal.append, records)
+                if inline is None:
+                    await asyncio.to_thread(self._journal.append, records)
+                else:
+                    await asyncio.to_thread(self._append_inline, records, draft.staging_path, inline)
             except BaseException:
                 if drop is not None:
                     drop.claimed = False
@@ -995,6 +1000,17 @@ class WriteBackQueue:
         finally:
             await asyncio.to_thread(f.close)
 
+    def _append_inline(self, records: list[Record], staging_path: Path, data: bytes) -> None:
+        """Create an inline write's staging file (not fsync'd) and journal it (blocking)."""
+        fd = os.open(staging_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        self._journal.append(records)
+
     def _compaction_due(self) -> bool:
         return (
             self._journal.appended >= self.config.compact_after
@@ -1050,18 +1066,6 @@ def _stage_small(path: Path, chunks: list[Buffer], hasher: Any) -> None:
     finally:
         os.close(fd)
     fsync_dir(path.parent)
-
-
-def _stage_inline(path: Path, chunks: list[Buffer], hasher: Any) -> bytes:
-    """Create ``path`` with ``chunks`` without fsync: the journal record will carry the content
-    (blocking). Returns the content."""
-    data = b"".join(chunks)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        _write_all(fd, data, hasher)
-    finally:
-        os.close(fd)
-    return data
 
 
 def _restore_inline(path: Path, data: bytes) -> None:
