@@ -1283,6 +1283,21 @@ def test_write_back_files_are_spooled_in_the_workers_staging_file(wenv: WriteEnv
     assert (mnt / "ckpt.bin").read_bytes() == payload
     stats = _worker_stats(wenv)
     assert stats["writes"]["local_writes"] - before >= 4
+    # dd's pattern: the file is opened, the descriptor duplicated and the first one closed (a
+    # flush: the empty file is committed), then written. The writes go on in a new staging file
+    # of the worker, not in a spool of the mount's own.
+    staging = wenv.root / "wworker-cache" / "writeback" / "staging"
+    fd = os.open(mnt / "dd.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    out = os.dup(fd)
+    os.close(fd)
+    try:
+        for pos in range(0, len(payload), MiB):
+            os.write(out, payload[pos : pos + MiB])
+        sizes = [os.stat(staging / name).st_size for name in os.listdir(staging)]
+        assert len(payload) in sizes
+    finally:
+        os.close(out)
+    assert _stored(wenv, "wb", "dd.bin") == payload
     # Unlinked while open: nothing is committed and the slot's file is dropped.
     f = open(mnt / "gone.bin", "wb")  # noqa: SIM115
     f.write(b"x" * 100)
@@ -1290,7 +1305,6 @@ def test_write_back_files_are_spooled_in_the_workers_staging_file(wenv: WriteEnv
     os.unlink(mnt / "gone.bin")
     f.close()
     assert not (wenv.ufs("wb") / "gone.bin").exists()
-    staging = wenv.root / "wworker-cache" / "writeback" / "staging"
     wait_for(lambda: os.listdir(staging) == [], 10, "the staging dir to empty")
     assert _worker_stats(wenv)["writeback"]["failures"] == []
 

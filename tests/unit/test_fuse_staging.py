@@ -39,6 +39,9 @@ class Store:
         self.pinned = self.version
         return len(self.data)
 
+    async def lend_slot(self) -> None:
+        return None  # no worker here: spools are the mount's own
+
     async def read_into(self, start: int, end: int, out: memoryview) -> int:
         self.calls.append((start, end))
         if self.gate is not None:

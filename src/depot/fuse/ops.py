@@ -45,6 +45,7 @@ from pyfuse3 import (
 )
 
 from depot.client.client import MIN_CHUNK, CacheClient
+from depot.client.localwrites import Slot
 from depot.core.config import DepotConfig
 from depot.core.errors import AlreadyExists, DepotError, IsADirectory, NotFound
 from depot.core.types import FileStatus
@@ -125,6 +126,13 @@ class _StoredFile:
         return await self.ops.client.read_range_into(
             node.path, start, end, out, version=node.version
         )
+
+    async def lend_slot(self) -> Slot | None:
+        try:
+            return await self.ops.client.local_slot(self.node.path)
+        except DepotError as exc:
+            log.debug("no local write for %s: %s", self.node.path, exc)
+            return None
 
 
 @dataclass

@@ -52,6 +52,10 @@ class Source(Protocol):
         """Receive ``[start, end)`` of the pinned version into ``out``; returns the count
         (fewer only at the end of the file). ``StaleVersion`` if that version was replaced."""
 
+    async def lend_slot(self) -> Slot | None:
+        """A new staging file of the owner worker for this path (a local write), or None
+        where local writes do not apply."""
+
 
 def _spool(staging_dir: str | None) -> IO[bytes]:
     return tempfile.TemporaryFile(dir=staging_dir, prefix="depot-write-")
@@ -160,33 +164,49 @@ class Staged:
         self.failed = False
         self.mtime = time.time()
 
-    async def _thaw(self) -> None:
+    async def _thaw(self, source: Source) -> None:
         """Before a change of a committed spool: copy it to a new one (the worker's file must
-        not change under its upload)."""
+        not change under its upload). The new one is another slot of the worker where it lends
+        one, so the next commit is again a local write; the content's hash carries over, so
+        writes that go on at the end (an append after an ``fsync``, a ``dd`` whose duplicated
+        descriptor was closed first) are not hashed again at the commit."""
         if not self.frozen:
             return
         committed, size = self.file, self.size
-        spool = _spool(self.staging_dir)
+        slot = await source.lend_slot()
+        spool: IO[bytes] | None = None
+        if slot is not None:
+            try:
+                fd = os.open(slot.file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                spool = open(fd, "r+b", buffering=0)  # noqa: SIM115 (closed by close())
+            except OSError:
+                await slot.abort()
+                slot = None
+        if spool is None:
+            spool = _spool(self.staging_dir)
         try:
             await asyncio.to_thread(_copy_file, committed.fileno(), spool.fileno(), size)
         except BaseException:
             spool.close()
+            if slot is not None:
+                await slot.abort()
             raise
         committed.close()
-        self.file, self.frozen, self.slot, self._hasher = spool, False, None, None
+        self.file, self.frozen, self.slot = spool, False, slot
+        if slot is None:
+            self._hasher = None
 
     def committed(self) -> None:
         """The slot was committed: its file is the worker's now, read-only here."""
         self.slot = None
         self.frozen = True
-        self._hasher = None
 
     async def write(self, offset: int | None, data: bytes, source: Source) -> int:
         """Write ``data`` at ``offset`` (None: at the end, for ``O_APPEND``); a write past the
         end leaves a hole of zeros."""
         async with self.lock:
             await self._load(source)
-            await self._thaw()
+            await self._thaw(source)
             at = self.size if offset is None else offset
             _pwrite_all(self.file.fileno(), data, at)
             if self._hasher is not None:
@@ -206,7 +226,7 @@ class Staged:
                 self.local = True
             else:
                 await self._load(source)
-            await self._thaw()
+            await self._thaw(source)
             self.file.truncate(size)
             if self.slot is not None and size == 0:
                 self._hasher, self._hashed = xxhash.xxh3_64(), 0
