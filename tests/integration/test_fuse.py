@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from depot.core import directio
 from depot.core import errors as depot_errors
 from depot.fuse.errors import errno_of
 from depot.fuse.mounts import State, state
@@ -1294,7 +1295,8 @@ def test_write_back_files_are_spooled_in_the_workers_staging_file(wenv: WriteEnv
         for pos in range(0, len(payload), MiB):
             os.write(out, payload[pos : pos + MiB])
         sizes = [os.stat(staging / name).st_size for name in os.listdir(staging)]
-        assert len(payload) in sizes
+        # All but what the direct writer still gathers (flushed at the commit).
+        assert max(sizes) >= len(payload) - directio.BUFFER
     finally:
         os.close(out)
     assert _stored(wenv, "wb", "dd.bin") == payload

@@ -33,6 +33,7 @@ from typing import IO, Any, Protocol
 import xxhash
 
 from depot.client.localwrites import Slot, checksum_of
+from depot.core.directio import open_direct, pwrite_all
 from depot.core.errors import StaleVersion
 
 #: Bytes copied into the spool per request: a few pages, fetched in parallel by the client,
@@ -71,14 +72,6 @@ def _copy_file(src: int, dst: int, size: int) -> None:
         pos += count
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        count = os.pwrite(fd, view, offset)
-        view = view[count:]
-        offset += count
-
-
 class Staged:
     """The spool of one file being written (shared by every open of it on the mount)."""
 
@@ -102,6 +95,9 @@ class Staged:
             self.file = open(fd, "r+b", buffering=0)  # noqa: SIM115 (closed by close())
         else:
             self.file = _spool(staging_dir)
+        #: Sequential runs into a slot's file bypass the page cache (core.directio); what it
+        #: gathers is flushed before the file is read, copied, cut or fsync'd.
+        self._direct = open_direct(slot.file, self.file.fileno()) if slot is not None else None
         #: The xxh3 of the spool's first ``_hashed`` bytes, while writes come front to back
         #: (a checkpoint): the commit then needs no second pass. None after any other change.
         self._hasher: Any = xxhash.xxh3_64() if slot is not None else None
@@ -155,7 +151,7 @@ class Staged:
                     f"the stored file ended at {pos + count} while {size} bytes were copied",
                     self.path,
                 )
-            await asyncio.to_thread(_pwrite_all, fd, view, pos)
+            await asyncio.to_thread(pwrite_all, fd, view, pos)
             pos = end
         self.local = True
 
@@ -163,6 +159,16 @@ class Staged:
         self.dirty = True
         self.failed = False
         self.mtime = time.time()
+
+    def _flush(self) -> None:
+        """Put the bytes the direct writer gathered in the file (the caller holds the lock)."""
+        if self._direct is not None:
+            self._direct.flush()
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     async def _thaw(self, source: Source) -> None:
         """Before a change of a committed spool: copy it to a new one (the worker's file must
@@ -193,6 +199,8 @@ class Staged:
             raise
         committed.close()
         self.file, self.frozen, self.slot = spool, False, slot
+        if slot is not None:
+            self._direct = open_direct(slot.file, spool.fileno(), size)
         if slot is None:
             self._hasher = None
 
@@ -200,6 +208,7 @@ class Staged:
         """The slot was committed: its file is the worker's now, read-only here."""
         self.slot = None
         self.frozen = True
+        self._close_direct()
 
     async def write(self, offset: int | None, data: bytes, source: Source) -> int:
         """Write ``data`` at ``offset`` (None: at the end, for ``O_APPEND``); a write past the
@@ -208,7 +217,8 @@ class Staged:
             await self._load(source)
             await self._thaw(source)
             at = self.size if offset is None else offset
-            _pwrite_all(self.file.fileno(), data, at)
+            if self._direct is None or not self._direct.write(data, at):
+                pwrite_all(self.file.fileno(), data, at)
             if self._hasher is not None:
                 if at == self._hashed:
                     self._hasher.update(data)
@@ -227,6 +237,7 @@ class Staged:
             else:
                 await self._load(source)
             await self._thaw(source)
+            self._flush()
             self.file.truncate(size)
             if self.slot is not None and size == 0:
                 self._hasher, self._hashed = xxhash.xxh3_64(), 0
@@ -237,6 +248,7 @@ class Staged:
 
     def finish_slot(self) -> str:
         """fsync the slot's file; its content's xxh3 (blocking; the caller holds the lock)."""
+        self._flush()
         fd = self.file.fileno()
         os.fsync(fd)
         if self._hasher is not None and self._hashed == self.size:
@@ -250,6 +262,9 @@ class Staged:
         if count == 0:
             return b""
         if self.local:
+            if self._direct is not None and self._direct.end > offset:
+                async with self.lock:
+                    self._flush()
             return os.pread(self.file.fileno(), count, offset)
         buffer = bytearray(count)
         received = await source.read_into(offset, offset + count, memoryview(buffer))
@@ -257,6 +272,7 @@ class Staged:
         return bytes(buffer)
 
     def close(self) -> None:
+        self._close_direct()
         self.file.close()
 
 
