@@ -8,6 +8,7 @@ Skipped when FUSE is not usable here, and a failure under CI (``CI`` set).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import json
@@ -1294,9 +1295,16 @@ def test_write_back_files_are_spooled_in_the_workers_staging_file(wenv: WriteEnv
     try:
         for pos in range(0, len(payload), MiB):
             os.write(out, payload[pos : pos + MiB])
-        sizes = [os.stat(staging / name).st_size for name in os.listdir(staging)]
+
+        def written() -> int:
+            sizes = [0]
+            for name in os.listdir(staging):
+                with contextlib.suppress(FileNotFoundError):  # an upload just ended
+                    sizes.append(os.stat(staging / name).st_size)
+            return max(sizes)
+
         # All but what the direct writer still gathers (flushed at the commit).
-        assert max(sizes) >= len(payload) - directio.BUFFER
+        wait_for(lambda: written() >= len(payload) - directio.BUFFER, 10, "the slot to fill")
     finally:
         os.close(out)
     assert _stored(wenv, "wb", "dd.bin") == payload

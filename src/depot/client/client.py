@@ -32,6 +32,7 @@ from depot.client.routing import UNREACHABLE, WorkerRouter
 from depot.client.shortcircuit import ShortCircuit
 from depot.client.uploads import WriteSource, open_source
 from depot.core.config import DepotConfig, MountConfig, load_config
+from depot.core.directio import DirectIO
 from depot.core.errors import DepotError, InvalidArgument, IsADirectory
 from depot.core.transport import (
     DEFAULT_ENDPOINT,
@@ -149,6 +150,8 @@ class CacheClient:
         self.short_circuit = ShortCircuit(self.router, self.stat) if settings.short_circuit else None
         #: Whole-file loads started when a file its mount marks is opened (``prefetch_on_open``).
         self.prefetcher = OpenPrefetcher(self.router, self.config, self.stat)
+        #: Aligned buffers and write-behind threads of the local writes' direct writes.
+        self.direct_io = DirectIO()
 
     @property
     def pool(self) -> ConnectionPool:
@@ -168,6 +171,7 @@ class CacheClient:
 
     async def close(self) -> None:
         await self.prefetcher.close()
+        await asyncio.to_thread(self.direct_io.close)
         if self.short_circuit is not None:
             await self.short_circuit.close()  # reports the last hits while the pools are open
         await self.router.aclose()
@@ -764,7 +768,7 @@ class CacheClient:
             log.info("local writes to %s are not possible here (%s)", slot.file, exc)
             await slot.abort()
             return None
-        return LocalWrite(slot, fd)
+        return LocalWrite(slot, fd, self.direct_io)
 
     async def local_slot(self, path: str, size_hint: int | None = None) -> Slot | None:
         """A staging file of ``path``'s owner worker to write here, or None where local writes

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import xxhash
 
-from depot.core.directio import open_direct, pwrite_all
+from depot.core.directio import DirectIO, pwrite_all
 from depot.core.errors import DepotError, InvalidArgument
 from depot.core.transport import ConnectionPool, error_from_response
 from depot.core.types import Attributes, FileStatus
@@ -133,7 +133,7 @@ class LocalWrite:
     run on the client's event loop.
     """
 
-    def __init__(self, slot: Slot, fd: int) -> None:
+    def __init__(self, slot: Slot, fd: int, direct_io: DirectIO | None = None) -> None:
         self.slot = slot
         self.path = slot.path
         self.size = 0
@@ -143,7 +143,7 @@ class LocalWrite:
         # is written once, not first into fresh page-cache pages. What the direct writer does
         # not take is written at its offset; the buffered writer serves filesystems that have
         # no O_DIRECT.
-        self._direct = open_direct(slot.file, fd)
+        self._direct = direct_io.open(slot.file, fd) if direct_io is not None else None
         self._done = False
 
     def write(self, data: Any) -> int:

@@ -591,7 +591,12 @@ class DepotOperations(pyfuse3.Operations):
             return node.staged, False
         try:
             staged = Staged(
-                node.path, self.staging_dir, base_size=node.status.size, local=local, slot=slot
+                node.path,
+                self.staging_dir,
+                base_size=node.status.size,
+                local=local,
+                slot=slot,
+                direct_io=self.client.direct_io,
             )
         except OSError as exc:  # the lent file cannot be opened here after all
             log.info("spooling %s here instead of in the worker's file: %s", node.path, exc)

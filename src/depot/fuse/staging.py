@@ -33,7 +33,7 @@ from typing import IO, Any, Protocol
 import xxhash
 
 from depot.client.localwrites import Slot, checksum_of
-from depot.core.directio import open_direct, pwrite_all
+from depot.core.directio import DirectIO, DirectWriter, pwrite_all
 from depot.core.errors import StaleVersion
 
 #: Bytes copied into the spool per request: a few pages, fetched in parallel by the client,
@@ -83,8 +83,10 @@ class Staged:
         base_size: int,
         local: bool,
         slot: Slot | None = None,
+        direct_io: DirectIO | None = None,
     ) -> None:
         self.path = path
+        self._direct_io = direct_io
         self.staging_dir = staging_dir
         #: A staging file lent by the owner worker (a local write, docs/writes.md): the spool
         #: is that file, and the upload is its commit. None: an anonymous spool.
@@ -97,7 +99,7 @@ class Staged:
             self.file = _spool(staging_dir)
         #: Sequential runs into a slot's file bypass the page cache (core.directio); what it
         #: gathers is flushed before the file is read, copied, cut or fsync'd.
-        self._direct = open_direct(slot.file, self.file.fileno()) if slot is not None else None
+        self._direct = self._open_direct(slot, self.file.fileno(), 0)
         #: The xxh3 of the spool's first ``_hashed`` bytes, while writes come front to back
         #: (a checkpoint): the commit then needs no second pass. None after any other change.
         self._hasher: Any = xxhash.xxh3_64() if slot is not None else None
@@ -160,6 +162,11 @@ class Staged:
         self.failed = False
         self.mtime = time.time()
 
+    def _open_direct(self, slot: Slot | None, fd: int, end: int) -> DirectWriter | None:
+        if slot is None or self._direct_io is None:
+            return None
+        return self._direct_io.open(slot.file, fd, end)
+
     def _flush(self) -> None:
         """Put the bytes the direct writer gathered in the file (the caller holds the lock)."""
         if self._direct is not None:
@@ -200,7 +207,7 @@ class Staged:
         committed.close()
         self.file, self.frozen, self.slot = spool, False, slot
         if slot is not None:
-            self._direct = open_direct(slot.file, spool.fileno(), size)
+            self._direct = self._open_direct(slot, spool.fileno(), size)
         if slot is None:
             self._hasher = None
 
