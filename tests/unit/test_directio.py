@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +179,44 @@ def test_any_write_sequence_leaves_exactly_the_written_bytes(
     finally:
         target.close()
 
+
+
+def test_writes_go_on_after_the_threads_stopped(target: Target) -> None:
+    """A writer still open when its client closes (the DirectIO's threads are gone) writes
+    its buffers inline."""
+    target.io.close()
+    data = os.urandom(2 * BUFFER + 5)
+    target.write(data, 0)
+    assert target.content() == data
+
+
+def test_a_forked_child_gets_threads_of_its_own(tmp_path: Path) -> None:
+    io = DirectIO()
+    io.submit(lambda: None).result()  # the parent's threads exist now
+    path = tmp_path / "child.bin"
+    pid = os.fork()
+    if pid == 0:  # the child: a write behind must not wait on the parent's (absent) threads
+        code = 1
+        try:
+            path.write_bytes(b"")
+            fd = os.open(path, os.O_RDWR)
+            writer = io.open(path, fd)
+            data = b"c" * (BUFFER + 1)
+            if writer is None or not writer.write(data, 0):
+                os.pwrite(fd, data, 0)
+            if writer is not None:
+                writer.flush()
+            code = 0 if path.read_bytes() == data else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    done, status = os.waitpid(pid, os.WNOHANG)
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.05)
+        done, status = os.waitpid(pid, os.WNOHANG)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    io.close()
+    assert done, "the child's write hung"
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -52,6 +52,7 @@ class DirectIO:
         self._idle: list[mmap.mmap] = []
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
         self._closed = False
 
     def open(self, path: str | os.PathLike[str], fd: int, end: int = 0) -> DirectWriter | None:
@@ -80,10 +81,25 @@ class DirectIO:
         _free(buffer)
 
     def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        """Run ``fn(*args)`` on a writing thread (inline once closed)."""
         with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="depot-direct")
-            return self._executor.submit(fn, *args)
+            if not self._closed:
+                if self._executor is None or self._pid != os.getpid():
+                    # First use, or a forked child (a data loader's worker): the parent's
+                    # threads do not exist here.
+                    self._executor = ThreadPoolExecutor(
+                        self.threads, thread_name_prefix="depot-direct"
+                    )
+                    self._pid = os.getpid()
+                return self._executor.submit(fn, *args)
+        done: Future[None] = Future()
+        try:
+            fn(*args)
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        return done
 
     def close(self) -> None:
         """Wait for the writes behind, stop the threads, free the idle buffers."""
