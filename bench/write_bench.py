@@ -9,7 +9,8 @@ measured against what the machine and the under store do on their own in the sam
 - machine: loopback TCP, and a direct local-disk write + fsync of the same bytes (the floor of
   any write that is acknowledged as durable on this node), in ``--pairs`` rounds with the two
   write-back writes below, the order turned around each round (the later of big writes in a row
-  pays this VM's cost of faulting in memory the hypervisor took back);
+  pays this VM's cost of faulting in memory the hypervisor took back), and once an ``O_DIRECT``
+  write + fsync (the disk without the page cache, what depot's local writes use);
 - under store = a local directory (``file://``, same disk): ``write-back`` (time to close, i.e.
   acknowledged: fsync'd and journaled on the worker; then close -> durable in the under store,
   ``sync --wait``) and ``through`` (close = durable);
@@ -26,7 +27,8 @@ measured against what the machine and the under store do on their own in the sam
   out; skipped where FUSE is not usable);
 - S3 PUT of 4 KiB objects through depot's S3 gateway (in the worker) onto a write-back mount over
   the emulated store: p50 / p99 over ``--puts`` boto3 PUTs on keep-alive connections, and the
-  floor of any acknowledged small write here (create + write + fsync + rename of a 4 KiB file).
+  floors of the machine: any acknowledged small write here (create + write + fsync + rename of a
+  4 KiB file), and boto3's own cost per PUT against a server that only answers 200.
 
 The worker (with its S3 gateway) and the emulated store run as their own processes; all share
 the machine's cores. Data lives in a temp dir deleted at the end.
@@ -160,6 +162,46 @@ def local_write(folder: Path, files: list[bytes]) -> float:
     finally:
         os.close(fd)
     return time.perf_counter() - t0
+
+
+def direct_write(folder: Path, files: list[bytes]) -> float:
+    """The same files written with O_DIRECT from one aligned buffer (the tail through the page
+    cache), each fsync'd, and the directory: what this disk takes with no page cache in the
+    way. None of depot's code is used."""
+    import mmap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = mmap.mmap(-1, BLOCK)
+    view = memoryview(buffer)
+    t0 = time.perf_counter()
+    for name, data in zip(names(len(files)), files, strict=True):
+        path = folder / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            src = memoryview(data)
+            pos = 0
+            while len(src) - pos >= 4096:
+                count = min(BLOCK, len(src) - pos)
+                count -= count % 4096
+                view[:count] = src[pos:pos + count]
+                os.pwrite(direct, view[:count], pos)
+                pos += count
+            if pos < len(src):
+                os.pwrite(fd, src[pos:], pos)
+            os.fsync(fd)
+        finally:
+            os.close(direct)
+            os.close(fd)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    elapsed = time.perf_counter() - t0
+    view.release()
+    buffer.close()
+    return elapsed
 
 
 def writer_fs(endpoint: str, local_writes: bool) -> Any:
@@ -525,6 +567,11 @@ def main() -> None:
                     row(f"  machine: direct local write + fsync, {label}", f"{gbps(total, local):.2f} GB/s",
                         f"{local:.2f} s (mean of {len(locals_)}: {rates(locals_)} GB/s): the floor "
                         "of a write acknowledged as durable here")
+                    odirect = direct_write(tmp / "odirect" / folder, files)
+                    shutil.rmtree(tmp / "odirect")
+                    row(f"  machine: O_DIRECT local write + fsync, {label}", f"{gbps(total, odirect):.2f} GB/s",
+                        f"{odirect:.2f} s, once after the rounds: the disk without the page cache "
+                        "(what depot's local writes use, docs/writes.md#local-writes)")
 
                     # under store: a local directory on the same disk
                     closed = statistics.mean(closes)
