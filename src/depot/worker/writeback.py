@@ -1023,24 +1023,24 @@ class WriteBackQueue:
         async with self._journal_lock:
             if not self._compaction_due() or self._closed:
                 return
-            await asyncio.to_thread(self._compact)
+            # The rewrite carries no inline content, so the staging files of the inline writes
+            # still pending are made durable first.
+            inline = [e for e in self._entries.values() if e.inline]
+            files = [e.ticket.staging_path for e in inline if e.has_file]
+            await asyncio.to_thread(self._compact, files, self._live_records())
+            for entry in inline:
+                entry.inline = False
+            self._inline_bytes = 0
 
-    def _compact(self) -> None:
-        """Rewrite the journal to its live records (blocking; under the journal lock).
-
-        The rewrite carries no inline content, so the staging files of the inline writes still
-        pending are made durable first."""
-        inline = [e for e in self._entries.values() if e.inline]
-        for entry in inline:
-            if entry.has_file:
-                with contextlib.suppress(FileNotFoundError):
-                    _fsync_size(entry.ticket.staging_path)
-        if inline:
+    def _compact(self, inline_files: list[Path], records: list[Record]) -> None:
+        """fsync ``inline_files`` and their directory, then rewrite the journal to ``records``
+        (blocking; under the journal lock)."""
+        for path in inline_files:
+            with contextlib.suppress(FileNotFoundError):  # uploaded and dropped meanwhile
+                _fsync_size(path)
+        if inline_files:
             fsync_dir(self.staging_dir)
-        self._journal.rewrite(self._live_records())
-        for entry in inline:
-            entry.inline = False
-        self._inline_bytes = 0
+        self._journal.rewrite(records)
 
 
 # ---------------------------------------------------------------------- helpers
