@@ -69,6 +69,7 @@ from typing import IO, Any, Literal
 
 import xxhash
 
+from depot.core.directio import pwrite_all
 from depot.core.errors import (
     Corrupted,
     DepotError,
@@ -1004,9 +1005,7 @@ class WriteBackQueue:
         """Create an inline write's staging file (not fsync'd) and journal it (blocking)."""
         fd = os.open(staging_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            pwrite_all(fd, data, 0)
         finally:
             os.close(fd)
         self._journal.append(records)
@@ -1072,9 +1071,7 @@ def _restore_inline(path: Path, data: bytes) -> None:
     """Write a staging file again from its journal record's content and fsync it (blocking)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        pwrite_all(fd, data, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
