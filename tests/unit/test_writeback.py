@@ -7,7 +7,7 @@ import base64
 import io
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -574,10 +574,8 @@ async def test_uploads_wait_while_writes_come_in(env: Env) -> None:
     assert env.obj("first") is None
     checksum = _fill(writing.staging_path, b"2")
     await q.adopt(writing.token, "/second", "second", 1, checksum)
-    for _ in range(100):  # then both go up once writes have been quiet for a moment
-        if env.obj("first") is not None and env.obj("second") is not None:
-            break
-        await asyncio.sleep(0.05)
+    # Then both go up once writes have been quiet for a moment.
+    await _until(lambda: env.obj("first") is not None and env.obj("second") is not None, 5)
     assert env.obj("first") == b"1" and env.obj("second") == b"2"
     # A sync does not wait for the writes to stop.
     still = await q.open_slot("/third")
@@ -588,24 +586,25 @@ async def test_uploads_wait_while_writes_come_in(env: Env) -> None:
     await q.close()
 
 
+async def _until(check: Callable[[], bool], seconds: float) -> None:
+    """Poll ``check`` until it holds or ``seconds`` pass (the caller's assert says what)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.025)
+
+
 async def test_deferral_is_capped_and_can_be_off(env: Env) -> None:
     q = await env.open(defer_uploads=0.5)
     writing = await q.open_slot("/open-for-long")
     await q.stage("/capped", "capped", b"c")
-    for _ in range(60):
-        if env.obj("capped") is not None:
-            break
-        await asyncio.sleep(0.05)
+    await _until(lambda: env.obj("capped") is not None, 3)
     assert env.obj("capped") == b"c"  # uploaded within the cap though the slot is still open
     await q.discard_slot(writing.token)
     await q.close()
     q = await env.open(defer_uploads=0)
     writing = await q.open_slot("/open")
     await q.stage("/at-once", "at-once", b"a")
-    for _ in range(40):
-        if env.obj("at-once") is not None:
-            break
-        await asyncio.sleep(0.025)
+    await _until(lambda: env.obj("at-once") is not None, 1)
     assert env.obj("at-once") == b"a"
     await q.discard_slot(writing.token)
     await q.close()
