@@ -206,8 +206,7 @@ class Staged:
             raise
         committed.close()
         self.file, self.frozen, self.slot = spool, False, slot
-        if slot is not None:
-            self._direct = self._open_direct(slot, spool.fileno(), size)
+        self._direct = self._open_direct(slot, spool.fileno(), size)
         if slot is None:
             self._hasher = None
 

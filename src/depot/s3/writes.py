@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import unquote
 
 from depot.client.client import version_of
+from depot.client.localwrites import LOCAL_WRITE_MIN
 from depot.core.errors import AlreadyExists, DepotError, NotFound, StaleVersion
 from depot.core.types import Attributes, FileStatus
 from depot.s3.bodies import BodyDigest, verified_body
@@ -35,7 +36,9 @@ from depot.s3.semantics import check_preconditions, parse_range, request_attribu
 MAX_DELETE_KEYS = 1000
 COPY_BLOCK = 4 * 1024 * 1024
 DELETE_CONCURRENCY = 16
-SMALL_BODY = 256 * 1024  # PUT bodies up to this are gathered and written as bytes
+# PUT bodies below this are gathered and written as bytes, in one request (what the client
+# does with a write this small anyway); larger ones stream (to a local write where it applies).
+SMALL_BODY = LOCAL_WRITE_MIN
 
 
 @runtime_checkable
