@@ -5,7 +5,8 @@ The dataset is many small files (1-8 MiB) and a few large ones (384 MiB), served
 per-connection rate). Prints one table (markdown), every figure measured in the same run:
 
 - this machine's limits: loopback TCP (one Python stream), page-cache read, and what a cache
-  fill costs the file system (create, write, rename page-sized files), on disk and on tmpfs;
+  fill costs the file system (create, write, rename page-sized files), on disk and on tmpfs,
+  through the page cache and with ``O_DIRECT`` (as a worker's load writes, where it can);
 - the UFS's own read rate: obstore reading every file of the dataset in page-sized ranges with as
   many requests in flight as a worker sends the under store (``worker.ufs_concurrency``);
 - ``depot load -r`` of the dataset into an empty cache, with 1 worker and with 2 (static
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
+import mmap
 import os
 import random
 import shutil
@@ -59,23 +62,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def page_files_write(root: Path, total: int = 1024 * MiB, size: int = 4 * MiB) -> float:
-    """What a cache fill costs the file system: create, write and rename ``size``-byte files."""
+def page_files_write(
+    root: Path, total: int = 1024 * MiB, size: int = 4 * MiB, direct_io: bool = False
+) -> float:
+    """What a cache fill costs the file system: create, write and rename ``size``-byte files
+    (with ``direct_io``: written with ``O_DIRECT`` from a reused aligned buffer)."""
     folder = Path(tempfile.mkdtemp(prefix="depot-write-probe-", dir=root))
     chunk = os.urandom(size)
+    aligned = mmap.mmap(-1, size) if direct_io else None
     try:
         t0 = time.perf_counter()
         for i in range(total // size):
-            tmp = folder / f".{i}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(fd, chunk)
-            finally:
-                os.close(fd)
-            os.rename(tmp, folder / str(i))
+            write_new_file(folder, i, chunk, aligned)
         return gbps(total, time.perf_counter() - t0)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if aligned is not None:
+            aligned.close()
 
 
 @contextlib.contextmanager
@@ -112,15 +115,59 @@ def make_dataset(root: Path, small: int, large: int, large_mib: int) -> dict[str
     return sizes
 
 
+def write_new_file(folder: Path, index: int, data: Any, aligned: mmap.mmap | None) -> None:
+    """Create, write and rename one page-sized file; with ``aligned`` (a page-sized buffer of
+    the calling thread), the data is copied there and written with ``O_DIRECT``."""
+    tmp = folder / f".{index}.tmp"
+    view = memoryview(data)
+    if aligned is None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, view)
+        finally:
+            os.close(fd)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+        try:
+            size = len(view) - len(view) % 4096
+            aligned[:size] = view[:size]
+            done = os.pwrite(fd, memoryview(aligned)[:size], 0) if size else 0
+            if done < len(view):
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                os.pwrite(fd, view[done:], done)
+        finally:
+            os.close(fd)
+    os.rename(tmp, folder / str(index))
+
+
+def takes_direct_io(root: Path) -> bool:
+    probe = root / ".direct-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return hasattr(os, "O_DIRECT")
+
+
 def direct_rate(
-    endpoint: str, sizes: dict[str, int], page: int, concurrency: int, fill: Path | None = None
+    endpoint: str,
+    sizes: dict[str, int],
+    page: int,
+    concurrency: int,
+    fill: Path | None = None,
+    direct_io: bool = False,
 ) -> float:
     """obstore: every file in page-sized ranges, ``concurrency`` requests in flight.
 
     With ``fill``, each range is also written to a new file there (create, write, rename, on 8
-    threads): what any preloader must at least do, without depot's index, checksums or HTTP.
+    threads): what any preloader must at least do, without depot's index, checksums or HTTP;
+    with ``direct_io`` as depot's load writes (``O_DIRECT`` from a reused aligned buffer).
     """
     import concurrent.futures
+    import threading
 
     import obstore
     from obstore.store import S3Store
@@ -131,16 +178,16 @@ def direct_rate(
               for name, size in sizes.items() for s in range(0, size, page)]
     folder = Path(tempfile.mkdtemp(prefix="depot-direct-fill-", dir=fill)) if fill else None
     pool = concurrent.futures.ThreadPoolExecutor(8)
+    buffers = threading.local()
 
     def store_page(index: int, data: Any) -> None:
         assert folder is not None
-        tmp = folder / f".{index}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, memoryview(data))
-        finally:
-            os.close(fd)
-        os.rename(tmp, folder / str(index))
+        aligned = None
+        if direct_io:
+            aligned = getattr(buffers, "page", None)
+            if aligned is None:
+                aligned = buffers.page = mmap.mmap(-1, page)
+        write_new_file(folder, index, data, aligned)
 
     async def go() -> int:
         sem = asyncio.Semaphore(concurrency)
@@ -167,10 +214,16 @@ def direct_rate(
 
 @contextlib.contextmanager
 def workers(
-    tmp: Path, name: str, count: int, s3: str, page: str, cache_root: Path | None = None
+    tmp: Path,
+    name: str,
+    count: int,
+    s3: str,
+    page: str,
+    cache_root: Path | None = None,
+    direct_io: bool = True,
 ) -> Iterator[tuple[list[str], list[int]]]:
     """``count`` worker processes (static membership when more than one); yields their
-    endpoints and pids.
+    endpoints and pids. ``direct_io``: their ``cache.preload_direct_io``.
 
     The page store goes under ``cache_root`` (default: ``tmp``), and is deleted at the end.
     """
@@ -183,7 +236,8 @@ def workers(
             base = scratch / f"{name}-{i}"
             cfg: dict[str, Any] = {
                 "worker": {"host": "127.0.0.1", "port": port},
-                "cache": {"page_size": page, "dirs": [{"path": str(base / "cache"), "size": "16GiB"}]},
+                "cache": {"page_size": page, "preload_direct_io": direct_io,
+                          "dirs": [{"path": str(base / "cache"), "size": "16GiB"}]},
                 "mounts": [{"path": "/", "ufs": "s3://bucket", "metadata": "immutable", "options": {
                     "endpoint": s3, "region": "us-east-1", "skip_signature": "true",
                     "path_style": "true"}}],
@@ -223,15 +277,35 @@ def depot_load(endpoint: str, verify: bool = False) -> tuple[float, dict[str, An
     return result
 
 
-def cached_pages(endpoints: list[str]) -> int:
-    async def go() -> int:
-        total = 0
+def read_all(endpoint: str, sizes: dict[str, int]) -> float:
+    """Read every file of the dataset once through a client (8 MiB reads, default settings:
+    short-circuit reads of the page files on this node); returns GB/s."""
+    async def go() -> float:
+        async with CacheClient(endpoint, ufs_fallback=False) as client:
+            buf = memoryview(bytearray(8 * MiB))
+            t0 = time.perf_counter()
+            for name, size in sizes.items():
+                for start in range(0, size, len(buf)):
+                    end = min(size, start + len(buf))
+                    await client.read_range_into(f"/ds/{name}", start, end, buf[: end - start])
+            return gbps(sum(sizes.values()), time.perf_counter() - t0)
+
+    result: float = asyncio.run(go())
+    return result
+
+
+def cached_pages(endpoints: list[str]) -> tuple[int, int]:
+    """Pages cached by the workers, and the bytes they wrote with O_DIRECT."""
+    async def go() -> tuple[int, int]:
+        pages = direct = 0
         for ep in endpoints:
             async with CacheClient(ep, ufs_fallback=False) as client:
-                total += int((await client.cache_stats())["pages"])
-        return total
+                stats = await client.cache_stats()
+                pages += int(stats["pages"])
+                direct += int(stats.get("direct_write_bytes", 0))
+        return pages, direct
 
-    result: int = asyncio.run(go())
+    result: tuple[int, int] = asyncio.run(go())
     return result
 
 
@@ -249,6 +323,9 @@ def main() -> None:
                         help="UFS server total rate caps to measure (0: none), comma-separated")
     parser.add_argument("--workers", default="1,2", help="cluster sizes to measure")
     parser.add_argument("--runs", type=int, default=2, help="best of N for the direct rate")
+    parser.add_argument("--page-cache-load", action=argparse.BooleanOptionalAction,
+                        default=True, help="also load with 1 worker whose pages go through the "
+                        "OS page cache (cache.preload_direct_io: false)")
     parser.add_argument("--fast-cache", default="/dev/shm",
                         help="also measure with the page store here (tmpfs: a disk that is not "
                         "the bottleneck); '' to skip")
@@ -281,16 +358,22 @@ def main() -> None:
         places: list[tuple[str, Path]] = [("disk", tmp)]
         if args.fast_cache and Path(args.fast_cache).is_dir():
             places.append((f"tmpfs {args.fast_cache}", Path(args.fast_cache)))
-        writes = {}
-        for where, root in places:
-            writes[where] = page_files_write(root, size=page)
+        # How each place is filled: through the page cache, and with O_DIRECT where it can be
+        # (a depot worker's load writes that way, cache.preload_direct_io).
+        fill_modes = [(where, root, False) for where, root in places] + [
+            (where, root, True) for where, root in places if takes_direct_io(root)
+        ]
+        for where, root, direct_io in fill_modes:
+            rate = page_files_write(root, size=page, direct_io=direct_io)
             os.sync()
-            row(f"machine: cache fill on {where}: create+write+rename {page // MiB} MiB files",
-                f"{writes[where]:.2f} GB/s")
+            how = "O_DIRECT " if direct_io else ""
+            row(f"machine: cache fill on {where}: create+{how}write+rename {page // MiB} MiB "
+                "files", f"{rate:.2f} GB/s")
 
         for cap in args.rate_total.split(","):
             with ufs_server(data, args.first_byte_ms, args.rate_per_conn, cap) as (s3, ufs_pid):
                 direct, direct_cpu = 0.0, 0.0
+                direct_rate(s3, sizes, page, args.ufs_concurrency)  # warm-up, not measured
                 for _ in range(args.runs):
                     before = cpu_seconds(ufs_pid)
                     rate = direct_rate(s3, sizes, page, args.ufs_concurrency)
@@ -302,39 +385,53 @@ def main() -> None:
                 row(f"  direct: obstore, every file in {page // MiB} MiB ranges, "
                     f"{args.ufs_concurrency} in flight", f"{direct:.2f} GB/s",
                     f"UFS server {direct_cpu:.1f} CPU-s")
-                fills = {}
-                for where, root in places:
-                    fills[where], fill_cpu = 0.0, 0.0
+                fills: dict[str, float] = {}
+                for where, root, direct_io in fill_modes:
+                    best, fill_cpu = 0.0, 0.0
                     for _ in range(args.runs):
                         before_cpu = cpu_seconds(os.getpid())
-                        fill = direct_rate(s3, sizes, page, args.ufs_concurrency, root)
-                        if fill > fills[where]:
-                            fills[where], fill_cpu = fill, cpu_seconds(os.getpid()) - before_cpu
+                        fill = direct_rate(s3, sizes, page, args.ufs_concurrency, root, direct_io)
+                        if fill > best:
+                            best, fill_cpu = fill, cpu_seconds(os.getpid()) - before_cpu
                         os.sync()
-                    row(f"  direct + fill: the same, each range written to a new file on {where}",
-                        f"{fills[where]:.2f} GB/s", f"what any preloader must do at least; "
+                    # depot is compared with the fill it does itself: O_DIRECT where it can.
+                    fills[where] = best if direct_io else fills.get(where, best)
+                    how = " with O_DIRECT" if direct_io else ""
+                    row(f"  direct + fill: the same, each range written to a new file on {where}"
+                        f"{how}", f"{best:.2f} GB/s", f"what any preloader must do at least; "
                         f"CPU-s: reader {fill_cpu:.1f}")
+                loads = [(int(c), True) for c in args.workers.split(",") if c]
+                if args.page_cache_load:
+                    loads.append((1, False))
                 for where, root in places:
-                    for count in [int(c) for c in args.workers.split(",") if c]:
-                        with workers(tmp, f"w{count}", count, s3, args.page_size, root) as (eps, pids):
+                    for count, direct_io in loads:
+                        mode = "" if direct_io else " (preload_direct_io: false)"
+                        with workers(tmp, f"w{count}{'' if direct_io else '-pc'}", count, s3, args.page_size, root,
+                                     direct_io) as (eps, pids):
                             before = [cpu_seconds(p) for p in [ufs_pid, *pids]]
                             seconds, doc = depot_load(eps[0])
                             used = [cpu_seconds(p) - b for p, b in zip([ufs_pid, *pids], before,
                                                                          strict=True)]
                             assert doc["state"] == "completed" and not doc["failures"], doc
-                            cached = cached_pages(eps)
+                            cached, direct_bytes = cached_pages(eps)
                             os.sync()
                             rate = gbps(total, seconds)
-                            row(f"  depot load -r, {count} worker(s), empty cache on {where}",
-                                f"{rate:.2f} GB/s",
+                            row(f"  depot load -r, {count} worker(s){mode}, empty cache on "
+                                f"{where}", f"{rate:.2f} GB/s",
                                 f"ratio {rate / direct:.2f} vs direct, {rate / fills[where]:.2f} vs "
                                 f"direct + fill; {seconds:.1f} s; {cached}/{pages} pages "
-                                f"cached; CPU-s: UFS server {used[0]:.1f}, worker(s) "
+                                f"cached ({direct_bytes / total:.0%} of the bytes with O_DIRECT); "
+                                f"CPU-s: UFS server {used[0]:.1f}, worker(s) "
                                 f"{sum(used[1:]):.1f}")
+                            if count == 1:
+                                first = read_all(eps[0], sizes)
+                                row(f"  read of the loaded dataset right after{mode} ({where})",
+                                    f"{first:.2f} GB/s", "a client on the same node, 8 MiB "
+                                    "reads; pages written with O_DIRECT come from the disk")
                             seconds, doc = depot_load(eps[0], verify=True)
                             assert doc["verify"]["missing"] == 0, doc
-                            row(f"  depot load -r --verify, {count} worker(s), all cached ({where})",
-                                f"{gbps(total, seconds):.2f} GB/s",
+                            row(f"  depot load -r --verify, {count} worker(s){mode}, all cached "
+                                f"({where})", f"{gbps(total, seconds):.2f} GB/s",
                                 f"{seconds:.1f} s: a lookup per page, then every page read back")
 
         row("machine: load average (1 min) at start, at end",

@@ -1,11 +1,12 @@
-"""``load_range`` holds at most ``ufs_concurrency`` fetched pages before the page store has them."""
+"""``load_range`` holds at most ``ufs_concurrency`` fetched pages before the page store has them,
+and asks the page store to write its pages around the OS page cache (reads do not)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from depot.core.types import PageId
+from depot.core.types import ByteRange, PageId
 from depot.metastore.store import MetadataStore
 from depot.namespace.mounts import Mount, MountTable
 from depot.pagestore.base import Buffer
@@ -22,8 +23,13 @@ class SlowPages(MemoryPageStore):
     service: ReadThroughService
     peak = 0
 
-    async def put(self, page: PageId, data: Buffer) -> bool:
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.hints: dict[PageId, bool] = {}
+
+    async def put(self, page: PageId, data: Buffer, *, bypass_os_cache: bool = False) -> bool:
         self.peak = max(self.peak, len(self.service._filling))
+        self.hints[page] = bypass_os_cache
         await asyncio.sleep(0.002)
         return await super().put(page, data)
 
@@ -54,3 +60,41 @@ def test_load_waits_for_the_page_store_instead_of_buffering(tmp_path: Path) -> N
             meta.close()
 
     asyncio.run(go())
+
+
+def test_load_pages_bypass_the_os_cache_and_read_pages_do_not(tmp_path: Path) -> None:
+    async def go(load_bypass: bool) -> tuple[dict[PageId, bool], str, str]:
+        bucket = MemoryBucket()
+        bucket.store("a.bin", bytes(PAGE * 4))
+        bucket.store("b.bin", bytes(PAGE * 4))
+        store = MemoryUnderStore(bucket)
+        pages = SlowPages(1 << 30, page_size=PAGE)
+        meta = MetadataStore(tmp_path / f"meta{load_bypass}")
+        service = ReadThroughService(
+            MountTable([Mount("/", "memory://b")]), pages, meta, lambda m: store,
+            prefetch_pages=0, load_bypass_os_cache=load_bypass,
+        )
+        pages.service = service
+        try:
+            loaded = await service.open("/a.bin")
+            await service.load_range(loaded, 0, loaded.status.size)
+            read = await service.open("/b.bin")
+            scratch = bytearray(PAGE)
+            async for _chunk in service.read_chunks(read, ByteRange(0, read.status.size), scratch):
+                pass
+            await service.close()
+            assert not service._loading
+            return pages.hints, loaded.file_id.key, read.file_id.key
+        finally:
+            meta.close()
+
+    hints, loaded, read = asyncio.run(go(True))
+    assert {p: v for p, v in hints.items() if p.file_key == loaded} == {
+        PageId(loaded, i): True for i in range(4)
+    }
+    assert {p: v for p, v in hints.items() if p.file_key == read} == {
+        PageId(read, i): False for i in range(4)
+    }
+    hints, _, _ = asyncio.run(go(False))
+    assert len(hints) == 8
+    assert not any(hints.values())

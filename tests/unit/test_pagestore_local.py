@@ -385,12 +385,13 @@ class DiskMeter:
             data: memoryview,
             tmp: str,
             path: str,
+            direct: object = None,
         ) -> object:
             unlink_all(unlink, rmdirs)
             with self.lock:
                 self.now += fmt.file_size(len(data))
                 self.peak = max(self.peak, self.now)
-            return real_write([], [], page, data, tmp, path)
+            return real_write([], [], page, data, tmp, path, direct)
 
         monkeypatch.setattr(local_mod, "_unlink_all", unlink_all)
         monkeypatch.setattr(local_mod, "_write_page", write_page)
@@ -667,4 +668,108 @@ async def test_cancelled_threaded_read_finishes_before_returning(tmp_path: Path)
     # The thread was done with the caller's buffer before the cancellation got through.
     assert buf == data
     assert await store.get(page) == data
+    await store.close()
+
+
+# ------------------------------------------------------------------ direct writes (preloads)
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` held in the OS page cache (``mincore`` of a private mapping)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        count = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * count)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        try:
+            if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(v & 1 for v in vec)
+        finally:
+            del address
+
+
+def takes_direct_io(root: Path) -> bool:
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return hasattr(os, "O_DIRECT")
+
+
+async def test_bypass_os_cache_writes_around_the_page_cache(tmp_path: Path) -> None:
+    if not takes_direct_io(tmp_path):
+        pytest.skip("the test dir's filesystem has no O_DIRECT")
+    store = await open_store(tmp_path / "c")
+    length = PAGE - 100  # an unaligned tail goes through the page cache with the trailer
+    data = payload(length, 7)
+    assert await store.put(PageId("f", 0), data, bypass_os_cache=True)
+    aligned = length - length % 4096
+    assert store.stats().direct_bytes == aligned
+    path = Path(store.page_file(PageId("f", 0)) or "")
+    # At most the pages of the tail and the trailer are cached (none of the direct part).
+    assert resident_pages(path) <= 2
+    assert await store.get(PageId("f", 0)) == data
+    assert await store.put(PageId("f", 1), data)  # without the hint: through the page cache
+    assert store.stats().direct_bytes == aligned
+    assert resident_pages(Path(store.page_file(PageId("f", 1)) or "")) >= aligned // 4096
+    await store.close()
+
+
+async def test_bypass_os_cache_falls_back_where_o_direct_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem without O_DIRECT (tmpfs, some network ones) gets the page the usual way,
+    once asked: the dir is remembered as one that takes no direct writes."""
+    store = await open_store(tmp_path / "c")
+    real_open = os.open
+    direct_opens = []
+
+    def refusing_open(path: str, flags: int, *args: int, **kw: object) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_opens.append(path)
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    for index in range(3):
+        data = payload(PAGE, 20 + index)
+        assert await store.put(PageId("f", index), data, bypass_os_cache=True)
+        assert await store.get(PageId("f", index)) == data
+    monkeypatch.undo()
+    assert len(direct_opens) == (1 if hasattr(os, "O_DIRECT") else 0)
+    stats = store.stats()
+    assert (stats.direct_bytes, stats.write_errors, stats.pages) == (0, 0, 3)
+    assert not list((tmp_path / "c").rglob("*.tmp"))
+    await store.close()
+
+
+async def test_direct_write_error_leaves_no_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device error of a direct write fails the put (counted), leaves no temp file and keeps
+    the page that was there."""
+    if not takes_direct_io(tmp_path):
+        pytest.skip("the test dir's filesystem has no O_DIRECT")
+    store = await open_store(tmp_path / "c")
+    old = payload(PAGE, 30)
+    assert await store.put(PageId("f", 0), old)
+
+    def failing_pwrite(*_args: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    assert not await store.put(PageId("f", 0), payload(PAGE, 31), bypass_os_cache=True)
+    monkeypatch.undo()
+    assert store.stats().write_errors == 1
+    assert not list((tmp_path / "c").rglob("*.tmp"))
+    assert not store.contains(PageId("f", 0)) or await store.get(PageId("f", 0)) == old
     await store.close()

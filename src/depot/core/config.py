@@ -73,6 +73,10 @@ class CacheConfig(_Model):
     # Statuses (and listing rows) the metadata cache keeps decoded in memory, beyond RocksDB:
     # a hot `ls` of a 10k-entry directory or a loader's stat of every file answers from here.
     metadata_memory_entries: int = Field(default=256 * 1024, ge=0)
+    # A preload (`depot load`) writes pages with O_DIRECT where the filesystem has it: to the
+    # disk, without filling the OS page cache with bytes nobody reads yet (on a VM that fill
+    # costs more CPU than receiving the bytes). Reads keep filling it: they come back soon.
+    preload_direct_io: bool = True
 
     _parse_size = field_validator("page_size", mode="before")(_size)
 

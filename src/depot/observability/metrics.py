@@ -117,6 +117,9 @@ PAGE_STORE: tuple[Stat, ...] = (
     _counter("depot_cache_rejected_pages_total",
              "Pages not cached because they are larger than any cache dir's quota.",
              "rejected_pages"),
+    _counter("depot_cache_direct_write_bytes_total",
+             "Bytes of pages written with O_DIRECT, around the OS page cache (preloads).",
+             "direct_write_bytes"),
 )
 
 WRITES: tuple[Stat, ...] = (

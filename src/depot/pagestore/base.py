@@ -27,6 +27,8 @@ class PageStoreStats:
     corrupt_dropped: int = 0
     rejected: int = 0
     write_errors: int = 0
+    # Bytes of pages written without filling the OS page cache (``bypass_os_cache``).
+    direct_bytes: int = 0
 
 
 class PageStore(abc.ABC):
@@ -53,11 +55,13 @@ class PageStore(abc.ABC):
         return bytes(buf)
 
     @abc.abstractmethod
-    async def put(self, page: PageId, data: Buffer) -> bool:
+    async def put(self, page: PageId, data: Buffer, *, bypass_os_cache: bool = False) -> bool:
         """Store ``data`` (at most ``page_size`` bytes) as ``page``, atomically.
 
         Evicts other pages to stay within the quota. Returns False if the page cannot be
         admitted (larger than the quota). Replaces an existing page with the same id.
+        ``bypass_os_cache`` is a hint for pages nobody reads soon (a preload): write them to
+        the disk without filling the operating system's page cache, where a store can.
         """
 
     @abc.abstractmethod

@@ -28,8 +28,10 @@ import fcntl
 import itertools
 import json
 import logging
+import mmap
 import os
 import shutil
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -56,6 +58,9 @@ BLOCK_SIZE = fmt.BLOCK_SIZE
 LOCK_NAME = ".lock"
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+#: Offsets, lengths and buffer addresses of direct writes are multiples of this.
+DIRECT_ALIGN = 4096
 _MEDIA_ERRORS = frozenset({errno.EIO, errno.ENODATA, getattr(errno, "EUCLEAN", 117)})
 
 
@@ -87,6 +92,7 @@ class _Dir:
     dying: int = 0
     count: int = 0
     lock_fd: int = -1
+    direct: bool = _O_DIRECT != 0  # False once the filesystem refused O_DIRECT (tmpfs)
 
     def __post_init__(self) -> None:
         self.pages_root = self.root / PAGES_DIR
@@ -183,6 +189,7 @@ class LocalPageStore(PageStore):
         self._inline_max = page_size if inline_read_max is None else inline_read_max
         self._nowait = _RWF_NOWAIT != 0
         self._scratch = memoryview(bytearray(2 * BLOCK_SIZE))
+        self._direct_buffers = _ThreadBuffers(page_size)
         self._io_threads = max(1, io_threads)
         self._pool: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -423,7 +430,7 @@ class LocalPageStore(PageStore):
 
     # ----------------------------------------------------------------- writes
 
-    async def put(self, page: PageId, data: Buffer) -> bool:
+    async def put(self, page: PageId, data: Buffer, *, bypass_os_cache: bool = False) -> bool:
         self._check_open()
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
@@ -451,9 +458,10 @@ class LocalPageStore(PageStore):
             unlink = [v.path for v in victims]
             rmdirs = self._empty_file_dirs(victims, keep=file_dir)
             batch, victims = victims, []
+            direct = self._direct_buffers if bypass_os_cache and target.direct else None
             try:
-                sums, cancelled = await self._run(
-                    _write_page, unlink, rmdirs, page, view, tmp, path
+                (sums, direct_bytes), cancelled = await self._run(
+                    _write_page, unlink, rmdirs, page, view, tmp, path, direct
                 )
             except DepotError:
                 raise
@@ -463,6 +471,13 @@ class LocalPageStore(PageStore):
                 return False
             finally:
                 self._release(batch, target, own)
+            if direct is not None:
+                if direct_bytes < 0:
+                    target.direct = False
+                    log.info("cache dir %s takes no direct writes: preloads fill the OS "
+                             "page cache", target.root)
+                else:
+                    self._stats.direct_bytes += direct_bytes
             entry = _Entry(page, target, size, need, path)
             self._attach(entry)
             self._remember_sums(entry, sums)
@@ -812,6 +827,7 @@ class LocalPageStore(PageStore):
             corrupt_dropped=s.corrupt_dropped,
             rejected=s.rejected,
             write_errors=s.write_errors,
+            direct_bytes=s.direct_bytes,
         )
 
     def dir_stats(self) -> list[DirStats]:
@@ -851,24 +867,66 @@ def _read_slow(
     return sums
 
 
+class _ThreadBuffers(threading.local):
+    """One page-sized, aligned buffer per I/O thread for direct writes: touched once, reused."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buffer: mmap.mmap | None = None
+
+    def get(self) -> mmap.mmap:
+        if self.buffer is None:
+            self.buffer = mmap.mmap(-1, self.size)
+        return self.buffer
+
+
 def _write_page(
-    unlink: list[str], rmdirs: list[str], page: PageId, data: memoryview, tmp: str, path: str
-) -> array[int]:
-    """Unlink replaced/evicted files, then write ``data`` to ``tmp`` and rename it to ``path``."""
+    unlink: list[str],
+    rmdirs: list[str],
+    page: PageId,
+    data: memoryview,
+    tmp: str,
+    path: str,
+    direct: _ThreadBuffers | None = None,
+) -> tuple[array[int], int]:
+    """Unlink replaced/evicted files, then write ``data`` to ``tmp`` and rename it to ``path``.
+
+    With ``direct`` buffers, the aligned part of the data is written with ``O_DIRECT`` from a
+    reused buffer (the copy into it costs far less than filling fresh page-cache pages), the
+    rest and the trailer through the page cache. Returns the block sums and the bytes written
+    directly (-1: the filesystem refuses ``O_DIRECT``; the page was written through the cache).
+    """
     _unlink_all(unlink, rmdirs)
     sums = fmt.block_sums(data)
     trailer = fmt.encode_trailer(page, len(data), sums)
     parent = os.path.dirname(tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    direct_bytes = 0
+    fd = -1
     for attempt in range(3):
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            if direct is not None and direct_bytes == 0:
+                try:
+                    fd = os.open(tmp, flags | _O_DIRECT, 0o644)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    direct_bytes = -1  # no O_DIRECT here: the ordinary way below
+            if fd < 0:
+                fd = os.open(tmp, flags, 0o644)
             break
         except FileNotFoundError:
             if attempt == 2:
                 raise
             os.makedirs(parent, exist_ok=True)  # a concurrent delete may remove an empty dir
     try:
-        _write_all(fd, [data, memoryview(trailer)])
+        parts = [data, memoryview(trailer)]
+        offset = 0
+        if direct is not None and direct_bytes == 0:
+            offset = _write_direct(fd, data, direct.get())
+            direct_bytes = offset
+            parts[0] = data[offset:]
+        _write_all(fd, parts, offset)
     except BaseException:
         os.close(fd)
         _unlink_quiet(tmp)
@@ -879,12 +937,38 @@ def _write_page(
     except BaseException:
         _unlink_quiet(tmp)
         raise
-    return sums
+    return sums, direct_bytes
 
 
-def _write_all(fd: int, parts: list[memoryview]) -> None:
+def _write_direct(fd: int, data: memoryview, buffer: mmap.mmap) -> int:
+    """Write the aligned head of ``data`` at offset 0 of ``fd`` (opened with ``O_DIRECT``),
+    then turn ``O_DIRECT`` off for the rest. Returns the bytes written."""
+    aligned = len(data) - len(data) % DIRECT_ALIGN
+    done = 0
+    if aligned:
+        view = memoryview(buffer)
+        try:
+            view[:aligned] = data[:aligned]
+            while done < aligned:
+                written = os.pwrite(fd, view[done:aligned], done)
+                if written <= 0 or written % DIRECT_ALIGN:
+                    done += max(written, 0)
+                    break  # a short direct write: the rest goes through the page cache
+                done += written
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        finally:
+            view.release()
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+    return done
+
+
+def _write_all(fd: int, parts: list[memoryview], offset: int = 0) -> None:
     while parts:
-        written = os.writev(fd, parts)
+        written = os.pwritev(fd, parts, offset)
+        offset += written
         while parts and written >= len(parts[0]):
             written -= len(parts[0])
             parts.pop(0)

@@ -58,7 +58,7 @@ class MemoryPageStore(PageStore):
         self._policy.touch(page)
         return True
 
-    async def put(self, page: PageId, data: Buffer) -> bool:
+    async def put(self, page: PageId, data: Buffer, *, bypass_os_cache: bool = False) -> bool:
         size = len(data)
         if size > self.page_size:
             raise InvalidArgument(f"page of {size} bytes exceeds the page size {self.page_size}")

@@ -132,6 +132,26 @@ class PageStoreContract:
         assert store.page_length(PageId("f", 1)) == 0
         assert await store.get(PageId("f", 1)) == b""
 
+    async def test_bypass_os_cache_keeps_the_bytes(self, store_factory: StoreFactory) -> None:
+        """The hint changes how a page is written, never what is read back (aligned or not)."""
+        store = await store_factory(capacity_for(8), PAGE)
+        lengths = [PAGE, PAGE - 1, 2 * BLOCK + 12_345, 8192, 4095, 100, 0]
+        for index, length in enumerate(lengths):
+            data = payload(length, 40 + index)
+            page = PageId("direct", index)
+            assert await store.put(page, data, bypass_os_cache=True)
+            assert store.page_length(page) == length
+            assert await store.get(page) == data
+            if length > 8:
+                assert await read_bytes(store, page, length - 7, 7) == data[-7:]
+        page = PageId("direct", 0)
+        plain = payload(PAGE, 50)
+        assert await store.put(page, plain)  # replaced without the hint, then with it again
+        assert await store.get(page) == plain
+        again = payload(PAGE - 4096, 51)
+        assert await store.put(page, again, bypass_os_cache=True)
+        assert await store.get(page) == again
+
     async def test_miss(self, store_factory: StoreFactory) -> None:
         store = await store_factory(capacity_for(4), PAGE)
         page = PageId("nothing", 0)
@@ -407,11 +427,11 @@ class PageStoreMachine(RuleBasedStateMachine):
 
     # -- rules
 
-    @rule(page=pages, length=lengths, seed=st.integers(0, 2**16))
-    def put(self, page: PageId, length: int, seed: int) -> None:
+    @rule(page=pages, length=lengths, seed=st.integers(0, 2**16), direct=st.booleans())
+    def put(self, page: PageId, length: int, seed: int, direct: bool) -> None:
         before = self.store.stats().evictions
         data = payload(length, seed)
-        assert self.run(self.store.put(page, data))
+        assert self.run(self.store.put(page, data, bypass_os_cache=direct))
         self.model[page] = data
         self.used(page)
         self.reconcile(before, {page})

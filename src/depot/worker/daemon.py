@@ -116,6 +116,7 @@ class Worker:
                 lambda mount: stores.get(mount.path) or self._open_store(mount),
                 ufs_concurrency=cfg.worker.ufs_concurrency,
                 prefetch_pages=cfg.worker.prefetch_pages,
+                load_bypass_os_cache=cfg.cache.preload_direct_io,
                 segment_size=0 if cfg.cluster.membership == "embedded" else cfg.cluster.segment_size,
             )
             writes = WriteService(

@@ -215,6 +215,7 @@ class ReadThroughService:
         read_window: int = 8,
         prefetch_pages: int = 32,
         segment_size: int = 0,
+        load_bypass_os_cache: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.mounts = mounts
@@ -241,6 +242,9 @@ class ReadThroughService:
         # have arrived instead of waiting for the whole page.
         self._partial: dict[PageId, _Fill] = {}
         self._fill_waiters: dict[PageId, asyncio.Event] = {}  # load jobs waiting on a fill
+        # Pages a load is fetching: stored with ``bypass_os_cache`` (nobody reads them yet).
+        self._loading: dict[PageId, int] = {}
+        self._load_bypass = load_bypass_os_cache
         # file key -> highest page read lately, in least-recently-used order (sequential detection)
         self._streams: dict[str, int] = {}
         self.stats = ReadStats()
@@ -716,7 +720,9 @@ class ReadThroughService:
 
     async def _store_page(self, page: PageId, data: Buffer) -> None:
         try:
-            await self.pages.put(page, data)
+            await self.pages.put(
+                page, data, bypass_os_cache=self._load_bypass and page in self._loading
+            )
         except OSError as exc:  # DepotError included: a full or failing disk costs a miss only
             log.warning("could not cache page %s: %s", page, exc)
         finally:
@@ -791,9 +797,18 @@ class ReadThroughService:
         in memory, so at most ``ufs_concurrency`` load pages are buffered and their buffers are
         reused rather than fresh memory being touched for every page.
         """
+        page = PageId(opened.file_id.key, index)
+        loading = self._loading
         async with self._load_slots:
-            nbytes = len(await self._fetch_page(opened, index))
-            await self._stored([PageId(opened.file_id.key, index)])
+            loading[page] = loading.get(page, 0) + 1
+            try:
+                nbytes = len(await self._fetch_page(opened, index))
+                await self._stored([page])
+            finally:
+                if loading[page] == 1:
+                    del loading[page]
+                else:
+                    loading[page] -= 1
         return nbytes
 
     async def _page_readable(self, page: PageId, scratch: bytearray) -> bool:
@@ -873,6 +888,7 @@ class ReadThroughService:
             evicted_bytes=store_stats.evicted_bytes,
             corrupt_dropped=store_stats.corrupt_dropped,
             rejected_pages=store_stats.rejected,
+            direct_write_bytes=store_stats.direct_bytes,
         )
         return out
 
