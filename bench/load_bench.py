@@ -406,7 +406,8 @@ def main() -> None:
                 for where, root in places:
                     for count, direct_io in loads:
                         mode = "" if direct_io else " (preload_direct_io: false)"
-                        with workers(tmp, f"w{count}{'' if direct_io else '-pc'}", count, s3, args.page_size, root,
+                        name = f"w{count}" if direct_io else f"w{count}-page-cache"
+                        with workers(tmp, name, count, s3, args.page_size, root,
                                      direct_io) as (eps, pids):
                             before = [cpu_seconds(p) for p in [ufs_pid, *pids]]
                             seconds, doc = depot_load(eps[0])
