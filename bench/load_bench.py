@@ -6,7 +6,8 @@ per-connection rate). Prints one table (markdown), every figure measured in the 
 
 - this machine's limits: loopback TCP (one Python stream), page-cache read, and what a cache
   fill costs the file system (create, write, rename page-sized files), on disk and on tmpfs,
-  through the page cache and with ``O_DIRECT`` (as a worker's load writes, where it can);
+  through the page cache and with ``O_DIRECT`` (as a worker's load does with
+  ``cache.preload_direct_io: true``);
 - the UFS's own read rate: obstore reading every file of the dataset in page-sized ranges with as
   many requests in flight as a worker sends the under store (``worker.ufs_concurrency``);
 - ``depot load -r`` of the dataset into an empty cache, with 1 worker and with 2 (static
@@ -220,7 +221,7 @@ def workers(
     s3: str,
     page: str,
     cache_root: Path | None = None,
-    direct_io: bool = True,
+    direct_io: bool = False,
 ) -> Iterator[tuple[list[str], list[int]]]:
     """``count`` worker processes (static membership when more than one); yields their
     endpoints and pids. ``direct_io``: their ``cache.preload_direct_io``.
@@ -323,9 +324,9 @@ def main() -> None:
                         help="UFS server total rate caps to measure (0: none), comma-separated")
     parser.add_argument("--workers", default="1,2", help="cluster sizes to measure")
     parser.add_argument("--runs", type=int, default=2, help="best of N for the direct rate")
-    parser.add_argument("--page-cache-load", action=argparse.BooleanOptionalAction,
-                        default=True, help="also load with 1 worker whose pages go through the "
-                        "OS page cache (cache.preload_direct_io: false)")
+    parser.add_argument("--direct-io-load", action=argparse.BooleanOptionalAction,
+                        default=True, help="also load with 1 worker that writes its pages with "
+                        "O_DIRECT (cache.preload_direct_io: true)")
     parser.add_argument("--fast-cache", default="/dev/shm",
                         help="also measure with the page store here (tmpfs: a disk that is not "
                         "the bottleneck); '' to skip")
@@ -359,7 +360,7 @@ def main() -> None:
         if args.fast_cache and Path(args.fast_cache).is_dir():
             places.append((f"tmpfs {args.fast_cache}", Path(args.fast_cache)))
         # How each place is filled: through the page cache, and with O_DIRECT where it can be
-        # (a depot worker's load writes that way, cache.preload_direct_io).
+        # (as a worker's load does with cache.preload_direct_io: true).
         fill_modes = [(where, root, False) for where, root in places] + [
             (where, root, True) for where, root in places if takes_direct_io(root)
         ]
@@ -385,7 +386,7 @@ def main() -> None:
                 row(f"  direct: obstore, every file in {page // MiB} MiB ranges, "
                     f"{args.ufs_concurrency} in flight", f"{direct:.2f} GB/s",
                     f"UFS server {direct_cpu:.1f} CPU-s")
-                fills: dict[str, float] = {}
+                fills: dict[tuple[str, bool], float] = {}
                 for where, root, direct_io in fill_modes:
                     best, fill_cpu = 0.0, 0.0
                     for _ in range(args.runs):
@@ -394,19 +395,18 @@ def main() -> None:
                         if fill > best:
                             best, fill_cpu = fill, cpu_seconds(os.getpid()) - before_cpu
                         os.sync()
-                    # depot is compared with the fill it does itself: O_DIRECT where it can.
-                    fills[where] = best if direct_io else fills.get(where, best)
+                    fills[where, direct_io] = best  # a load is compared with the same fill
                     how = " with O_DIRECT" if direct_io else ""
                     row(f"  direct + fill: the same, each range written to a new file on {where}"
                         f"{how}", f"{best:.2f} GB/s", f"what any preloader must do at least; "
                         f"CPU-s: reader {fill_cpu:.1f}")
-                loads = [(int(c), True) for c in args.workers.split(",") if c]
-                if args.page_cache_load:
-                    loads.append((1, False))
+                loads = [(int(c), False) for c in args.workers.split(",") if c]
+                if args.direct_io_load:
+                    loads.append((1, True))
                 for where, root in places:
                     for count, direct_io in loads:
-                        mode = "" if direct_io else " (preload_direct_io: false)"
-                        name = f"w{count}" if direct_io else f"w{count}-page-cache"
+                        mode = " (preload_direct_io: true)" if direct_io else ""
+                        name = f"w{count}-direct-io" if direct_io else f"w{count}"
                         with workers(tmp, name, count, s3, args.page_size, root,
                                      direct_io) as (eps, pids):
                             before = [cpu_seconds(p) for p in [ufs_pid, *pids]]
@@ -417,9 +417,10 @@ def main() -> None:
                             cached, direct_bytes = cached_pages(eps)
                             os.sync()
                             rate = gbps(total, seconds)
+                            fill_rate = fills.get((where, direct_io), fills[where, False])
                             row(f"  depot load -r, {count} worker(s){mode}, empty cache on "
                                 f"{where}", f"{rate:.2f} GB/s",
-                                f"ratio {rate / direct:.2f} vs direct, {rate / fills[where]:.2f} vs "
+                                f"ratio {rate / direct:.2f} vs direct, {rate / fill_rate:.2f} vs "
                                 f"direct + fill; {seconds:.1f} s; {cached}/{pages} pages "
                                 f"cached ({direct_bytes / total:.0%} of the bytes with O_DIRECT); "
                                 f"CPU-s: UFS server {used[0]:.1f}, worker(s) "
@@ -427,8 +428,8 @@ def main() -> None:
                             if count == 1:
                                 first = read_all(eps[0], sizes)
                                 row(f"  read of the loaded dataset right after{mode} ({where})",
-                                    f"{first:.2f} GB/s", "a client on the same node, 8 MiB "
-                                    "reads; pages written with O_DIRECT come from the disk")
+                                    f"{first:.2f} GB/s", "a client on the same node, 8 MiB reads"
+                                    + ("; the pages come from the disk" if direct_io else ""))
                             seconds, doc = depot_load(eps[0], verify=True)
                             assert doc["verify"]["missing"] == 0, doc
                             row(f"  depot load -r --verify, {count} worker(s){mode}, all cached "

@@ -148,6 +148,51 @@ def test_load_caches_every_page_and_reads_then_hit(worker: LocalWorker, data: Pa
     assert stats(worker.endpoint)["ufs_reads"] == before["ufs_reads"]
 
 
+def _takes_direct_io(root: Path) -> bool:
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return hasattr(os, "O_DIRECT")
+
+
+def test_preload_direct_io_writes_pages_around_the_page_cache(
+    tmp_path: Path, data: Path, worker: LocalWorker
+) -> None:
+    """``cache.preload_direct_io``: the pages of a load are written with O_DIRECT (their aligned
+    part), reads and verify see exactly the UFS bytes; by default nothing is written that way."""
+    cache = tmp_path / "direct" / "cache"
+    if not _takes_direct_io(cache):
+        pytest.skip("the test dir's filesystem has no O_DIRECT")
+    expected = sum(
+        min(PAGE, size - start) // 4096 * 4096
+        for size in SIZES.values() for start in range(0, size, PAGE)
+    )
+    with LocalWorker(data.as_uri(), cache, page_size=PAGE, cache_size="64MiB",
+                     extra={"cache": {"preload_direct_io": True}}) as direct:
+        doc = load(direct.endpoint, "/", recursive=True)
+        assert doc["state"] == "completed" and doc["failures"] == []
+        assert stats(direct.endpoint)["direct_write_bytes"] == expected
+
+        async def read_all() -> None:
+            async with CacheClient(direct.endpoint, ufs_fallback=False) as client:
+                for name, size in SIZES.items():
+                    got = await client.read_range("/" + name, 0, size)
+                    assert got == (data / name).read_bytes()
+
+        run(read_all())
+        after = stats(direct.endpoint)
+        assert after["misses"] == 0 and after["ufs_reads"] == doc["pages"]["loaded"]
+        checked = load(direct.endpoint, "/", recursive=True, verify=True)
+        assert checked["verify"]["missing"] == 0
+    load(worker.endpoint, "/", recursive=True)
+    assert stats(worker.endpoint)["direct_write_bytes"] == 0
+
+
 def test_directory_without_recursive_is_one_level_and_file_is_itself(worker: LocalWorker) -> None:
     doc = load(worker.endpoint, "/dir")
     assert doc["files"]["done"] == 2  # a.bin, b.bin; not sub/

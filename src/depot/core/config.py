@@ -74,9 +74,10 @@ class CacheConfig(_Model):
     # a hot `ls` of a 10k-entry directory or a loader's stat of every file answers from here.
     metadata_memory_entries: int = Field(default=256 * 1024, ge=0)
     # A preload (`depot load`) writes pages with O_DIRECT where the filesystem has it: to the
-    # disk, without filling the OS page cache with bytes nobody reads yet (on a VM that fill
-    # costs more CPU than receiving the bytes). Reads keep filling it: they come back soon.
-    preload_direct_io: bool = True
+    # disk only, not into the OS page cache. For datasets larger than memory (a preload does
+    # not evict what readers use) and VMs where filling fresh page-cache memory costs more CPU
+    # than receiving the bytes; the first read of such pages comes from the disk.
+    preload_direct_io: bool = False
 
     _parse_size = field_validator("page_size", mode="before")(_size)
 

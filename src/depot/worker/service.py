@@ -215,7 +215,7 @@ class ReadThroughService:
         read_window: int = 8,
         prefetch_pages: int = 32,
         segment_size: int = 0,
-        load_bypass_os_cache: bool = True,
+        load_bypass_os_cache: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.mounts = mounts
