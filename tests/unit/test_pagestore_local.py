@@ -773,3 +773,21 @@ async def test_direct_write_error_leaves_no_page(
     assert not list((tmp_path / "c").rglob("*.tmp"))
     assert not store.contains(PageId("f", 0)) or await store.get(PageId("f", 0)) == old
     await store.close()
+
+
+async def test_direct_writes_of_pages_larger_than_the_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages larger than a thread's direct buffer are written through it a piece at a time."""
+    if not takes_direct_io(tmp_path):
+        pytest.skip("the test dir's filesystem has no O_DIRECT")
+    monkeypatch.setattr(local_mod, "DIRECT_BUFFER", 3 * 4096)
+    store = await open_store(tmp_path / "c")
+    for index, length in enumerate([PAGE, PAGE - 5000, 3 * 4096 + 1, 7 * 4096]):
+        data = payload(length, 60 + index)
+        assert await store.put(PageId("big", index), data, bypass_os_cache=True)
+        assert await store.get(PageId("big", index)) == data
+    assert store.stats().direct_bytes == sum(
+        n - n % 4096 for n in [PAGE, PAGE - 5000, 3 * 4096 + 1, 7 * 4096]
+    )
+    await store.close()

@@ -61,6 +61,8 @@ _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 #: Offsets, lengths and buffer addresses of direct writes are multiples of this.
 DIRECT_ALIGN = 4096
+#: The aligned buffer of each I/O thread that direct writes go through (a multiple of it).
+DIRECT_BUFFER = 8 * 1024 * 1024
 _MEDIA_ERRORS = frozenset({errno.EIO, errno.ENODATA, getattr(errno, "EUCLEAN", 117)})
 
 
@@ -189,7 +191,7 @@ class LocalPageStore(PageStore):
         self._inline_max = page_size if inline_read_max is None else inline_read_max
         self._nowait = _RWF_NOWAIT != 0
         self._scratch = memoryview(bytearray(2 * BLOCK_SIZE))
-        self._direct_buffers = _ThreadBuffers(page_size)
+        self._direct_buffers = _ThreadBuffers(min(page_size, DIRECT_BUFFER))
         self._io_threads = max(1, io_threads)
         self._pool: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -868,7 +870,7 @@ def _read_slow(
 
 
 class _ThreadBuffers(threading.local):
-    """One page-sized, aligned buffer per I/O thread for direct writes: touched once, reused."""
+    """One aligned buffer per I/O thread for direct writes: touched once, reused."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -942,24 +944,32 @@ def _write_page(
 
 def _write_direct(fd: int, data: memoryview, buffer: mmap.mmap) -> int:
     """Write the aligned head of ``data`` at offset 0 of ``fd`` (opened with ``O_DIRECT``),
-    then turn ``O_DIRECT`` off for the rest. Returns the bytes written."""
+    through ``buffer`` a piece at a time, then turn ``O_DIRECT`` off for the rest. Returns the
+    bytes written."""
     aligned = len(data) - len(data) % DIRECT_ALIGN
     done = 0
-    if aligned:
-        view = memoryview(buffer)
-        try:
-            view[:aligned] = data[:aligned]
-            while done < aligned:
-                written = os.pwrite(fd, view[done:aligned], done)
+    view = memoryview(buffer)
+    try:
+        while done < aligned:
+            count = min(len(view), aligned - done)
+            view[:count] = data[done : done + count]
+            piece = 0
+            while piece < count:
+                written = os.pwrite(fd, view[piece:count], done + piece)
                 if written <= 0 or written % DIRECT_ALIGN:
-                    done += max(written, 0)
-                    break  # a short direct write: the rest goes through the page cache
-                done += written
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-        finally:
-            view.release()
+                    # A short direct write: the rest goes through the page cache.
+                    return _end_direct(fd, done + piece + max(written, 0))
+                piece += written
+            done += count
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        view.release()
+    return _end_direct(fd, done)
+
+
+def _end_direct(fd: int, done: int) -> int:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
     return done
