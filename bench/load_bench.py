@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from read_bench import gbps, loopback_tcp, page_cache_read, write_file
 
 from depot.client.client import CacheClient
+from depot.core.directio import takes_direct_io
 
 PY = sys.executable
 MiB = 1024 * 1024
@@ -140,17 +141,6 @@ def write_new_file(folder: Path, index: int, data: Any, aligned: mmap.mmap | Non
         finally:
             os.close(fd)
     os.rename(tmp, folder / str(index))
-
-
-def takes_direct_io(root: Path) -> bool:
-    probe = root / ".direct-probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
-    except OSError:
-        return False
-    finally:
-        probe.unlink(missing_ok=True)
-    return hasattr(os, "O_DIRECT")
 
 
 def direct_rate(

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from depot.client.client import CacheClient
+from depot.core.directio import takes_direct_io
 from depot.core.errors import InvalidArgument, NotFound, PermissionDenied
 from depot.core.types import PageId
 from depot.placement.membership import EmbeddedRegistry
@@ -148,25 +149,14 @@ def test_load_caches_every_page_and_reads_then_hit(worker: LocalWorker, data: Pa
     assert stats(worker.endpoint)["ufs_reads"] == before["ufs_reads"]
 
 
-def _takes_direct_io(root: Path) -> bool:
-    root.mkdir(parents=True, exist_ok=True)
-    probe = root / "probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
-    except OSError:
-        return False
-    finally:
-        probe.unlink(missing_ok=True)
-    return hasattr(os, "O_DIRECT")
-
-
 def test_preload_direct_io_writes_pages_around_the_page_cache(
     tmp_path: Path, data: Path, worker: LocalWorker
 ) -> None:
     """``cache.preload_direct_io``: the pages of a load are written with O_DIRECT (their aligned
     part), reads and verify see exactly the UFS bytes; by default nothing is written that way."""
     cache = tmp_path / "direct" / "cache"
-    if not _takes_direct_io(cache):
+    cache.mkdir(parents=True)
+    if not takes_direct_io(cache):
         pytest.skip("the test dir's filesystem has no O_DIRECT")
     expected = sum(
         min(PAGE, size - start) // 4096 * 4096

@@ -220,3 +220,21 @@ def test_a_forked_child_gets_threads_of_its_own(tmp_path: Path) -> None:
     io.close()
     assert done, "the child's write hung"
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_takes_direct_io_probes_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directio.takes_direct_io(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the probe is gone, whatever the answer
+    assert directio.takes_direct_io(tmp_path / "missing") is False
+    real_open = os.open
+
+    def refusing_open(path: str, flags: int, *args: int) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    assert directio.takes_direct_io(tmp_path) is False
+    assert list(tmp_path.iterdir()) == []

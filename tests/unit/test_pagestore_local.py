@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from depot.core.config import CacheConfig
+from depot.core.directio import takes_direct_io
 from depot.core.errors import ConfigError, InvalidArgument, Unavailable
 from depot.core.types import FileId, PageId
 from depot.pagestore import BLOCK_SIZE, LocalPageStore, PageStore
@@ -691,18 +692,6 @@ def resident_pages(path: Path) -> int:
             return sum(v & 1 for v in vec)
         finally:
             del address
-
-
-def takes_direct_io(root: Path) -> bool:
-    root.mkdir(parents=True, exist_ok=True)
-    probe = root / "probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
-    except OSError:
-        return False
-    finally:
-        probe.unlink(missing_ok=True)
-    return hasattr(os, "O_DIRECT")
 
 
 async def test_bypass_os_cache_writes_around_the_page_cache(tmp_path: Path) -> None:

@@ -113,6 +113,22 @@ class DirectIO:
             _free(buffer)
 
 
+def takes_direct_io(directory: str | os.PathLike[str]) -> bool:
+    """Whether files in ``directory`` can be opened with ``O_DIRECT`` (tmpfs and some network
+    filesystems refuse it). Creates and removes a probe file there."""
+    if not _O_DIRECT:
+        return False
+    probe = os.path.join(directory, f".depot-direct-probe.{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | _O_DIRECT, 0o600))
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return True
+
+
 def _free(buffer: mmap.mmap) -> None:
     try:
         buffer.close()
@@ -271,4 +287,6 @@ class DirectWriter:
         self._buffers.clear()
 
 
-__all__ = ["ALIGN", "BUFFER", "MIN_RUN", "DirectIO", "DirectWriter", "pwrite_all"]
+__all__ = [
+    "ALIGN", "BUFFER", "MIN_RUN", "DirectIO", "DirectWriter", "pwrite_all", "takes_direct_io"
+]
