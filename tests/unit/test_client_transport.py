@@ -8,6 +8,7 @@ integration tests.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import socket
@@ -206,6 +207,66 @@ async def test_body_lands_in_destination_buffer(serve) -> None:
     response = await pool.request("/x", dest=memoryview(dest))
     assert response.length == len(payload) and response.body == b""
     assert dest[: len(payload)] == payload and dest[len(payload) :] == bytes(10)
+    pool.close()
+
+
+async def test_large_body_wakes_the_client_for_its_last_bytes(serve) -> None:
+    """A large body is received with a low-water mark on the socket; the tail of the body, below
+    that mark and sent after a pause, must still wake the client, and the next response (a head,
+    then a tiny body) must not wait for the mark either."""
+    payload = bytes(range(256)) * 8192  # 2 MiB
+    pieces = (0, 1_500_000, 1_800_000, len(payload) - 1, len(payload))
+
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        if req.path == "/small":
+            w.write(http(200, b"", {"Content-Length": "10"}))
+            await w.drain()
+            await asyncio.sleep(0.1)
+            w.write(b"0123456789")
+            return True
+        w.write(http(206, b"", {"Content-Length": str(len(payload))}))
+        for lo, hi in itertools.pairwise(pieces):
+            w.write(payload[lo:hi])
+            await w.drain()
+            await asyncio.sleep(0.1)
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server, timeout=2.0)
+    dest = bytearray(len(payload))
+    async with asyncio.timeout(5):
+        response = await pool.request("/large", dest=memoryview(dest))
+    assert response.length == len(payload) and dest == payload
+    (conn,) = pool._idle
+    if conn._sock is not None:  # where SO_RCVLOWAT exists: back to 1 byte between responses
+        assert conn._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    async with asyncio.timeout(5):
+        small = await pool.request("/small")
+    assert bytes(small.body) == b"0123456789" and pool.connects == 1
+    pool.close()
+
+
+async def test_body_trickling_below_the_low_water_mark_does_not_time_out(serve) -> None:
+    """Bytes that keep coming, too few to reach the low-water mark within the timeout, are
+    progress: the request must not time out."""
+    payload = bytes(range(256)) * 8192  # 2 MiB: the mark is 1 MiB
+    trickle = 64 * 1024 * 10  # 640 KiB over 0.6 s, longer than the timeout
+
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(206, b"", {"Content-Length": str(len(payload))}))
+        for lo in range(0, trickle, 64 * 1024):
+            w.write(payload[lo : lo + 64 * 1024])
+            await w.drain()
+            await asyncio.sleep(0.06)
+        w.write(payload[trickle:])
+        return True
+
+    server = await serve(respond)
+    pool = pool_for(server, timeout=0.4)
+    dest = bytearray(len(payload))
+    async with asyncio.timeout(5):
+        response = await pool.request("/x", dest=memoryview(dest))
+    assert response.length == len(payload) and dest == payload
     pool.close()
 
 
