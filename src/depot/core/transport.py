@@ -210,7 +210,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._sent = 0  # request body bytes handed to the transport (the watchdog counts them)
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._sock: Any = None  # the socket, where its low-water mark may be set
+        self._sock: Any = None  # the socket (asyncio's view of it), where marks can be set
         self._low_water = 1  # its SO_RCVLOWAT now
         self.closed = False
         self.keep_alive = True
@@ -371,7 +371,10 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
         except OSError:
-            self._sock = None  # not supported here: every segment wakes the loop, as before
+            # Not supported here (every segment wakes the loop, as before), or the socket is
+            # gone: set no more marks, and leave the idle timeout to judge the connection.
+            self._sock = None
+            self._low_water = 1
             return
         self._low_water = nbytes
 
