@@ -343,8 +343,10 @@ def test_endpoint_from_environment(worker: LocalWorker, monkeypatch: pytest.Monk
 # -- versions ----------------------------------------------------------------------------------------
 
 
-def test_open_file_is_pinned_to_its_version(tmp_path: Path) -> None:
-    """With revalidation on every read, an overwrite makes the open file fail, never mix."""
+@pytest.mark.parametrize("short_circuit", [True, False])
+def test_open_file_is_pinned_to_its_version(tmp_path: Path, short_circuit: bool) -> None:
+    """With revalidation on every read, an overwrite makes the open file fail, never mix
+    (whether the worker's pages are read here or over HTTP from this thread)."""
     (tmp_path / "ufs").mkdir()
     target = tmp_path / "ufs" / "f.bin"
     old = b"A" * (3 * PAGE)
@@ -355,7 +357,8 @@ def test_open_file_is_pinned_to_its_version(tmp_path: Path) -> None:
         page_size=PAGE,
         metadata="always",
     ) as w:
-        fs = DepotFileSystem(endpoint=w.endpoint, config=DepotConfig(), skip_instance_cache=True)
+        config = DepotConfig(client={"short_circuit": short_circuit})
+        fs = DepotFileSystem(endpoint=w.endpoint, config=config, skip_instance_cache=True)
         with fs.open("/f.bin", read_ahead=0) as f:
             assert f.read(PAGE) == old[:PAGE]
             target.write_bytes(b"B" * (3 * PAGE + 1))
@@ -366,6 +369,9 @@ def test_open_file_is_pinned_to_its_version(tmp_path: Path) -> None:
                 f.read(10)
         with fs.open("/f.bin") as f:
             assert f.read() == b"B" * (3 * PAGE + 1)
+        client = fs.client_now()
+        assert client is not None
+        assert (client.read_now_stats["served"] > 0) is not short_circuit
         fs.close()
 
 
@@ -421,6 +427,44 @@ def test_reads_continue_from_ufs_when_worker_stops(ufs: Path, tmp_path: Path) ->
         fs.info("/data/missing")
     df = pd.read_parquet(io.BytesIO(fs.cat_file("/data/t.parquet")))
     assert len(df) == 20_000
+    fs.close()
+
+
+def test_small_reads_from_plain_threads_skip_the_event_loop(ufs: Path, tmp_path: Path) -> None:
+    """Small sync reads of a remote worker go out from the caller's thread; every byte is the
+    same as through the loop, a changed file is still refused, a stopped worker still falls
+    back to the under store."""
+    config = DepotConfig(
+        mounts=[MountConfig(path="/", ufs=ufs.as_uri())], client={"short_circuit": False}
+    )
+    worker = LocalWorker(ufs_uri=ufs.as_uri(), cache_dir=tmp_path / "cache", page_size=PAGE).start()
+    fs = DepotFileSystem(endpoint=worker.endpoint, config=config, skip_instance_cache=True)
+    try:
+        assert fs.cat_file("/data/small.txt") == b"hello depot\n"  # the loop: routes, pools
+        client = fs.client_now()
+        assert client is not None
+        offsets = [0, 5, PAGE - 3, 2 * PAGE, len(BIG) - 4096, len(BIG) - 10, len(BIG)]
+        for off in offsets:
+            assert fs.cat_file("/data/big.bin", off, off + 4096) == BIG[off : off + 4096]
+        with fs.open("/data/big.bin", read_ahead=0) as f:
+            for off in reversed(offsets):
+                f.seek(off)
+                assert f.read(4096) == BIG[off : off + 4096]
+            buf = bytearray(70_000)
+            f.seek(PAGE - 100)
+            assert f.readinto(buf) == len(buf) and bytes(buf) == BIG[PAGE - 100 : PAGE + 69_900]
+        served = client.read_now_stats["served"]
+        assert served >= 2 * len(offsets) - 2, client.read_now_stats  # (reads at the end: none)
+        f = fs.open("/data/big.bin", read_ahead=0)
+        assert f.read(100) == BIG[:100]
+    finally:
+        worker.stop()
+    # A dead worker: each read is handed back to the loop, which reads the under store.
+    f.seek(PAGE)
+    assert f.read(4096) == BIG[PAGE : PAGE + 4096]
+    assert fs.cat_file("/data/big.bin", 10, 20) == BIG[10:20]
+    assert client.read_now_stats["handed_back"] >= 1
+    f.close()
     fs.close()
 
 

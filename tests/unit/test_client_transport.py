@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
@@ -28,7 +30,13 @@ from depot.core.errors import (
     Throttled,
     Unavailable,
 )
-from depot.core.transport import ConnectionPool, parse_endpoint, path_query
+from depot.core.transport import (
+    BlockingPool,
+    ConnectionPool,
+    error_from_response,
+    parse_endpoint,
+    path_query,
+)
 from depot.core.types import FileStatus
 
 
@@ -738,3 +746,194 @@ async def test_a_cut_response_falls_back_once_but_keeps_the_worker(serve, tmp_pa
         assert await client.read_range("/f", 0, 100) == DATA[:100]  # from the under store
         assert await client.read_range("/f", 0, 100) == b"w" * 100  # the worker again
     assert [r.path for r in server.requests] == ["/api/v1/cluster", *["/api/v1/read"] * 2]
+
+
+# -- blocking connections (reads from the caller's thread) -----------------------------------------
+
+
+def blocking_for(server: FakeServer, **kwargs: float) -> BlockingPool:
+    return BlockingPool(parse_endpoint(server.endpoint), **kwargs)
+
+
+async def test_blocking_pool_fills_the_buffer_and_keeps_the_connection(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        body = DATA[: int(req.params["n"])]
+        w.write(http(206, body, {"Content-Range": f"bytes 0-{len(body) - 1}/{len(DATA)}"}))
+        return True
+
+    server = await serve(respond)
+    pool = blocking_for(server)
+    out = bytearray(300_000)
+    for n in (10, 300_000, 4096):  # a body with the head, one in many segments, a small one
+        response = await asyncio.to_thread(
+            pool.get_into, f"/r?n={n}", [("Range", f"bytes=0-{n - 1}")], memoryview(out)
+        )
+        assert (response.status, response.length) == (206, n)
+        assert bytes(out[:n]) == DATA[:n]
+    assert (server.connections, pool.connects, pool.idle_connections) == (1, 1, 1)
+    assert [r.headers["range"] for r in server.requests] == [
+        "bytes=0-9", "bytes=0-299999", "bytes=0-4095"
+    ]
+    pool.close()
+    assert pool.idle_connections == 0
+    with pytest.raises(Unavailable, match="closed"):
+        pool.get_into("/r?n=1", [], memoryview(out))
+
+
+async def test_blocking_pool_replaces_a_stale_connection_once(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(200, b"ok"))
+        return False  # close after each response, without saying so
+
+    server = await serve(respond)
+    pool = blocking_for(server)
+    out = memoryview(bytearray(10))
+    assert (await asyncio.to_thread(pool.get_into, "/1", [], out)).length == 2
+    await asyncio.sleep(0.05)  # the server's FIN arrives while the connection is idle
+    assert (await asyncio.to_thread(pool.get_into, "/2", [], out)).length == 2
+    assert bytes(out[:2]) == b"ok" and server.connections == 2
+
+
+async def test_blocking_pool_does_not_retry_a_fresh_connection(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        return False  # close without answering
+
+    server = await serve(respond)
+    pool = blocking_for(server)
+    with pytest.raises(WorkerUnreachable, match="closed the connection"):
+        await asyncio.to_thread(pool.get_into, "/x", [], memoryview(bytearray(10)))
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"HTTX/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "malformed status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 2\r\n\r\nok", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", "chunked"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", "malformed Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + b"x" * 11, "11 bytes for a request of 10"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", "past the end of a response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nabc", "after 3 of 8 body bytes"),
+        (b"HTTP/1.1 500 X\r\nContent-Length: 100000\r\n\r\n", "error body"),
+        (b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 70_000, "response head over"),
+    ],
+)
+async def test_blocking_pool_refuses_bad_responses(serve, raw: bytes, message: str) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(raw)
+        return False  # and close: a cut body or head ends there
+
+    server = await serve(respond)
+    pool = blocking_for(server)
+    out = bytearray(10)
+    with pytest.raises(WorkerUnreachable, match=message):
+        await asyncio.to_thread(pool.get_into, "/x", [], memoryview(out))
+    assert pool.idle_connections == 0  # a connection in an unknown state is never reused
+
+
+async def test_blocking_pool_reads_error_bodies_and_keeps_the_connection(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(error(404, "NotFound", "no such file", "/f"))
+        return True
+
+    server = await serve(respond)
+    pool = blocking_for(server)
+    out = bytearray(10)
+    response = await asyncio.to_thread(pool.get_into, "/x", [], memoryview(out))
+    assert response.status == 404 and bytes(out) == bytes(10)  # not into the caller's buffer
+    assert isinstance(error_from_response(response, "/f"), NotFound)
+    assert pool.idle_connections == 1
+
+
+async def test_blocking_pool_times_out_on_silence(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(5)
+        return False
+
+    server = await serve(respond)
+    pool = blocking_for(server, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(WorkerTimeout, match=r"sent nothing for 0\.2s"):
+        await asyncio.to_thread(pool.get_into, "/x", [], memoryview(bytearray(10)))
+    assert time.monotonic() - started < 2
+    assert pool.idle_connections == 0
+
+
+def test_blocking_pool_connection_refused_and_plain_http_only() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        pool = BlockingPool(parse_endpoint(f"127.0.0.1:{sock.getsockname()[1]}"))
+        with pytest.raises(WorkerUnreachable, match="refused") as info:
+            pool.get_into("/x", [], memoryview(bytearray(1)))
+        assert info.value.connect_failed
+    with pytest.raises(InvalidArgument, match="plain HTTP only"):
+        BlockingPool(parse_endpoint("https://127.0.0.1:1"))
+
+
+async def test_blocking_pool_in_a_forked_child_opens_its_own_connection(serve, monkeypatch) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(200, b"ok"))
+        return True
+
+    server = await serve(respond)
+    pool = blocking_for(server)
+    out = memoryview(bytearray(2))
+    await asyncio.to_thread(pool.get_into, "/1", [], out)
+    parent = os.getpid()
+    monkeypatch.setattr("depot.core.transport.os.getpid", lambda: parent + 1)  # "after fork"
+    await asyncio.to_thread(pool.get_into, "/2", [], out)
+    assert (pool.connects, server.connections) == (2, 2)
+
+
+# -- CacheClient.read_now --------------------------------------------------------------------------
+
+
+async def test_read_now_serves_small_reads_in_the_calling_thread(worker) -> None:
+    _, server = worker
+    async with CacheClient(server.endpoint, config=config()) as client:
+        assert await client.read_range("/f", 0, 10) == DATA[:10]  # the loop learns the routes
+        out = bytearray(5000)
+        assert await asyncio.to_thread(client.read_now, "/f", 100, 4196, memoryview(out), None) == 4096
+        assert bytes(out[:4096]) == DATA[100:4196]
+        tail = await asyncio.to_thread(client.read_now, "/f", 999_000, 1_004_000, memoryview(out), '"e:v1"')
+        assert tail == 1000 and bytes(out[:1000]) == DATA[999_000:]
+        assert await asyncio.to_thread(client.read_now, "/f", 2_000_000, 2_000_010, memoryview(out), None) == 0
+        assert client.read_now_stats == {"served": 3, "handed_back": 0}
+        assert server.requests[-2].headers["if-match"] == '"e:v1"'
+        # Errors the worker reports are raised as on the loop path.
+        with pytest.raises(StaleVersion):
+            await asyncio.to_thread(client.read_now, "/f", 0, 10, memoryview(out), '"e:v0"')
+        with pytest.raises(IsADirectory):
+            await asyncio.to_thread(client.read_now, "/d", 0, 10, memoryview(out), None)
+        with pytest.raises(Throttled):
+            await asyncio.to_thread(client.read_now, "/busy", 0, 10, memoryview(out), None)
+        # Never on an event loop's own thread.
+        assert client.read_now("/f", 0, 10, memoryview(out), None) is None
+
+
+async def test_read_now_hands_back_what_the_loop_must_do(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        if req.path == "/api/v1/cluster":
+            w.write(http(404, b'{"error":{"code":"not_found","message":"no"}}'))
+            return True
+        w.write(http(206, b"x" * 10, {"Content-Range": "bytes 5-14/100"}))  # not what was asked
+        return True
+
+    server = await serve(respond)
+    out = memoryview(bytearray(10))
+    async with CacheClient(server.endpoint, config=config()) as client:
+        # No routes known yet: the loop must fetch them first.
+        assert await asyncio.to_thread(client.read_now, "/f", 0, 10, out, None) is None
+        await client.router.current_view()
+        assert await asyncio.to_thread(client.read_now, "/f", 0, 10, out, None) is None
+        assert client.read_now_stats == {"served": 0, "handed_back": 1}
+    async with CacheClient(server.endpoint, config=config(caller_thread_reads=False)) as client:
+        await client.router.current_view()
+        assert await asyncio.to_thread(client.read_now, "/f", 0, 10, out, None) is None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # a dead worker: handed back, the loop path fails over
+        async with CacheClient(f"http://127.0.0.1:{sock.getsockname()[1]}", config=config()) as client:
+            client.router._no_cluster = True
+            assert await asyncio.to_thread(client.read_now, "/f", 0, 10, out, None) is None
+            assert client.read_now_stats == {"served": 0, "handed_back": 1}

@@ -13,6 +13,7 @@ import builtins
 import io
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -33,9 +34,10 @@ from depot.client.shortcircuit import ShortCircuit
 from depot.client.uploads import WriteSource, open_source
 from depot.core.config import DepotConfig, MountConfig, load_config
 from depot.core.directio import DirectIO
-from depot.core.errors import DepotError, InvalidArgument, IsADirectory
+from depot.core.errors import DepotError, InvalidArgument, IsADirectory, Unavailable
 from depot.core.transport import (
     DEFAULT_ENDPOINT,
+    BlockingPool,
     ConnectionPool,
     Response,
     WorkerUnreachable,
@@ -152,6 +154,12 @@ class CacheClient:
         self.prefetcher = OpenPrefetcher(self.router, self.config, self.stat)
         #: Aligned buffers and write-behind threads of the local writes' direct writes.
         self.direct_io = DirectIO()
+        self.caller_thread_reads = settings.caller_thread_reads
+        self._blocking: dict[str, BlockingPool] = {}
+        self._blocking_lock = threading.Lock()
+        self._blocking_closed = False
+        #: Reads served by ``read_now`` and reads it handed back to the event loop path.
+        self.read_now_stats = {"served": 0, "handed_back": 0}
 
     @property
     def pool(self) -> ConnectionPool:
@@ -170,6 +178,11 @@ class CacheClient:
         await self.close()
 
     async def close(self) -> None:
+        with self._blocking_lock:
+            self._blocking_closed = True
+            blocking, self._blocking = self._blocking, {}
+        for blocking_pool in blocking.values():
+            blocking_pool.close()
         await self.prefetcher.close()
         await asyncio.to_thread(self.direct_io.close)
         if self.short_circuit is not None:
@@ -635,6 +648,85 @@ class CacheClient:
             return await fallback.read_into(path, start, end, dest, version), None
 
         return await self._call(from_worker, from_ufs, path, start)
+
+    def read_now(
+        self, path: str, start: int, end: int, dest: memoryview, version: str | None
+    ) -> int | None:
+        """Receive ``[start, end)`` into ``dest`` in the calling thread, on a blocking
+        connection to the worker of the bytes; the count (fewer at the end of the file).
+
+        For plain threads (never the event loop's): a read through the loop pays a thread
+        hand-off each way, which on a hot small read costs as much as the request itself. None
+        when the loop must serve the read: the feature is off, routes are not known or due for
+        a refresh, the worker is marked down, the range crosses a segment, or the worker could
+        not be reached or timed out (the loop path then fails over, as for any read). An error
+        the worker reports (a changed file, a missing one) is raised as the loop path would.
+        """
+        if not self.caller_thread_reads or end <= start or asyncio.events._get_running_loop():
+            return None  # (never block an event loop's thread)
+        router = self.router
+        if not router.view_is_current():
+            return None
+        segment_end = router.segment_end(start)
+        if segment_end is not None and end > segment_end:
+            return None
+        endpoint = router.targets(path, start)[0]
+        if router.is_down(endpoint):
+            return None
+        pool = self._blocking_pool(endpoint)
+        if pool is None:
+            return None
+        headers = [("Range", f"bytes={start}-{end - 1}")]
+        if version is not None:
+            headers.append(("If-Match", version))
+        stats = self.read_now_stats
+        try:
+            response = pool.get_into(path_query(READ, path), headers, dest[: end - start])
+        except Unavailable:  # unreachable, timed out, or this client closed
+            stats["handed_back"] += 1
+            return None
+        status = response.status
+        if status == 416:
+            count = 0  # at or past the end of the file
+        elif status >= 300:
+            error = error_from_response(response, path)
+            if isinstance(error, _UNREACHABLE):
+                stats["handed_back"] += 1
+                return None
+            raise error
+        elif (
+            status == 206 and _content_range_start(response.headers.get("content-range")) != start
+        ) or (status == 200 and start != 0):
+            stats["handed_back"] += 1
+            return None  # not the range asked for: the loop path reports it
+        else:
+            count = response.length
+        stats["served"] += 1
+        return count
+
+    def _blocking_pool(self, endpoint: str) -> BlockingPool | None:
+        pool = self._blocking.get(endpoint)
+        if pool is not None:
+            return pool
+        parsed = parse_endpoint(endpoint)
+        if parsed.scheme != "http":
+            return None  # TLS stays on the event loop
+        settings = self.config.client
+        with self._blocking_lock:
+            if self._blocking_closed:
+                return None
+            pool = self._blocking.get(endpoint)
+            if pool is None:
+                # Each wait for bytes is bounded by probe_after where the loop path would probe
+                # the worker then: past it, the read is handed to the loop, which does.
+                wait = settings.probe_after if settings.probe_after > 0 else settings.timeout
+                pool = BlockingPool(
+                    parsed,
+                    connect_timeout=settings.connect_timeout,
+                    timeout=min(wait, settings.timeout),
+                )
+                self._blocking[endpoint] = pool
+        return pool
 
     async def _first_chunk(
         self, path: str, start: int, end: int, version: str | None

@@ -32,7 +32,13 @@ from fsspec.spec import AbstractBufferedFile
 from fsspec.utils import stringify_path
 
 from depot.client.buffers import BufferPool, alloc_result, finish_result
-from depot.client.client import MIN_CHUNK, CacheClient, resolve_endpoint, version_of
+from depot.client.client import (
+    MIN_CHUNK,
+    SMALL_READ,
+    CacheClient,
+    resolve_endpoint,
+    version_of,
+)
 from depot.client.localwrites import LocalWrite
 from depot.client.shortcircuit import ShortCircuit
 from depot.core.config import DepotConfig, load_config
@@ -223,6 +229,56 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
             coro.close()
             raise NotImplementedError("blocking depot call from its own event loop")
         return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    def client_now(self) -> CacheClient | None:
+        """This filesystem's client on its loop, for use from a plain thread (None until the
+        loop has made one)."""
+        state = self._loops.get(self.loop)
+        return state.client if state is not None else None
+
+    def may_read_now(self, path: str, start: int, stop: int) -> bool:
+        """Whether ``read_now`` may serve this range (a cheap check before allocating for it)."""
+        client = self.client_now()
+        if client is None:
+            return False
+        short_circuit = client.short_circuit
+        if short_circuit is not None and short_circuit.is_local(path, start):
+            return True
+        return client.caller_thread_reads and stop - start <= SMALL_READ
+
+    def read_now(
+        self, path: str, start: int, stop: int, dest: memoryview, version: str | None
+    ) -> int | None:
+        """Bytes ``[start, stop)`` read in this plain thread, or None: the event loop must
+        serve the read. A local worker's pages are read from its page files; a read of up to
+        1 MiB from a worker known not to be local goes over a blocking connection from this
+        thread (``client.caller_thread_reads``), sparing the hand-off to the loop and back."""
+        client = self.client_now()
+        if client is None:
+            return None
+        short_circuit = client.short_circuit
+        if short_circuit is not None:
+            count = short_circuit.read_into_now(path, start, stop, dest, version)
+            if count is not None or not short_circuit.known_remote(path, start):
+                return count
+        if stop - start > SMALL_READ:
+            return None  # large reads go over several connections at once, from the loop
+        return client.read_now(path, start, stop, dest, version)
+
+    def cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        """``_cat_file`` from a plain thread; a range is read in this thread (``read_now``)
+        when it can be, without a trip to the event loop."""
+        if start is not None and end is not None and 0 <= start < end and not self.asynchronous:
+            stripped = self._strip_protocol(path)
+            if self.may_read_now(stripped, start, end):
+                result, view = alloc_result(end - start)
+                count = self.read_now(stripped, start, end, view, None)
+                if count is not None:
+                    return finish_result(result, view, count)
+        data: bytes = sync(self.loop, self._cat_file, path, start, end, **kwargs)
+        return data
 
     def prefetch_on_open(self, path: str, status: FileStatus) -> None:
         """A file was opened for reading: let the client start its prefetch when its mount
@@ -864,24 +920,19 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
         return b"".join(pieces)
 
     def _short_circuit(self) -> ShortCircuit | None:
-        state = self.fs._loops.get(self.fs.loop)  # this thread runs no loop: look it up
-        return state.client.short_circuit if state is not None else None
+        client = self.fs.client_now()
+        return client.short_circuit if client is not None else None
 
     def _read_now(self, start: int, stop: int, dest: memoryview) -> int | None:
-        """Bytes read from a local worker's page files in this thread, or None (then the
-        event loop serves the read)."""
-        short_circuit = self._short_circuit()
-        if short_circuit is None:
-            return None
-        return short_circuit.read_into_now(self.path, start, stop, dest, self.version)
+        """Bytes read in this thread, or None (then the event loop serves the read)."""
+        return self.fs.read_now(self.path, start, stop, dest, self.version)
 
     def _read_now_bytes(self, start: int, stop: int) -> bytes | None:
         """``_read_now`` into a new result (None if the loop must serve it)."""
-        short_circuit = self._short_circuit()
-        if short_circuit is None or not short_circuit.is_local(self.path, start):
+        if not self.fs.may_read_now(self.path, start, stop):
             return None
         result, view = alloc_result(stop - start)
-        count = short_circuit.read_into_now(self.path, start, stop, view, self.version)
+        count = self.fs.read_now(self.path, start, stop, view, self.version)
         return None if count is None else finish_result(result, view, count)
 
     def _direct_end(self, pos: int, stop: int) -> int:

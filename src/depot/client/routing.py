@@ -46,7 +46,11 @@ class _DownMark:
 
 
 class WorkerRouter:
-    """Routes requests to workers; not thread-safe (one event loop)."""
+    """Routes requests to workers; not thread-safe (one event loop).
+
+    ``targets``, ``is_down``, ``segment_end`` and ``view_is_current`` only read what is known,
+    so readers in other threads may call them (the caller-thread and short-circuit reads).
+    """
 
     def __init__(self, seed: str, config: DepotConfig, *, max_connections: int) -> None:
         self.seed = parse_endpoint(seed).url
@@ -194,6 +198,15 @@ class WorkerRouter:
         elif time.monotonic() - self._view_at > self.config.cluster.refresh_interval:
             self.refresh_soon()
         return self._view
+
+    def view_is_current(self) -> bool:
+        """Whether routes may be taken without the event loop: the view is known and not due
+        for a refresh (or the seed serves no cluster view). Fetching one is the loop's job."""
+        if self._no_cluster:
+            return True
+        return self._view is not None and (
+            time.monotonic() - self._view_at <= self.config.cluster.refresh_interval
+        )
 
     def refresh_soon(self) -> None:
         if self._no_cluster or (self._refreshing is not None and not self._refreshing.done()):

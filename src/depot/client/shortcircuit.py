@@ -162,6 +162,22 @@ class ShortCircuit:
         """
         return self._known_local(path, offset) is not None
 
+    def known_remote(self, path: str, offset: int) -> bool:
+        """Whether the worker for these bytes was found not readable here (within
+        ``PROBE_TTL``; no I/O). Reads over HTTP from the caller's thread are for those only:
+        a worker not checked yet is checked on the event loop, and a local one is read here."""
+        router = self.router
+        if self._closed:
+            return True
+        if router.view is None:
+            return False
+        local = self._locals.get(router.targets(path, offset)[0])
+        return (
+            local is not None
+            and local.files is None
+            and time.monotonic() - local.checked_at < PROBE_TTL
+        )
+
     def _known_local(self, path: str, offset: int) -> tuple[str, PageFiles] | None:
         """(endpoint, its page files) when the worker for these bytes is up and was found
         readable here within ``PROBE_TTL``; from what is known only, no I/O."""

@@ -263,6 +263,11 @@ class ClientConfig(_Model):
     # of its own, that the worker still answers (/healthz within connect_timeout); a hung or
     # cut-off worker is then left at once for the next one. 0 turns the check off.
     probe_after: float = Field(default=1.0, ge=0)
+    # Reads of up to 1 MiB that a plain thread makes through the sync API (fsspec's
+    # ``cat_file``, small reads of an open file) go out on a blocking connection from that
+    # thread, not through the event loop: no thread hand-off each way. Failures are handed to
+    # the event loop path, which fails over.
+    caller_thread_reads: bool = True
 
     _parse_size = field_validator("read_ahead", mode="before")(_size)
     _parse_duration = field_validator(
