@@ -94,6 +94,24 @@ def _connect_error(error: WorkerUnreachable | WorkerTimeout) -> WorkerUnreachabl
     return error
 
 
+def _connect_failure(
+    exc: OSError, label: str, connect_timeout: float
+) -> WorkerUnreachable | WorkerTimeout:
+    """The error for a connection to worker ``label`` that could not be made (no byte sent)."""
+    if isinstance(exc, TimeoutError):
+        error: WorkerUnreachable | WorkerTimeout = WorkerTimeout(
+            f"worker {label} did not accept a connection within {connect_timeout:g}s"
+        )
+    elif isinstance(exc, ConnectionRefusedError):
+        error = WorkerUnreachable(f"worker {label} refused the connection")
+    elif isinstance(exc, ssl.SSLError):
+        error = WorkerUnreachable(f"TLS handshake with worker {label} failed: {exc}")
+    else:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        error = WorkerUnreachable(f"cannot connect to worker {label}: {reason}")
+    return _connect_error(error)
+
+
 class _StaleConnection(WorkerUnreachable):
     """A kept-alive connection was closed before any byte of the response: safe to resend."""
 
@@ -620,25 +638,8 @@ class ConnectionPool:
                 await loop.create_connection(
                     lambda: conn, self.endpoint.host, self.endpoint.port, ssl=self._ssl
                 )
-        except TimeoutError:
-            raise _connect_error(
-                WorkerTimeout(
-                    f"worker {label} did not accept a connection within {self.connect_timeout:g}s"
-                )
-            ) from None
-        except ConnectionRefusedError:
-            raise _connect_error(
-                WorkerUnreachable(f"worker {label} refused the connection")
-            ) from None
-        except ssl.SSLError as exc:
-            raise _connect_error(
-                WorkerUnreachable(f"TLS handshake with worker {label} failed: {exc}")
-            ) from None
-        except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
-            raise _connect_error(
-                WorkerUnreachable(f"cannot connect to worker {label}: {reason}")
-            ) from None
+        except OSError as exc:  # TimeoutError and ssl.SSLError are OSErrors too
+            raise _connect_failure(exc, label, self.connect_timeout) from None
         self.connects += 1
         return conn
 
@@ -796,21 +797,8 @@ class BlockingPool:
             sock = socket.create_connection(
                 (self.endpoint.host, self.endpoint.port), timeout=self.connect_timeout
             )
-        except TimeoutError:
-            raise _connect_error(
-                WorkerTimeout(
-                    f"worker {label} did not accept a connection within {self.connect_timeout:g}s"
-                )
-            ) from None
-        except ConnectionRefusedError:
-            raise _connect_error(
-                WorkerUnreachable(f"worker {label} refused the connection")
-            ) from None
         except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
-            raise _connect_error(
-                WorkerUnreachable(f"cannot connect to worker {label}: {reason}")
-            ) from None
+            raise _connect_failure(exc, label, self.connect_timeout) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.timeout)
         self.connects += 1
