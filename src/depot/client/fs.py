@@ -265,18 +265,23 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
             return None  # large reads go over several connections at once, from the loop
         return client.read_now(path, start, stop, dest, version)
 
+    def read_now_bytes(self, path: str, start: int, stop: int, version: str | None) -> bytes | None:
+        """``read_now`` into a new result (None if the loop must serve it)."""
+        if not self.may_read_now(path, start, stop):
+            return None
+        result, view = alloc_result(stop - start)
+        count = self.read_now(path, start, stop, view, version)
+        return None if count is None else finish_result(result, view, count)
+
     def cat_file(
         self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
     ) -> bytes:
         """``_cat_file`` from a plain thread; a range is read in this thread (``read_now``)
         when it can be, without a trip to the event loop."""
         if start is not None and end is not None and 0 <= start < end and not self.asynchronous:
-            stripped = self._strip_protocol(path)
-            if self.may_read_now(stripped, start, end):
-                result, view = alloc_result(end - start)
-                count = self.read_now(stripped, start, end, view, None)
-                if count is not None:
-                    return finish_result(result, view, count)
+            now = self.read_now_bytes(self._strip_protocol(path), start, end, None)
+            if now is not None:
+                return now
         data: bytes = sync(self.loop, self._cat_file, path, start, end, **kwargs)
         return data
 
@@ -929,11 +934,7 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
 
     def _read_now_bytes(self, start: int, stop: int) -> bytes | None:
         """``_read_now`` into a new result (None if the loop must serve it)."""
-        if not self.fs.may_read_now(self.path, start, stop):
-            return None
-        result, view = alloc_result(stop - start)
-        count = self.fs.read_now(self.path, start, stop, view, self.version)
-        return None if count is None else finish_result(result, view, count)
+        return self.fs.read_now_bytes(self.path, start, stop, self.version)
 
     def _direct_end(self, pos: int, stop: int) -> int:
         """Where a direct fetch from ``pos`` should stop: ``stop`` or the next read-ahead block."""
