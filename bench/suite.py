@@ -19,7 +19,9 @@ Groups and what they measure:
 - ``cold``: one plain GET stream and boto3 ``download_file`` (its defaults) of the model, then
   a read of it through a fresh worker (``open().read(8 MiB)`` loop, client over HTTP);
 - ``hot``: the same file again from that worker: sequential over loopback HTTP, sequential
-  with short-circuit local reads, and 4 KiB random reads (``cat_file``);
+  with short-circuit local reads, and 4 KiB random reads (``cat_file``); with the sequential
+  figure, the ceiling of any server that checks what it serves: a bare threaded server doing
+  ``pread`` + xxh3 + ``sendall`` to a blocking 2-connection client (``hot_ceiling.py``);
 - ``metadata``: ``info`` of a cached file (p50 over ``--info-calls``), and ``ls`` of the
   listing directory (the second, cached listing is the figure);
 - ``multi``: ``--readers`` processes read the 2x model at once through one fresh worker (default
@@ -50,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers
 from cluster_bench import direct_ranges, ufs_bytes
+from hot_ceiling import bare_server, blocking_client
 from load_bench import cpu_seconds, ufs_server, workers
 from read_bench import (
     best_of,
@@ -443,6 +446,15 @@ def group_hot(ctx: Context) -> None:
     hot = best_of(runs, lambda: gbps(*read_loop(fs, path)))
     r.figure("hot_seq_http", hot, loopback, best_of=runs,
              worker_cpu_s_all_runs=cpu_seconds(pid) - cpu0)  # fmt: skip
+    # What any server of verified pages gets here: the ceiling of the figure above.
+    with bare_server(ctx.file(MODEL), "pread+xxh3") as bare:
+        ceiling = best_of(runs, lambda: blocking_client(bare, path, size, lanes=2))
+    row = r.info("machine_verified_server", "machine", "machine",
+                 "machine: bare server of a cached file, pread + xxh3 of every 64 KiB + sendall, "
+                 "a thread per connection; blocking client, 2 connections of 8 MiB ranges",
+                 ceiling, "GB/s", compare=("depot hot sequential HTTP", hot), best_of=runs,
+                 x_loopback=ceiling / loopback)  # fmt: skip
+    row.target = f"ceiling of hot sequential HTTP ({ceiling / loopback:.2f} x loopback)"
 
     def one(off: int) -> bytes:
         data: bytes = fs.cat_file(path, off, off + 4096)
