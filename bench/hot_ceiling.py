@@ -14,7 +14,8 @@ here:
   ``read(8 MiB)`` loop and by the same blocking client as the bare server.
 
 The blocking client fetches 8 MiB ranges into a reused buffer over 1 or 2 keep-alive
-connections (2: each takes the next range), the least a client can do. Every row of a round runs
+connections (2: each takes the next range) with depot's blocking transport, the least a client
+can do. Every row of a round runs
 right after that round's loopback stream, in alternating order; the summary gives medians and
 the ratio to the same round's loopback, because this VM's loopback rate swings by a third between
 minutes.
@@ -41,6 +42,8 @@ from urllib.parse import quote
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from read_bench import MiB, depot_fs, gbps, loopback_tcp, read_loop, worker_process, write_file
+
+from depot.core.transport import BlockingPool, parse_endpoint
 
 CHUNK = 8 * MiB
 PAGE = 4 * MiB
@@ -84,59 +87,36 @@ def serve(path: str, mode: str) -> None:
         threading.Thread(target=answer, args=(conn,), daemon=True).start()
 
 
-def _get_into(sock: socket.socket, request: bytes, view: memoryview, head: bytearray) -> None:
-    sock.sendall(request)
-    got = 0
-    while (end := head.find(b"\r\n\r\n", 0, got)) < 0:
-        n = sock.recv_into(memoryview(head)[got:])
-        if not n:
-            raise ConnectionError("server closed the connection")
-        got += n
-    lines = bytes(head[:end]).lower().split(b"\r\n")
-    if b" 206 " not in lines[0] + b" ":
-        raise ConnectionError(f"unexpected answer {lines[0]!r}")
-    length = next(int(v.split(b":", 1)[1]) for v in lines if v.startswith(b"content-length:"))
-    if length > len(view):
-        raise ConnectionError(f"body of {length} bytes for a buffer of {len(view)}")
-    have = got - end - 4
-    view[:have] = head[end + 4 : got]
-    while have < length:
-        n = sock.recv_into(view[have:length])
-        if not n:
-            raise ConnectionError("body cut short")
-        have += n
-
-
 def blocking_client(endpoint: str, target: str, size: int, lanes: int) -> float:
-    """Fetch ``size`` bytes in 8 MiB ranges over ``lanes`` connections; GB/s."""
-    host, port = endpoint.split("//", 1)[1].rsplit(":", 1)
-    socks = [socket.create_connection((host, int(port))) for _ in range(lanes)]
-    for sock in socks:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """Fetch ``size`` bytes in 8 MiB ranges over ``lanes`` connections; GB/s.
+
+    Each lane is a thread on depot's blocking keep-alive transport (``BlockingPool``, as the
+    client's caller-thread reads use), receiving into one reused buffer.
+    """
+    pool = BlockingPool(parse_endpoint(endpoint), max_idle=lanes)
     positions = iter(range(0, size, CHUNK))
     lock = threading.Lock()
 
-    def lane(sock: socket.socket) -> None:
-        view, head = memoryview(bytearray(CHUNK)), bytearray(64 * 1024)
+    def lane() -> None:
+        view = memoryview(bytearray(CHUNK))
         while True:
             with lock:
                 pos = next(positions, None)
             if pos is None:
                 return
             end = min(size, pos + CHUNK)
-            request = (f"GET {target} HTTP/1.1\r\nHost: {host}\r\n"
-                       f"Range: bytes={pos}-{end - 1}\r\n\r\n").encode()  # fmt: skip
-            _get_into(sock, request, view, head)
+            response = pool.get_into(target, [("Range", f"bytes={pos}-{end - 1}")], view)
+            if response.status != 206 or response.length != end - pos:
+                raise ConnectionError(f"{response.status}, {response.length} bytes at {pos}")
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=lane, args=(s,)) for s in socks]
+    threads = [threading.Thread(target=lane) for _ in range(lanes)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - t0
-    for sock in socks:
-        sock.close()
+    pool.close()
     return gbps(size, elapsed)
 
 
