@@ -191,6 +191,54 @@ def test_directory_without_recursive_is_one_level_and_file_is_itself(worker: Loc
     assert doc["files"]["done"] == 1 and cached_pages(worker, "/dir/sub/c.bin") == list(range(6))
 
 
+class _TimedStore(FaultInjectingUnderStore):
+    """Records when each call starts and ends: (operation, prefix or key, start, end)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.spans: list[tuple[str, str, float, float]] = []
+
+    async def head(self, key: str) -> Any:
+        start = time.monotonic()
+        try:
+            return await super().head(key)
+        finally:
+            self.spans.append(("head", key, start, time.monotonic()))
+
+    async def list(self, prefix: str = "", *, delimiter: str | None = "/",
+                   token: str | None = None, limit: int = 1000) -> Any:
+        start = time.monotonic()
+        try:
+            return await super().list(prefix, delimiter=delimiter, token=token, limit=limit)
+        finally:
+            op = "list" if limit > 1 else "probe"  # a stat's probe asks for one entry
+            self.spans.append((op, prefix, start, time.monotonic()))
+
+
+def test_a_directory_load_lists_it_while_the_path_is_checked(
+    worker: LocalWorker, data: Path
+) -> None:
+    """The job's first listing starts with the submit's stat, not after it, and the walk uses
+    that answer: one UFS round trip less before the first page, no listing twice."""
+    service = worker.worker.service
+    assert service is not None
+    root = service.mounts.mounts[0]
+    store = _TimedStore(service.store_for(root))
+    store.set_latency(0.2, ops={"head", "list"})
+    service._stores[root.path] = store
+    doc = load(worker.endpoint, "/dir")
+    assert doc["state"] == "completed" and doc["files"]["done"] == 2
+    listings = [s for s in store.spans if s[0] == "list" and s[1] == "dir/"]
+    assert len(listings) == 1, store.spans
+    head_done = min(end for op, key, _, end in store.spans if op == "head" and key == "dir")
+    assert listings[0][2] < head_done  # listed while the stat was still waiting
+    # a file's load lists nothing (the listing started with its check is refused, unused)
+    store.spans.clear()
+    doc = load(worker.endpoint, "/dir/sub/c.bin")
+    assert doc["state"] == "completed" and doc["files"]["done"] == 1 and not doc["failures"]
+    assert cached_pages(worker, "/dir/sub/c.bin") == list(range(6))
+
+
 def test_metadata_only_warms_stat_without_pages(worker: LocalWorker) -> None:
     doc = load(worker.endpoint, "/", recursive=True, metadata_only=True)
     assert doc["state"] == "completed" and doc["files"]["done"] == len(SIZES)

@@ -811,6 +811,7 @@ class JobRunner:
         self._runs: dict[str, _Run] = {}
         self._pools: dict[str, ConnectionPool] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._warming: set[asyncio.Future[list[FileStatus]]] = set()
         self._closed = False
 
     @property
@@ -844,9 +845,18 @@ class JobRunner:
             with contextlib.suppress(DepotError):
                 await self.store.kv_delete(CLAIMS_PREFIX + run.doc["id"])
         self._runs.clear()
+        for warming in list(self._warming):
+            warming.cancel()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+    def _warmed(self, warming: asyncio.Future[list[FileStatus]]) -> None:
+        """A listing started ahead of a walk is done: its errors are the walk's to report
+        (a file's path is not a directory, a listing may be refused)."""
+        self._warming.discard(warming)
+        if not warming.cancelled():
+            warming.exception()
 
     async def _watch(self) -> None:
         while True:
@@ -904,6 +914,12 @@ class JobRunner:
         if self._closed:
             raise Unavailable("the worker is shutting down")
         if spec.kind == "load":
+            # The walk's first listing starts with this check rather than after it: its answer
+            # is in the listing cache (or in flight) when the walk asks, so a load of a
+            # directory fetches its first page one UFS round trip sooner.
+            warming = asyncio.ensure_future(self.service.list(spec.path))
+            self._warming.add(warming)
+            warming.add_done_callback(self._warmed)
             await self.service.stat(spec.path)  # NotFound, InvalidPath: the caller's 4xx
         else:
             try:
