@@ -232,7 +232,7 @@ def test_a_directory_load_lists_it_while_the_path_is_checked(
     assert len(listings) == 1, store.spans
     head_done = min(end for op, key, _, end in store.spans if op == "head" and key == "dir")
     assert listings[0][2] < head_done  # listed while the stat was still waiting
-    # a file's load lists nothing (the listing started with its check is refused, unused)
+    # a file's load: the listing started with its check finds no directory and is dropped
     store.spans.clear()
     doc = load(worker.endpoint, "/dir/sub/c.bin")
     assert doc["state"] == "completed" and doc["files"]["done"] == 1 and not doc["failures"]
