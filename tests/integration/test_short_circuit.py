@@ -46,6 +46,8 @@ def _store(worker: LocalWorker) -> LocalPageStore:
 
 def _read_stats(worker: LocalWorker) -> dict[str, Any]:
     assert worker.worker.service is not None
+    if worker.worker.lanes is not None:
+        worker.worker.lanes.flush_accounts()  # reads sent by hot lanes, not accounted yet
     return worker.worker.service.stats.to_dict()
 
 

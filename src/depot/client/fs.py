@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # Largest read-ahead block made to the size of the caller's reads.
 _WHOLE_BLOCK_MAX = 64 * 1024 * 1024
+#: Read-ahead blocks received at once on blocking connections, per filesystem: two keep a
+#: worker's two senders busy (worker/lanes.py) without starving the reader of a core.
+BLOCK_THREADS = 2
 _READ_ONLY = "this file is open for reading (open a file with mode 'wb' to write it)"
 
 
@@ -169,6 +172,10 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
         self._block_size: int | None = None
         self._buffers: BufferPool | None = None
         self._buffers_lock = threading.Lock()
+        # Threads that receive read-ahead blocks on blocking connections (see _read_ahead),
+        # made by the process that uses them (a forked child makes its own).
+        self._block_threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._block_threads_pid = 0
         # Reads served from the local page store are reported to the worker in batches; a
         # script or CLI that exits without close() must not lose them (nor their LRU touches).
         weakref.finalize(self, _report_local_hits, self._loops)
@@ -247,12 +254,20 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
         return client.caller_thread_reads and stop - start <= SMALL_READ
 
     def read_now(
-        self, path: str, start: int, stop: int, dest: memoryview, version: str | None
+        self,
+        path: str,
+        start: int,
+        stop: int,
+        dest: memoryview,
+        version: str | None,
+        *,
+        any_size: bool = False,
     ) -> int | None:
         """Bytes ``[start, stop)`` read in this plain thread, or None: the event loop must
         serve the read. A local worker's pages are read from its page files; a read of up to
-        1 MiB from a worker known not to be local goes over a blocking connection from this
-        thread (``client.caller_thread_reads``), sparing the hand-off to the loop and back."""
+        1 MiB (of any size with ``any_size``: a read-ahead block) from a worker known not to be
+        local goes over a blocking connection from this thread
+        (``client.caller_thread_reads``), sparing the hand-off to the loop and back."""
         client = self.client_now()
         if client is None:
             return None
@@ -261,9 +276,23 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
             count = short_circuit.read_into_now(path, start, stop, dest, version)
             if count is not None or not short_circuit.known_remote(path, start):
                 return count
-        if stop - start > SMALL_READ:
+        if stop - start > SMALL_READ and not any_size:
             return None  # large reads go over several connections at once, from the loop
         return client.read_now(path, start, stop, dest, version)
+
+    def block_threads(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """The threads that receive read-ahead blocks, or None where blocks are received by
+        the event loop (``caller_thread_reads`` off, no client yet)."""
+        client = self.client_now()
+        if client is None or not client.caller_thread_reads:
+            return None
+        with self._buffers_lock:
+            if self._block_threads is None or self._block_threads_pid != os.getpid():
+                self._block_threads = concurrent.futures.ThreadPoolExecutor(
+                    BLOCK_THREADS, thread_name_prefix="depot-read-ahead"
+                )
+                self._block_threads_pid = os.getpid()
+            return self._block_threads
 
     def read_now_bytes(self, path: str, start: int, stop: int, version: str | None) -> bytes | None:
         """``read_now`` into a new result (None if the loop must serve it)."""
@@ -974,16 +1003,35 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
         pool = None if self._whole_blocks else self.fs.buffers(size)
         first = start if length < size else stop
         last = min(self.size, stop + max(self.read_ahead, size if self._whole_blocks else 0))
+        threads = self.fs.block_threads()
         for index in range(first // size, (last - 1) // size + 1 if last > first else 0):
             if index in self._blocks:
                 continue
             block = _Block(index * size, min(self.size, (index + 1) * size), pool)
-            block.future = asyncio.run_coroutine_threadsafe(self._fill(block), self.fs.loop)
+            if threads is not None:
+                block.future = threads.submit(self._fill_now, block)
+            else:
+                block.future = asyncio.run_coroutine_threadsafe(self._fill(block), self.fs.loop)
             self._blocks[index] = block
 
     async def _fill(self, block: _Block) -> int:
         try:
             return await self._fetch_into(block.start, block.end, block.view)
+        finally:
+            block.finished()
+
+    def _fill_now(self, block: _Block) -> int:
+        """Receive a block on a blocking connection in a read-ahead thread: a hot block then
+        costs no event loop work on this side (docs/fsspec.md); else the loop fetches it."""
+        try:
+            count = self.fs.read_now(
+                self.path, block.start, block.end, block.view, self.version, any_size=True
+            )
+            if count is None:
+                count = asyncio.run_coroutine_threadsafe(
+                    self._fetch_into(block.start, block.end, block.view), self.fs.loop
+                ).result()
+            return count
         finally:
             block.finished()
 

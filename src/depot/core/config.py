@@ -201,6 +201,9 @@ class WorkerConfig(_Model):
     write_multipart_threshold: int = Field(default=16 * 1024**2, ge=0)
     ufs_concurrency: int = Field(default=64, ge=1, le=1024)
     prefetch_pages: int = Field(default=32, ge=0, le=1024)
+    # Connections whose large cached reads are sent from a thread of their own (hot lanes,
+    # docs/operations.md); 0: every response is sent from the event loop.
+    hot_lanes: int = Field(default=4, ge=0, le=256)
 
     _parse_size = field_validator(
         "max_request_bytes", "max_write_bytes", "write_multipart_threshold", mode="before"

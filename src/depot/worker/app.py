@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import re
 import sys
@@ -16,21 +17,24 @@ import orjson
 
 from depot import __version__
 from depot.core.errors import (
+    DepotError,
     InvalidArgument,
     InvalidRange,
     NotFound,
     RequestTooLarge,
+    StaleVersion,
     Unavailable,
 )
-from depot.core.types import Attributes, ByteRange
+from depot.core.types import Attributes, ByteRange, PageId
 from depot.namespace.paths import normalize_path
 from depot.observability.metrics import WorkerMetrics
 from depot.pagestore.direct import decode_touched, describe
 from depot.pagestore.local import LocalPageStore
 from depot.placement.view import ClusterView
-from depot.worker.http import Request, ResponseWriter, error_json
+from depot.worker.http import Request, ResponseWriter, error_json, response_head
 from depot.worker.jobs import JobRunner, JobSpec, parse_bool
-from depot.worker.service import ReadThroughService, mount_summary
+from depot.worker.lanes import LANE_MIN_BYTES, HotLanes, LanePart, LaneRead
+from depot.worker.service import OpenedFile, ReadThroughService, mount_summary
 from depot.worker.writes import WriteService
 
 log = logging.getLogger(__name__)
@@ -205,6 +209,8 @@ class WorkerApp:
         self._openapi: bytes | None = None
         # Preload and free (worker/jobs.py): set by the daemon once the cluster is joined.
         self.jobs: JobRunner | None = None
+        # Threads that send hot reads (worker/lanes.py): set by the daemon, None when off.
+        self.lanes: HotLanes | None = None
         Route = Callable[[Request, ResponseWriter], Any]
         self._action_routes: dict[str, dict[str, Route]] = {
             "/api/v1/cache/load": {"POST": self.cache_load},
@@ -240,7 +246,8 @@ class WorkerApp:
             else:
                 await route(request, writer)
         finally:
-            if self.metrics is not None:
+            if self.metrics is not None and not getattr(writer, "handed_off", False):
+                # (a read handed to a lane is timed by the lane)
                 self.metrics.observe_request(
                     self._route_label(request.path), time.perf_counter() - started
                 )
@@ -449,7 +456,12 @@ class WorkerApp:
         writer.send(200, self._openapi, JSON)
 
     async def cache_stats(self, request: Request, writer: ResponseWriter) -> None:
-        _json(writer, cache_stats_document(self.service, self.writes))
+        lanes = self.lanes
+        lanes_document = lanes.stats_document() if lanes is not None else None
+        document = cache_stats_document(self.service, self.writes)
+        if lanes_document is not None:
+            document["hot_lanes"] = lanes_document
+        _json(writer, document)
 
     async def prometheus(self, request: Request, writer: ResponseWriter) -> None:
         """Prometheus text exposition of this worker's metrics (counters read now)."""
@@ -504,6 +516,19 @@ class WorkerApp:
         if writer.head_only or rng.length == 0:
             writer.start(status, headers, rng.length)
             return
+        lanes = self.lanes
+        if (
+            lanes is not None
+            and rng.length >= LANE_MIN_BYTES
+            and plan.cached == len(plan.pages)
+            and (read := self._lane_read(opened, rng, status, headers, request.keep_alive))
+            and lanes.reserve()
+        ):
+            # Every page is stored: this connection's large reads are sent from a thread.
+            read.planned_on_loop = True
+            if writer.hand_off(lambda sock, received: lanes.start(sock, received, read)):
+                return
+            lanes.release()
         scratch = self._scratch_pool.pop() if self._scratch_pool else bytearray(
             self.service.pages.page_size
         )
@@ -523,6 +548,95 @@ class WorkerApp:
             reusable = not (TRANSPORT_KEEPS_REFERENCES and writer.pending())
             if reusable and len(self._scratch_pool) < 16:
                 self._scratch_pool.append(scratch)
+
+    # hot lanes (worker/lanes.py) ------------------------------------------------------------
+    def _lane_read(
+        self,
+        opened: OpenedFile,
+        rng: ByteRange,
+        status: int,
+        headers: builtins.list[tuple[str, str]],
+        keep_alive: bool,
+    ) -> LaneRead | None:
+        """The parts of a read whose pages are all in the store, or None."""
+        pages = self.service.pages
+        page_size = pages.page_size
+        key = opened.file_id.key
+        parts = []
+        for index in rng.pages(page_size):
+            page = PageId(key, index)
+            length = pages.page_length(page)
+            if length is None:
+                return None
+            start = index * page_size
+            lo = max(rng.start, start) - start
+            hi = min(rng.end, start + length) - start
+            if hi <= lo:
+                return None  # a stored page shorter than the file says: the loop sorts it out
+            parts.append(LanePart(page, length, lo, hi))
+        head = response_head(status, headers, rng.length, keep_alive)
+        return LaneRead(head, parts, rng.length, keep_alive, opened)
+
+    def prepare_now(self, request: Request) -> LaneRead | None:
+        """The read of a request a lane may answer without the loop (called in its thread):
+        a ``GET /api/v1/read`` of a file whose status is cached and fresh, every page stored.
+        None for anything else, errors included: the loop answers those."""
+        if request.method != "GET" or request.path != "/api/v1/read":
+            return None
+        try:
+            params = query_params(request)
+            opened = self.service.open_now(
+                _require_path(params), _etag_value(request.header("if-match"))
+            )
+            if opened is None:
+                return None
+            size = opened.status.size
+            rng = ByteRange.parse_http(request.header("range"), size) if size else None
+        except DepotError:
+            return None
+        status = 206 if rng is not None else 200
+        if rng is None:
+            rng = ByteRange(0, size)
+        if rng.length == 0 or rng.length > self.max_request_bytes:
+            return None
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("ETag", opened.status.entity_tag),
+            ("X-Depot-Size", str(size)),
+            ("X-Depot-Cache", "hit"),
+            ("Accept-Ranges", "bytes"),
+        ]
+        if status == 206:
+            headers.append(("Content-Range", f"bytes {rng.start}-{rng.end - 1}/{size}"))
+        return self._lane_read(opened, rng, status, headers, request.keep_alive)
+
+    async def read_on_loop(self, read: LaneRead, part: LanePart, out: memoryview) -> None:
+        """A part a lane could not read from its page file (evicted or damaged since it was
+        planned): read through the read path, which drops a damaged page and refetches it."""
+        opened = read.context
+        assert isinstance(opened, OpenedFile)
+        start = part.page.index * self.service.pages.page_size
+        rng = ByteRange(start + part.lo, start + part.hi)
+        scratch = bytearray(self.service.pages.page_size)
+        at = 0
+        chunks = self.service.read_chunks(opened, rng, scratch)
+        try:
+            async for chunk in chunks:
+                out[at : at + len(chunk)] = chunk
+                at += len(chunk)
+        finally:
+            await chunks.aclose()
+        if at != len(out):
+            raise StaleVersion("the file changed while it was being read", opened.resolved.path)
+
+    def lane_served(self, read: LaneRead, seconds: float, hits: builtins.list[LanePart]) -> None:
+        """Account a read a lane answered: the parts it read from page files are hits (and
+        used, for eviction); its file status came from the cache unless the loop opened it."""
+        if not read.planned_on_loop:
+            self.service.count_metadata_hit()
+        self.service.count_hits([part.page for part in hits], sum(p.hi - p.lo for p in hits))
+        if self.metrics is not None:
+            self.metrics.observe_request("/api/v1/read", seconds)
 
     @staticmethod
     async def _sent(writer: ResponseWriter) -> None:

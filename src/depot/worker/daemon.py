@@ -7,6 +7,7 @@ import contextlib
 import logging
 import uuid
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -16,6 +17,7 @@ from depot.core.errors import ConfigError
 from depot.metastore import MetadataStore
 from depot.namespace.mounts import Mount, MountTable
 from depot.observability.metrics import WorkerMetrics
+from depot.pagestore.direct import PageFiles
 from depot.pagestore.local import LocalPageStore
 from depot.placement.membership import ClusterStore, Membership
 from depot.ufs.base import UnderStore
@@ -24,6 +26,7 @@ from depot.worker.app import WorkerApp, cache_stats_document
 from depot.worker.cluster import ClusterNode
 from depot.worker.http import HttpServer
 from depot.worker.jobs import FileJobStore, JobRunner
+from depot.worker.lanes import HotLanes
 from depot.worker.service import ReadThroughService
 from depot.worker.writeback import WriteBackConfig, WriteBackQueue
 from depot.worker.writes import WriteService
@@ -64,6 +67,7 @@ class Worker:
         self.config = config
         self.mounts = MountTable.from_config(config.mounts)
         self.server: HttpServer | None = None
+        self.lanes: HotLanes | None = None
         self.service: ReadThroughService | None = None
         self.port: int | None = None
         self.worker_id = ""
@@ -128,7 +132,7 @@ class Worker:
                 self.metrics_registry,
                 worker_id=self.worker_id,
                 version=__version__,
-                stats=lambda: cache_stats_document(service, writes),
+                stats=lambda: self._stats_document(service, writes),
             )
             app = WorkerApp(
                 self.service,
@@ -142,6 +146,16 @@ class Worker:
                 app, streaming=app.streams, max_stream_bytes=cfg.worker.max_write_bytes
             )
             self.port = await self.server.start(cfg.worker.host, cfg.worker.port)
+            if cfg.worker.hot_lanes and self._pages is not None:
+                self.lanes = app.lanes = HotLanes(
+                    app,
+                    PageFiles([d.path for d in self._pages.dir_stats()], cfg.cache.page_size),
+                    self.server.adopt,
+                    count=cfg.worker.hot_lanes,
+                    page_size=cfg.cache.page_size,
+                    idle_timeout=self.server.idle_timeout,
+                    head_timeout=self.server.head_timeout,
+                )
             pages = self._pages
             self.cluster = ClusterNode(
                 cfg.cluster,
@@ -213,6 +227,12 @@ class Worker:
             stale_after=max(30.0, 3 * self.config.cluster.lease_ttl),
         )
 
+    def _stats_document(self, service: ReadThroughService, writes: WriteService) -> dict[str, Any]:
+        """The cache counters for metrics, with the reads hot lanes served so far in them."""
+        if self.lanes is not None:
+            self.lanes.flush_accounts()
+        return cache_stats_document(service, writes)
+
     def _cluster_node(self) -> ClusterNode:
         if self.cluster is None:
             raise RuntimeError("worker not started")
@@ -230,6 +250,9 @@ class Worker:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+        if self.lanes is not None:
+            await self.lanes.stop()
+            self.lanes = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

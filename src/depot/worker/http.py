@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -260,12 +262,13 @@ JSON_HEADERS: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"
 class ResponseWriter:
     """Writes one response on a connection, with flow control for large bodies."""
 
-    __slots__ = ("_head", "_proto", "aborted", "head_only", "started", "status")
+    __slots__ = ("_head", "_proto", "aborted", "handed_off", "head_only", "started", "status")
 
     def __init__(self, proto: HttpProtocol, head_only: bool) -> None:
         self._proto = proto
         self._head: bytes | None = None
         self.started = False
+        self.handed_off = False
         self.aborted = False
         self.head_only = head_only
         self.status = 0
@@ -282,16 +285,9 @@ class ResponseWriter:
             raise RuntimeError("response already started")
         self.started = True
         self.status = status
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
-        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-        if content_length is not None:
-            lines.append(f"Content-Length: {content_length}\r\n")
-        else:
+        if content_length is None:
             self.head_only = True
-        if not self._proto.keep_alive:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        self._head = "".join(lines).encode("latin-1")
+        self._head = response_head(status, headers, content_length, self._proto.keep_alive)
         if self.head_only or content_length == 0:
             self._flush_head()
 
@@ -336,6 +332,24 @@ class ResponseWriter:
         self.start(status, headers, len(body))
         if body:
             self.write(body)
+
+    def hand_off(self, take: Callable[[socket.socket, bytes], None]) -> bool:
+        """Give the connection to ``take`` before any byte of this response is written: it gets
+        a duplicate of the socket and the bytes received past this request's head, and answers
+        this request and the later ones itself (or gives it back with ``HttpServer.adopt``).
+
+        False when the connection cannot be handed over (bytes still queued to send, a request
+        body arriving, a transport without a plain socket): the response is then written here.
+        """
+        if self.started:
+            return False
+        detached = self._proto.detach()
+        if detached is None:
+            return False
+        self.started = True
+        self.handed_off = True
+        take(*detached)
+        return True
 
     def abort(self) -> None:
         """Cut the connection: the client sees a short body, never wrong bytes."""
@@ -383,6 +397,51 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     return method_b.decode("ascii"), target_b.decode("ascii"), version_b.decode("ascii"), headers
 
 
+def _split_target(target: str) -> tuple[str, str]:
+    """The decoded path and the raw query of a request target."""
+    path, _, query = target.partition("?")
+    if not path.startswith("/"):
+        raise HttpError(400, "request target must be an absolute path")
+    try:
+        path = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise HttpError(400, "request path is not valid UTF-8") from None
+    return path, query
+
+
+def _keeps_alive(version: str, headers: dict[str, str]) -> bool:
+    conn = headers.get("connection", "").lower()
+    return "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
+
+
+def bodiless_request(head: bytes) -> Request | None:
+    """The request of ``head`` (its bytes up to the blank line) if it has no body, else None.
+
+    For readers of a connection outside the event loop (worker/lanes.py): they serve only
+    requests without a body and leave everything else to the loop. Raises ``HttpError`` for a
+    malformed head, as the loop would.
+    """
+    method, target, version, headers = _parse_head(head)
+    path, query = _split_target(target)
+    if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
+        return None
+    return Request(method, target, path, query, version, headers, b"", _keeps_alive(version, headers))
+
+
+def response_head(
+    status: int, headers: Iterable[tuple[str, str]], content_length: int | None, keep_alive: bool
+) -> bytes:
+    """The status line and headers of a response, up to the blank line."""
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
+    lines.extend(f"{k}: {v}\r\n" for k, v in headers)
+    if content_length is not None:
+        lines.append(f"Content-Length: {content_length}\r\n")
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
 class HttpProtocol(asyncio.Protocol):
     """One client connection: parse, dispatch one request at a time, keep alive."""
 
@@ -399,6 +458,7 @@ class HttpProtocol(asyncio.Protocol):
         self.keep_alive = True
         self._body: RequestBody | None = None  # a streamed body still arriving
         self._streaming = False  # the request being handled has a streamed body
+        self._detached = False  # the socket was handed over (ResponseWriter.hand_off)
 
     @property
     def body_timeout(self) -> float:
@@ -449,6 +509,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self._timer = None
+        if self._detached:
+            return
         if self._task is None:
             if self._buf:
                 self._reply_protocol_error(HttpError(408, "request head not received in time"))
@@ -464,6 +526,36 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self._closed = True
             self.transport.abort()
+
+    def detach(self) -> tuple[socket.socket, bytes] | None:
+        """A duplicate of the socket and the bytes received but not parsed, for a reader
+        outside this loop; this transport stops reading and is closed once the handler returns
+        (its descriptor only: the connection lives on in the duplicate). None if the connection
+        is not in a state to be handed over."""
+        transport = self.transport
+        if (
+            transport is None
+            or self._closed
+            or self._body is not None
+            or self._streaming
+            or transport.get_write_buffer_size()
+            or transport.get_extra_info("sslcontext") is not None
+        ):
+            return None
+        raw = transport.get_extra_info("socket")
+        if raw is None or raw.type != socket.SOCK_STREAM:
+            return None
+        transport.pause_reading()  # (also takes the descriptor out of the loop's selector)
+        try:
+            sock = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+        except OSError:
+            transport.resume_reading()
+            return None
+        self._reading_paused = True
+        self._detached = True
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return sock, rest
 
     # flow control ----------------------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -558,13 +650,7 @@ class HttpProtocol(asyncio.Protocol):
         if end > MAX_HEAD_BYTES:
             raise HttpError(431, "request head too large")
         method, target, version, headers = _parse_head(bytes(buf[:end]))
-        path, _, query = target.partition("?")
-        if not path.startswith("/"):
-            raise HttpError(400, "request target must be an absolute path")
-        try:
-            path = unquote(path, errors="strict")
-        except UnicodeDecodeError:
-            raise HttpError(400, "request path is not valid UTF-8") from None
+        path, query = _split_target(target)
         streaming = self._server.streaming
         streamed = streaming is not None and streaming(method, path)
         body_len = 0
@@ -588,8 +674,7 @@ class HttpProtocol(asyncio.Protocol):
                 raise HttpError(413, f"request body of {body_len} bytes is over the limit of {limit}")
         elif streamed and not chunked:
             raise HttpError(411, "Content-Length is required")
-        conn = headers.get("connection", "").lower()
-        keep_alive = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
+        keep_alive = _keeps_alive(version, headers)
         if streamed:
             del buf[: end + 4]
             expect = "100-continue" in headers.get("expect", "").lower() and version == "HTTP/1.1"
@@ -659,6 +744,10 @@ class HttpProtocol(asyncio.Protocol):
                 await self._skip_rest(stream)
             self._task = None
             self._streaming = False
+        if self._detached:
+            self._cancel_timer()
+            self.close()
+            return
         if self._closed:
             return
         if not self.keep_alive or writer.aborted:
@@ -736,6 +825,7 @@ class HttpServer:
         self.head_timeout = head_timeout
         self.connections: set[HttpProtocol] = set()
         self._server: asyncio.Server | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
@@ -744,6 +834,27 @@ class HttpServer:
         )
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
+
+    def adopt(self, sock: socket.socket, received: bytes) -> None:
+        """Serve a connection handed off earlier (``ResponseWriter.hand_off``) again, starting
+        with ``received``: bytes read from it and not answered. Call on the server's loop."""
+        if self._server is None:
+            sock.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._adopt(sock, received))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, sock: socket.socket, received: bytes) -> None:
+        try:
+            _transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: HttpProtocol(self), sock
+            )
+        except (OSError, RuntimeError):
+            sock.close()
+            return
+        if received:
+            protocol.data_received(received)
 
     async def stop(self) -> None:
         if self._server is None:
@@ -766,6 +877,8 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "ResponseWriter",
+    "bodiless_request",
     "error_headers",
     "error_json",
+    "response_head",
 ]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from depot.core.errors import (
+    DepotError,
     IsADirectory,
     NotADirectory,
     NotFound,
@@ -463,6 +464,49 @@ class ReadThroughService:
             if staged is not None and staged[0].version_tag == status.version_tag:
                 store = staged[1]  # the bytes of a write-back write not uploaded yet
         return OpenedFile(resolved, status, file_id, store)
+
+    def open_now(self, path: str, if_match: str | None = None) -> OpenedFile | None:
+        """``open`` where it needs no I/O and no state of the loop's changes: the file's status
+        is cached and fresh, no write of it is staged, and a pinned version is the cached one.
+        Safe from any thread (the metadata store locks); None when ``open`` must run on the
+        loop, which also reports every error. Counted by the caller (``count_metadata_hit``).
+        """
+        try:
+            resolved = self.resolve(path)
+        except DepotError:
+            return None
+        mount = resolved.mount
+        if resolved.key == "":
+            return None
+        cache_key = mount.object_uri(resolved.key)
+        store = self._stores.get(mount.path)
+        if store is None or (self.staged is not None and self.staged(cache_key, resolved.path)):
+            return None
+        cached = self.metadata.get_status(cache_key)
+        if (
+            cached is None
+            or cached.status is None
+            or cached.status.is_dir
+            or not mount.policy.is_fresh(cached.fetched_at, self._clock())
+        ):
+            return None
+        status = cached.status
+        if status.path != resolved.path:
+            status = _with_path(status, resolved.path)
+        if if_match is not None and self.landed.get(if_match, if_match) != status.entity_tag:
+            return None
+        return OpenedFile(resolved, status, FileId(cache_key, status.version_tag), store)
+
+    def count_metadata_hit(self) -> None:
+        self.stats.metadata_hits += 1
+
+    def count_hits(self, pages: builtins.list[PageId], nbytes: int) -> None:
+        """Account pages read from the page store outside ``read_chunks`` (hot lanes), and
+        mark them used for eviction."""
+        self.stats.hits += len(pages)
+        self.stats.bytes_from_cache += nbytes
+        for page in pages:
+            self.pages.touch(page)
 
     def plan(self, opened: OpenedFile, rng: ByteRange) -> PagePlan:
         page_size = self.pages.page_size
