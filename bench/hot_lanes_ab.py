@@ -16,47 +16,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import fsspec
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hot_ceiling import bare_server, blocking_client
-from read_bench import PY, MiB, gbps, loopback_tcp, read_loop, write_file
+from read_bench import MiB, gbps, loopback_tcp, read_loop, worker_process, write_file
 
 from depot.core.config import load_config
-
-
-@contextlib.contextmanager
-def worker(tmp: Path, name: str, data: Path, lanes: int) -> Iterator[str]:
-    """A worker process over ``data`` with ``worker.hot_lanes: lanes``; its endpoint."""
-    cfg = {
-        "worker": {"host": "127.0.0.1", "port": 0, "hot_lanes": lanes},
-        "cache": {"page_size": "4MiB", "dirs": [{"path": str(tmp / f"{name}-cache"), "size": "8GiB"}]},
-        "mounts": [{"path": "/", "ufs": data.as_uri(), "metadata": "max-age=600s"}],
-        "log_level": "warning",
-    }
-    cfg_file = tmp / f"{name}.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([PY, "-m", "depot.cli.main", "worker", "--config", str(cfg_file)],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "listening on" not in line:
-            raise RuntimeError(f"worker did not start: {line!r}")
-        yield line.rsplit(" ", 1)[-1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def depot_fs(endpoint: str, block_threads: bool) -> Any:
@@ -84,8 +58,9 @@ def main() -> None:
         data.mkdir()
         write_file(data / "big.bin", size)
         bare = stack.enter_context(bare_server(data / "big.bin", "pread+xxh3"))
-        on = stack.enter_context(worker(tmp, "on", data, 4))
-        off = stack.enter_context(worker(tmp, "off", data, 0))
+        mounts = [{"path": "/", "ufs": data.as_uri(), "metadata": "max-age=600s"}]
+        on = stack.enter_context(worker_process(tmp, "on", mounts, worker={"hot_lanes": 4}))
+        off = stack.enter_context(worker_process(tmp, "off", mounts, worker={"hot_lanes": 0}))
         clients = {(e, t): depot_fs(e, t) for e in (on, off) for t in (True, False)}
         for endpoint in (on, off):
             read_loop(clients[endpoint, False], "/big.bin")  # fills the worker's cache

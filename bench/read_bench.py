@@ -119,11 +119,15 @@ def disk_read_cold(path: Path) -> float:
 # processes ----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def worker_process(tmp: Path, name: str, mounts: list[dict[str, Any]], page_size: str = "4MiB") -> Iterator[str]:
+def worker_process(
+    tmp: Path, name: str, mounts: list[dict[str, Any]], page_size: str = "4MiB",
+    worker: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """A worker process (``worker``: more of its ``worker:`` settings); its endpoint."""
     import yaml
 
     cfg = {
-        "worker": {"host": "127.0.0.1", "port": 0},
+        "worker": {"host": "127.0.0.1", "port": 0, **(worker or {})},
         "cache": {"page_size": page_size, "dirs": [{"path": str(tmp / f"{name}-cache"), "size": "8GiB"}]},
         "mounts": mounts,
         "log_level": "warning",
