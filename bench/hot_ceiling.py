@@ -132,6 +132,39 @@ def bare_server(path: Path, mode: str) -> Iterator[str]:
         proc.wait(30)
 
 
+def alternate_rounds(rows: dict[str, Callable[[], float]], size_mib: int, rounds: int,
+                     runs: int) -> None:  # fmt: skip
+    """Run every row (best of ``runs``) right after each round's loopback stream, in alternating
+    order, and print medians and ratios to the same round's loopback: this VM's loopback rate
+    swings by a third between minutes."""
+    loopback: list[float] = []
+    results: dict[str, list[float]] = {name: [] for name in rows}
+    for round_no in range(rounds):
+        loopback.append(max(loopback_tcp() for _ in range(runs)))
+        order = list(rows) if round_no % 2 == 0 else list(rows)[::-1]
+        for name in order:
+            results[name].append(max(rows[name]() for _ in range(runs)))
+        print(
+            f"round {round_no + 1}: loopback {loopback[-1]:.2f} GB/s, "
+            + ", ".join(f"{name} {values[-1]:.2f}" for name, values in results.items()),
+            flush=True,
+        )
+    print()
+    print(f"| {size_mib} MiB, best of {runs} per round, {rounds} rounds | "
+          "median GB/s | x same round's loopback: median (range) |")  # fmt: skip
+    print("|---|---|---|")
+    print(
+        f"| loopback TCP, 1 stream (Python sendall -> recv_into) | "
+        f"{statistics.median(loopback):.2f} ({min(loopback):.2f}-{max(loopback):.2f}) | 1.00 |"
+    )
+    for name, values in results.items():
+        ratios = [v / lb for v, lb in zip(values, loopback, strict=True)]
+        print(
+            f"| {name} | {statistics.median(values):.2f} | {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -167,33 +200,7 @@ def main() -> None:
             rows[f"depot worker, blocking client, {lanes} conn"] = lambda n=lanes: blocking_client(
                 worker, target, size, n
             )
-        loopback: list[float] = []
-        results: dict[str, list[float]] = {name: [] for name in rows}
-        for round_no in range(args.rounds):
-            loopback.append(max(loopback_tcp() for _ in range(args.runs)))
-            order = list(rows) if round_no % 2 == 0 else list(rows)[::-1]
-            for name in order:
-                results[name].append(max(rows[name]() for _ in range(args.runs)))
-            print(
-                f"round {round_no + 1}: loopback {loopback[-1]:.2f} GB/s, "
-                + ", ".join(f"{name} {values[-1]:.2f}" for name, values in results.items()),
-                flush=True,
-            )
-    print()
-    print(f"| {args.size_mib} MiB, best of {args.runs} per round, {args.rounds} rounds | "
-          "median GB/s | x same round's loopback: median (range) |")  # fmt: skip
-    print("|---|---|---|")
-    print(
-        f"| loopback TCP, 1 stream (Python sendall -> recv_into) | "
-        f"{statistics.median(loopback):.2f} ({min(loopback):.2f}-{max(loopback):.2f}) | 1.00 |"
-    )
-    for name, values in results.items():
-        ratios = [v / lb for v, lb in zip(values, loopback, strict=True)]
-        print(
-            f"| {name} | {statistics.median(values):.2f} | {statistics.median(ratios):.2f} "
-            f"({min(ratios):.2f}-{max(ratios):.2f}) |"
-        )
-
+        alternate_rounds(rows, args.size_mib, args.rounds, args.runs)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -27,8 +26,8 @@ import fsspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hot_ceiling import bare_server, blocking_client
-from read_bench import MiB, gbps, loopback_tcp, read_loop, worker_process, write_file
+from hot_ceiling import alternate_rounds, bare_server, blocking_client
+from read_bench import MiB, gbps, read_loop, worker_process, write_file
 
 from depot.core.config import load_config
 
@@ -77,27 +76,7 @@ def main() -> None:
                 rows[f"lanes {label}, fsspec read(8 MiB) loop, blocks {where}"] = (
                     lambda c=clients[endpoint, threads]: gbps(*read_loop(c, "/big.bin"))
                 )
-        loopback: list[float] = []
-        results: dict[str, list[float]] = {name: [] for name in rows}
-        for round_no in range(args.rounds):
-            loopback.append(max(loopback_tcp() for _ in range(args.runs)))
-            order = list(rows) if round_no % 2 == 0 else list(rows)[::-1]
-            for name in order:
-                results[name].append(max(rows[name]() for _ in range(args.runs)))
-            print(f"round {round_no + 1}: loopback {loopback[-1]:.2f} GB/s, "
-                  + ", ".join(f"{v[-1] / loopback[-1]:.2f}" for v in results.values()),
-                  flush=True)  # fmt: skip
-    print()
-    print(f"| {args.size_mib} MiB, best of {args.runs} per round, {args.rounds} rounds | "
-          "median GB/s | x same round's loopback: median (range) |")  # fmt: skip
-    print("|---|---|---|")
-    print(f"| loopback TCP, 1 stream (Python sendall -> recv_into) | "
-          f"{statistics.median(loopback):.2f} ({min(loopback):.2f}-{max(loopback):.2f}) | 1.00 |")  # fmt: skip
-    for name, values in results.items():
-        ratios = [v / lb for v, lb in zip(values, loopback, strict=True)]
-        print(f"| {name} | {statistics.median(values):.2f} | {statistics.median(ratios):.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
-
+        alternate_rounds(rows, args.size_mib, args.rounds, args.runs)
 
 if __name__ == "__main__":
     main()
