@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +73,53 @@ async def test_transfer_budget_waits_for_memory_to_come_back() -> None:
     assert await asyncio.wait_for(waiter, 1) == 60
     await budget.give(60)
     assert await asyncio.wait_for(budget.take(10**9), 1) == 100  # never more than the total
+
+
+_FAULTS_SCRIPT = """
+import sys
+from depot.client.buffers import alloc_result, keep_freed_blocks
+
+def faults():
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+def read_file(blocks):
+    held = []  # three blocks alive at a time, as a read loop with read-ahead keeps them
+    for _ in range(blocks):
+        result, view = alloc_result(8 << 20)
+        view[::4096] = b"x" * len(view[::4096])
+        held.append(result)
+        if len(held) > 3:
+            held.pop(0)
+
+if sys.argv[1] == "keep":
+    assert keep_freed_blocks() is True
+    assert keep_freed_blocks() is True  # once per process, same answer
+read_file(8)  # the heap grows to what a file's read needs
+before = faults()
+for _ in range(4):
+    read_file(8)
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's malloc thresholds",
+)
+def test_kept_freed_blocks_are_reused_without_page_faults() -> None:
+    """Files read in 8 MiB results, three alive at a time: with glibc's default thresholds the
+    heap is trimmed when a file's last blocks are freed, and the next file faults its blocks'
+    pages in again; with the thresholds set, the freed memory is reused. Each run is a process
+    of its own: the setting is per process."""
+
+    def faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT, mode],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return int(out.stdout)
+
+    plain, kept = faults("plain"), faults("keep")
+    assert plain >= 4 * 2048, plain  # the default: at least a block of fresh pages per file
+    assert kept <= 64, kept

@@ -31,7 +31,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from fsspec.spec import AbstractBufferedFile
 from fsspec.utils import stringify_path
 
-from depot.client.buffers import BufferPool, alloc_result, finish_result
+from depot.client.buffers import BufferPool, alloc_result, finish_result, keep_freed_blocks
 from depot.client.client import (
     MIN_CHUNK,
     SMALL_READ,
@@ -999,6 +999,8 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
                 and length <= _WHOLE_BLOCK_MAX
             )
             self._block_size = length if self._whole_blocks else base
+            if self._whole_blocks and self.fs.config.client.keep_freed_blocks:
+                keep_freed_blocks()
         size = self._block_size
         pool = None if self._whole_blocks else self.fs.buffers(size)
         first = start if length < size else stop
