@@ -860,6 +860,22 @@ async def test_blocking_pool_times_out_on_silence(serve) -> None:
     assert pool.idle_connections == 0
 
 
+async def test_blocking_pool_times_out_on_silence_mid_body(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        await w.drain()
+        await asyncio.sleep(5)
+        return False
+
+    server = await serve(respond)
+    pool = blocking_for(server, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(WorkerTimeout, match=r"sent nothing for 0\.2s"):
+        await asyncio.to_thread(pool.get_into, "/x", [], memoryview(bytearray(100_000)))
+    assert time.monotonic() - started < 2
+    assert pool.idle_connections == 0
+
+
 def test_blocking_pool_connection_refused_and_plain_http_only() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -30,6 +30,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -728,6 +729,12 @@ class ConnectionPool:
             conn.abort()
 
 
+def timeval(seconds: float) -> bytes:
+    """``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
 class _BlockingConnection:
     __slots__ = ("head", "head_view", "sock")
 
@@ -745,7 +752,8 @@ class BlockingPool:
     caller's thread pays none. Thread-safe (each request takes a connection of its own); plain
     HTTP only. Every failure closes the connection and raises ``WorkerUnreachable`` or
     ``WorkerTimeout``: the caller decides where to go next (the event loop path, which fails
-    over). ``timeout`` bounds each wait for bytes, not the whole request.
+    over). ``timeout`` bounds each wait for bytes, not the whole request: a worker gone silent
+    is found within one to two of it (a receive ends at the timeout with what came by then).
     """
 
     def __init__(
@@ -800,7 +808,13 @@ class BlockingPool:
         except OSError as exc:
             raise _connect_failure(exc, label, self.connect_timeout) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.timeout)
+        # A blocking socket with the kernel's timeouts, not Python's: a body is then received
+        # with one ``MSG_WAITALL`` call instead of a poll and a receive per loopback segment
+        # (a sixth less client CPU on hot reads). A timeout is an EAGAIN from the call.
+        sock.settimeout(None)
+        wait = timeval(self.timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wait)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wait)
         self.connects += 1
         return _BlockingConnection(sock)
 
@@ -828,7 +842,7 @@ class BlockingPool:
         except _StaleConnection as exc:
             conn.sock.close()
             raise WorkerUnreachable(exc.message) from None
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # the receive or send timeout
             conn.sock.close()
             raise WorkerTimeout(
                 f"worker {self.endpoint.url} sent nothing for {self.timeout:g}s"
@@ -895,7 +909,9 @@ class BlockingPool:
         body[:leftover] = view[body_start:filled]
         received = leftover
         while received < length:
-            got = sock.recv_into(body[received:])
+            # Returns early only at the receive timeout (with what came by then), at the end of
+            # the stream, or on a signal.
+            got = sock.recv_into(body[received:], 0, socket.MSG_WAITALL)
             if got == 0:
                 raise WorkerUnreachable(
                     f"worker {label} closed the connection after {received} of {length} body bytes"

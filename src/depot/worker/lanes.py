@@ -28,13 +28,13 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from depot.core.transport import timeval
 from depot.core.types import PageId
 from depot.pagestore.direct import BLOCK_SIZE, CorruptPage, PageFiles
 from depot.worker.http import MAX_HEAD_BYTES, HttpError, Request, bodiless_request
@@ -115,11 +115,6 @@ class _Lane:
     thread: threading.Thread | None = None
     # The partly covered blocks at a range's edges are checked here (2 blocks).
     scratch: memoryview = field(default_factory=lambda: memoryview(bytearray(2 * BLOCK_SIZE)))
-
-
-def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
 class HotLanes:
@@ -239,7 +234,7 @@ class HotLanes:
         give_back = False
         try:
             sock.setblocking(True)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.send_timeout))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(self.send_timeout))
             read: LaneRead | None = first
             while read is not None:
                 self._send(lane, read)
@@ -265,7 +260,7 @@ class HotLanes:
         sock = lane.sock
         received = lane.received
         waiting = "idle"
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.lane_idle))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(self.lane_idle))
         while True:
             end = received.find(b"\r\n\r\n")
             if end >= 0:
@@ -275,7 +270,7 @@ class HotLanes:
             if received and waiting == "idle":
                 waiting = "head"
                 sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.head_timeout)
+                    socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(self.head_timeout)
                 )
             try:
                 chunk = sock.recv(64 * 1024)
