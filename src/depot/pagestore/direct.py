@@ -10,7 +10,9 @@ instead of over HTTP. Everything such a reader needs is here, below the worker i
 - ``PageFiles.read_into()``: open a page file by its ``PageId`` (the path is derived from the
   id alone: ``<dir>/pages/<shard>/<file dir>/<index>``), check its footer, read the bytes asked
   for straight into the caller's buffer and verify the xxh3 checksum of every 64 KiB block they
-  touch before returning (``read_blocks``, the same code the page store reads with).
+  touch before returning (``read_blocks``, the same code the page store reads with). A whole
+  page is read with its trailer in one ``preadv`` (no ``fstat``, no second read): the syscalls
+  per page were a tenth of a short-circuit read's time.
 
 Why this is safe against the worker's own changes: a page file is written to a temp file and
 renamed into place, and never modified afterwards; replacing or evicting it unlinks the name.
@@ -141,16 +143,23 @@ class PageFiles:
         self.page_size = page_size
         self._tail_max = fmt.trailer_size_for(page_size)
         self._scratch = memoryview(bytearray(2 * BLOCK_SIZE))
+        # ``<shard>/<file dir>/`` of recent file keys: a hot file's pages are read one by one.
+        self._file_dirs: dict[str, str] = {}
 
     def open(self, page: PageId) -> int:
         """An fd of ``page``'s file, or -1 if no dir holds it (evicted, or never cached)."""
-        where = fmt.page_path(page)
+        key = page.file_key
+        where = self._file_dirs.get(key)
+        if where is None:
+            path = fmt.page_path(page)
+            where = f"{path.shard}/{path.file_dir}/"
+            if len(self._file_dirs) >= _FILE_DIRS_KEPT:
+                self._file_dirs.clear()
+            self._file_dirs[key] = where
+        name = where + str(page.index)
         for root in self.roots:
             try:
-                return os.open(
-                    os.path.join(root, where.shard, where.file_dir, where.name),
-                    os.O_RDONLY | os.O_CLOEXEC,
-                )
+                return os.open(f"{root}/{name}", os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
         return -1
@@ -176,23 +185,36 @@ class PageFiles:
         if fd < 0:
             return False
         try:
-            size = os.fstat(fd).st_size
-            if size != fmt.file_size(length):
-                raise CorruptPage(f"page file of {size} bytes for a page of {length}")
-            want = min(size, self._tail_max)
+            # The trailer is where a page of ``length`` bytes has it; a file of another size
+            # fails the footer's checks there (its length, tag and checksum), or reads short.
+            size = fmt.file_size(length)
+            whole = offset == 0 and len(out) == length
+            # All of the trailer for a whole page; else up to the largest one, from the end.
+            want = size - length if whole else min(size, self._tail_max)
             tail = bytearray(want)
-            got = os.preadv(fd, [tail], size - want, flags)
-            if got != want:
-                if flags and got >= 0:
-                    raise BlockingIOError(errno.EAGAIN, "trailer not cached")
-                raise CorruptPage("page file truncated")
+            if whole:
+                # The whole page: its data and its trailer in one read, then checked.
+                got = os.preadv(fd, [out, tail], 0, flags)
+                if got != length + want:
+                    if flags and got >= 0:
+                        raise BlockingIOError(errno.EAGAIN, "page not cached")
+                    raise CorruptPage(f"page file of {got} bytes for a page of {length}")
+            else:
+                got = os.preadv(fd, [tail], size - want, flags)
+                if got != want:
+                    if flags and got >= 0:
+                        raise BlockingIOError(errno.EAGAIN, "trailer not cached")
+                    raise CorruptPage("page file truncated")
             try:
                 found, sums = fmt.decode_trailer(page, tail, size)
             except fmt.PageFormatError as exc:
                 raise CorruptPage(str(exc)) from None
             if found != length:
                 raise CorruptPage("page length differs from the file's")
-            read_blocks(fd, length, sums, offset, out, flags, scratch or self._scratch)
+            if whole:
+                verify_blocks(out, sums)
+            else:
+                read_blocks(fd, length, sums, offset, out, flags, scratch or self._scratch)
         except OSError as exc:
             if isinstance(exc, BlockingIOError) or exc.errno not in _MEDIA_ERRORS:
                 raise
@@ -200,6 +222,18 @@ class PageFiles:
         finally:
             os.close(fd)
         return True
+
+
+#: File keys whose page dir ``PageFiles`` remembers (then it starts over).
+_FILE_DIRS_KEPT = 1024
+
+
+def verify_blocks(data: memoryview, sums: array[int]) -> None:
+    """Check every block of a whole page's ``data`` against its checksum table."""
+    bs = BLOCK_SIZE
+    for b in range(len(sums)):
+        if _hash(data[b * bs : (b + 1) * bs], b) != sums[b]:
+            raise CorruptPage(f"checksum mismatch in block {b}")
 
 
 _MEDIA_ERRORS = frozenset({errno.EIO, errno.ENODATA, getattr(errno, "EUCLEAN", 117)})
