@@ -19,6 +19,7 @@ import pytest
 
 from depot.client.fs import DepotFileSystem
 from depot.core.config import load_config
+from depot.testing.damage import flip_byte
 from depot.testing.local import LocalWorker
 
 PAGE = 256 * 1024
@@ -250,11 +251,7 @@ def test_a_damaged_or_evicted_page_under_a_lane_is_read_through_the_loop(
     assert conn.read("/big.bin", (0, SIZE))[2] == data  # now on a lane
     files = sorted(_page_files(tmp_path))
     assert len(files) == 13
-    with open(files[3], "r+b") as damaged:  # one flipped byte in the data of a page
-        damaged.seek(100)
-        byte = damaged.read(1)
-        damaged.seek(100)
-        damaged.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(files[3], 100, 0xFF)  # one flipped byte in the data of a page
     files[5].unlink()  # and a page gone behind the worker's back
     status, _, body = conn.read("/big.bin", (0, SIZE))
     assert status == 206 and body == data

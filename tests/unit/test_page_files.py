@@ -11,6 +11,7 @@ import pytest
 from depot.core.types import PageId
 from depot.pagestore import format as fmt
 from depot.pagestore.direct import BLOCK_SIZE, PAGES_DIR, CorruptPage, PageFiles
+from depot.testing.damage import flip_byte
 
 PAGE_SIZE = 4 * BLOCK_SIZE
 KEY = "s3://bucket/data.bin@v1"
@@ -55,14 +56,6 @@ def test_a_missing_page_is_not_there(store) -> None:
     assert not files.read_into(PageId("other", 0), PAGE_SIZE, 0, memoryview(bytearray(10)))
 
 
-def damage(path: Path, at: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(at)
-        byte = f.read(1)
-        f.seek(at)
-        f.write(bytes([byte[0] ^ 0x01]))
-
-
 @pytest.mark.parametrize(
     "how",
     ["data byte", "checksum table", "footer", "truncated", "other page's file",
@@ -77,11 +70,11 @@ def test_a_page_that_does_not_check_out_is_never_read(store, how: str, whole: bo
     length = len(data)
     size = path.stat().st_size
     if how == "data byte":
-        damage(path, 3 * BLOCK_SIZE + 11)
+        flip_byte(path, 3 * BLOCK_SIZE + 11)
     elif how == "checksum table":
-        damage(path, length + 8 * 3 + 2)
+        flip_byte(path, length + 8 * 3 + 2)
     elif how == "footer":
-        damage(path, size - 3)
+        flip_byte(path, size - 3)
     elif how == "truncated":
         os.truncate(path, size - 1)
     elif how == "other page's file":

@@ -22,6 +22,7 @@ from depot.core.types import FileId, PageId
 from depot.pagestore import BLOCK_SIZE, LocalPageStore, PageStore
 from depot.pagestore import format as fmt
 from depot.pagestore import local as local_mod
+from depot.testing.damage import flip_byte
 from depot.testing.pagestore_contract import (
     PAGE,
     PageStoreContract,
@@ -70,14 +71,6 @@ def page_files(root: Path) -> list[Path]:
     return sorted(p for p in (root / "pages").rglob("*") if p.is_file())
 
 
-def flip(path: Path, position: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)
-        f.seek(position)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 async def open_store(root: Path, capacity: int = capacity_for(4), **kw: object) -> LocalPageStore:
     return await LocalPageStore.open([(root, capacity)], PAGE, **kw)  # type: ignore[arg-type]
 
@@ -110,7 +103,7 @@ async def test_flipped_data_byte_is_never_served(
     assert await store.get(page) == data  # checksums now cached in memory
     path = store.page_file(page)
     assert path is not None
-    flip(path, position)
+    flip_byte(path, position)
     assert await read_bytes(store, page, offset, length) is None
     assert not store.contains(page)
     stats = store.stats()
@@ -129,7 +122,7 @@ async def test_flipped_byte_in_a_one_block_page(tmp_path: Path) -> None:
     assert await store.put(page, payload(1000, 2))
     path = store.page_file(page)
     assert path is not None
-    flip(path, 999)
+    flip_byte(path, 999)
     assert await store.get(page) is None
     assert store.stats().corrupt_dropped == 1
     await store.close()
@@ -142,7 +135,7 @@ async def test_flip_outside_the_read_blocks_still_serves_the_range(tmp_path: Pat
     assert await store.put(page, data)
     path = store.page_file(page)
     assert path is not None
-    flip(path, 3 * BLOCK_SIZE + 5)
+    flip_byte(path, 3 * BLOCK_SIZE + 5)
     # Blocks 0 and 1 are intact: a read of them is verified and served.
     assert await read_bytes(store, page, 10, BLOCK_SIZE) == data[10 : 10 + BLOCK_SIZE]
     assert await read_bytes(store, page, 3 * BLOCK_SIZE, 10) is None
@@ -161,7 +154,7 @@ async def test_damaged_trailer_drops_page_on_first_read(tmp_path: Path) -> None:
     # No checksum cache: the trailer is read, and checked, on the first read.
     store = await open_store(root, checksum_cache_bytes=0)
     assert store.contains(page)
-    flip(path, PAGE + 3)  # inside the checksum table
+    flip_byte(path, PAGE + 3)  # inside the checksum table
     assert await read_bytes(store, page, 0, 100) is None
     assert store.stats().corrupt_dropped == 1
     await store.close()

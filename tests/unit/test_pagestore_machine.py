@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 
 from depot.core.types import PageId
 from depot.pagestore import LocalPageStore, MemoryPageStore, PageStore
+from depot.testing.damage import flip_byte
 from depot.testing.pagestore_contract import PageStoreMachine
 
 SETTINGS = settings(
@@ -57,11 +58,7 @@ class LocalMachine(PageStoreMachine):
         assert isinstance(store, LocalPageStore)
         path = store.page_file(page)
         assert path is not None
-        with open(path, "r+b") as f:
-            f.seek(position)
-            byte = f.read(1)[0]
-            f.seek(position)
-            f.write(bytes([byte ^ 0x01]))
+        flip_byte(path, position)
         return True
 
     def cleanup(self) -> None:
