@@ -268,3 +268,23 @@ async def test_an_unpinned_version_is_not_streamed(env: Env) -> None:
     assert await read_all(env, opened, 0, 4096) == DATA[:4096]
     assert env.service.stats.ufs_streamed == 0 and ufs.calls["get_range_stream"] == 0
     assert await env.cached_page(opened, 0) == DATA[:PAGE]
+
+
+async def test_a_page_fetched_while_closing_is_stored_before_close_returns(env: Env) -> None:
+    """``close`` waits for fetches in flight and for the stores of their pages they start;
+    work spawned after it is dropped (a page not stored then is a later miss, nothing more)."""
+    gate = env.ufs.hold_streams(after=CHUNK)
+    opened = await env.open()
+    chunks = reader(env, opened, 0, 4096)
+    assert bytes(await asyncio.wait_for(anext(chunks), 5)) == DATA[:4096]
+    closing = asyncio.ensure_future(env.service.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # the page's fetch is still in flight
+    gate.set()
+    await asyncio.wait_for(closing, 5)
+    page = env.page(opened, 0)
+    out = bytearray(PAGE)
+    assert await env.pages.read_into(page, 0, memoryview(out)) and bytes(out) == DATA[:PAGE]
+    assert not env.service._background
+    env.service._spawn(env.service._store_page(env.page(opened, 1), b"x"))  # closed: dropped
+    assert not env.service._background and not env.pages.contains(env.page(opened, 1))

@@ -236,6 +236,7 @@ class ReadThroughService:
         self._meta_flight: SingleFlight[FileStatus | None] = SingleFlight()
         self._list_flight: SingleFlight[list[FileStatus]] = SingleFlight()
         self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
         # Pages fetched from the UFS but not yet in the page store: readers arriving in that
         # window take the bytes from here instead of fetching them again.
         self._filling: dict[PageId, Buffer] = {}
@@ -264,14 +265,20 @@ class ReadThroughService:
         return store
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        # Background work started while waiting (a fetched page's store) is waited for too.
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        self._closed = True
         for store in self._stores.values():
             with contextlib.suppress(Exception):
                 await store.close()
         self._stores.clear()
 
     def _spawn(self, coro: Any) -> None:
+        if self._closed:
+            # The stores are closed: a page not stored now is a miss later, nothing more.
+            coro.close()
+            return
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
