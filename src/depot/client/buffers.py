@@ -11,7 +11,6 @@ when free huge pages exist, but 0.45 GB/s when the kernel must compact memory fi
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 import threading
@@ -91,12 +90,12 @@ def _set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols this process has loaded: its C library's
         mallopt = libc.mallopt
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc, not musl
     except (OSError, AttributeError):
         return False
-    del gnu_get_libc_version
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False  # musl has mallopt too, but not these thresholds
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     # The mmap threshold first: setting either one turns glibc's dynamic adjustment off.
