@@ -309,3 +309,39 @@ def test_fsspec_large_local_reads_skip_read_ahead(env: tuple[LocalWorker, Path, 
                                                     _read_stats(worker)["misses"])
     finally:
         fs.close()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_large_local_reads_keep_freed_results(
+    env: tuple[LocalWorker, Path, bytes], monkeypatch: pytest.MonkeyPatch, keep: bool
+) -> None:
+    """A read of 1 MiB or more into a new result asks the allocator to keep freed results
+    (``client.keep_freed_blocks``); smaller ones, or the setting off, leave it alone."""
+    import fsspec
+
+    import depot.client.fs as fs_module
+
+    worker, _, data = env
+    config = DepotConfig(client=ClientConfig(keep_freed_blocks=keep))
+    fs = fsspec.filesystem("depot", endpoint=worker.endpoint, config=config,
+                           skip_instance_cache=True)  # fmt: skip
+    try:
+
+        async def warm() -> None:
+            async with CacheClient(worker.endpoint, config=_config()) as client:
+                await _warm(client, worker)
+
+        asyncio.run(warm())  # every page stored
+        calls: list[int] = []
+        monkeypatch.setattr(fs_module, "keep_freed_blocks", lambda: calls.append(1) or True)
+        with fs.open("/f.bin", "rb") as f:
+            client = fs.client_now()
+            assert client is not None
+            reads = _sc(client).stats.reads
+            assert f.read(PAGE) == data[:PAGE]  # small: not asked
+            assert not calls
+            assert f.read() == data[PAGE:]  # 1.2 MiB from the page files, a new result
+        assert _sc(client).stats.reads > reads
+        assert bool(calls) is keep
+    finally:
+        fs.close()

@@ -54,6 +54,8 @@ _WHOLE_BLOCK_MAX = 64 * 1024 * 1024
 #: Read-ahead blocks received at once on blocking connections, per filesystem: two keep a
 #: worker's two senders busy (worker/lanes.py) without starving the reader of a core.
 BLOCK_THREADS = 2
+# Results from this size on are where glibc's trimming costs page faults (``large_results``).
+KEEP_FREED_MIN = 1024 * 1024
 _READ_ONLY = "this file is open for reading (open a file with mode 'wb' to write it)"
 
 
@@ -294,10 +296,17 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
                 self._block_threads_pid = os.getpid()
             return self._block_threads
 
+    def large_results(self, size: int) -> None:
+        """Called before results of ``size`` bytes are made, one after another: from 1 MiB,
+        freed ones are then reused rather than faulted in again (``keep_freed_blocks``)."""
+        if size >= KEEP_FREED_MIN and self.config.client.keep_freed_blocks:
+            keep_freed_blocks()
+
     def read_now_bytes(self, path: str, start: int, stop: int, version: str | None) -> bytes | None:
         """``read_now`` into a new result (None if the loop must serve it)."""
         if not self.may_read_now(path, start, stop):
             return None
+        self.large_results(stop - start)
         result, view = alloc_result(stop - start)
         count = self.read_now(path, start, stop, view, version)
         return None if count is None else finish_result(result, view, count)
@@ -999,8 +1008,8 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
                 and length <= _WHOLE_BLOCK_MAX
             )
             self._block_size = length if self._whole_blocks else base
-            if self._whole_blocks and self.fs.config.client.keep_freed_blocks:
-                keep_freed_blocks()
+            if self._whole_blocks:
+                self.fs.large_results(length)
         size = self._block_size
         pool = None if self._whole_blocks else self.fs.buffers(size)
         first = start if length < size else stop

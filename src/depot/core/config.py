@@ -271,10 +271,10 @@ class ClientConfig(_Model):
     # thread, not through the event loop: no thread hand-off each way. Failures are handed to
     # the event loop path, which fails over.
     caller_thread_reads: bool = True
-    # A file read in large equal chunks gets a new result object per read-ahead block: let the
-    # process's allocator (glibc) keep up to 64 MiB of freed memory per heap, so the next block
-    # reuses it instead of page-faulting in fresh memory. Set once per process, on the first
-    # such read; off leaves the allocator as it is.
+    # Large reads get a new result object each (a read-ahead block, a short-circuit read of
+    # 1 MiB or more): let the process's allocator (glibc) keep up to 64 MiB of freed memory per
+    # heap, so the next result reuses it instead of page-faulting in fresh memory. Set once per
+    # process, on the first such read; off leaves the allocator as it is.
     keep_freed_blocks: bool = True
 
     _parse_size = field_validator("read_ahead", mode="before")(_size)
