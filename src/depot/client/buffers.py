@@ -80,6 +80,8 @@ def keep_freed_blocks() -> bool:
     Returns whether the setting is in effect (glibc only).
     """
     global _kept
+    if _kept is not None:  # asked before: no lock on the read path
+        return _kept
     with _kept_lock:
         if _kept is None:
             _kept = _set_malloc_thresholds(KEPT_BLOCK_MAX, KEPT_FREE_MAX)
