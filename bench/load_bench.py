@@ -212,9 +212,11 @@ def workers(
     page: str,
     cache_root: Path | None = None,
     direct_io: bool = False,
+    cache: dict[str, Any] | None = None,
 ) -> Iterator[tuple[list[str], list[int]]]:
     """``count`` worker processes (static membership when more than one); yields their
-    endpoints and pids. ``direct_io``: their ``cache.preload_direct_io``.
+    endpoints and pids. ``direct_io``: their ``cache.preload_direct_io``; ``cache``: more of
+    their ``cache:`` settings.
 
     The page store goes under ``cache_root`` (default: ``tmp``), and is deleted at the end.
     """
@@ -228,7 +230,8 @@ def workers(
             cfg: dict[str, Any] = {
                 "worker": {"host": "127.0.0.1", "port": port},
                 "cache": {"page_size": page, "preload_direct_io": direct_io,
-                          "dirs": [{"path": str(base / "cache"), "size": "16GiB"}]},
+                          "dirs": [{"path": str(base / "cache"), "size": "16GiB"}],
+                          **(cache or {})},
                 "mounts": [{"path": "/", "ufs": "s3://bucket", "metadata": "immutable", "options": {
                     "endpoint": s3, "region": "us-east-1", "skip_signature": "true",
                     "path_style": "true"}}],

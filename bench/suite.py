@@ -19,9 +19,11 @@ Groups and what they measure:
 - ``cold``: one plain GET stream and boto3 ``download_file`` (its defaults) of the model, then
   a read of it through a fresh worker (``open().read(8 MiB)`` loop, client over HTTP);
 - ``hot``: the same file again from that worker: sequential over loopback HTTP, sequential
-  with short-circuit local reads, and 4 KiB random reads (``cat_file``); with the sequential
-  figure, the ceiling of any server that checks what it serves: a bare threaded server doing
-  ``pread`` + xxh3 + ``sendall`` to a blocking 2-connection client (``hot_ceiling.py``);
+  with short-circuit local reads, and 4 KiB random reads (``cat_file``). The worker sends hot
+  pages from its memory tier (``cache.memory_size``, "auto" by default): beside the figure,
+  the same read from a worker without one (every page read from its file and checked), and the
+  ceilings of both ways: a bare threaded server sending from memory, and one doing ``pread`` +
+  xxh3 + ``sendall``, each to a blocking 2-connection client (``hot_ceiling.py``);
 - ``metadata``: ``info`` of a cached file (p50 over ``--info-calls``), and ``ls`` of the
   listing directory (the second, cached listing is the figure);
 - ``multi``: ``--readers`` processes read the 2x model at once through one fresh worker (default
@@ -334,11 +336,14 @@ class Context:
         assert self._ufs is not None
         return self._ufs[1]
 
-    def worker(self, name: str, stack: contextlib.ExitStack | None = None) -> tuple[str, int]:
-        """A fresh worker (empty cache) on the store; lives until ``stack`` (default: the run)
-        closes."""
+    def worker(
+        self, name: str, stack: contextlib.ExitStack | None = None,
+        cache: dict[str, Any] | None = None,
+    ) -> tuple[str, int]:
+        """A fresh worker (empty cache; ``cache``: more of its cache settings) on the store;
+        lives until ``stack`` (default: the run) closes."""
         eps, pids = (stack or self.stack).enter_context(
-            workers(self.tmp, name, 1, self.ufs, self.s.page_size))
+            workers(self.tmp, name, 1, self.ufs, self.s.page_size, cache=cache))
         return eps[0], pids[0]
 
     def set_hot(self, endpoint: str, pid: int) -> None:
@@ -444,17 +449,23 @@ def group_hot(ctx: Context) -> None:
     read_loop(fs, path)  # connections up; every page is cached already
     cpu0 = cpu_seconds(pid)
     hot = best_of(runs, lambda: gbps(*read_loop(fs, path)))
+    held = fs.cache_stats()
     r.figure("hot_seq_http", hot, loopback, best_of=runs,
-             worker_cpu_s_all_runs=cpu_seconds(pid) - cpu0)  # fmt: skip
-    # What any server of verified pages gets here: the ceiling of the figure above.
-    with bare_server(ctx.file(MODEL), "pread+xxh3") as bare:
+             worker_cpu_s_all_runs=cpu_seconds(pid) - cpu0,
+             memory_tier_bytes=held.get("memory_bytes"),
+             memory_tier_capacity_bytes=held.get("memory_capacity_bytes"),
+             memory_tier_hits=held.get("memory_hits"))  # fmt: skip
+    # What any server gets here, sending from memory (as the memory tier does): the ceiling
+    # of the figure above.
+    with bare_server(ctx.file(MODEL), "memory") as bare:
         ceiling = best_of(runs, lambda: blocking_client(bare, path, size, lanes=2))
-    row = r.info("machine_verified_server", "machine", "machine",
-                 "machine: bare server of a cached file, pread + xxh3 of every 64 KiB + sendall, "
-                 "a thread per connection; blocking client, 2 connections of 8 MiB ranges",
+    row = r.info("machine_memory_server", "machine", "machine",
+                 "machine: bare server sending one buffer from memory, a thread per connection; "
+                 "blocking client, 2 connections of 8 MiB ranges",
                  ceiling, "GB/s", compare=("depot hot sequential HTTP", hot), best_of=runs,
                  x_loopback=ceiling / loopback)  # fmt: skip
     row.target = f"ceiling of hot sequential HTTP ({ceiling / loopback:.2f} x loopback)"
+    hot_files_only(ctx, path, size, loopback)
 
     def one(off: int) -> bytes:
         data: bytes = fs.cat_file(path, off, off + 4096)
@@ -477,6 +488,38 @@ def group_hot(ctx: Context) -> None:
     r.figure("hot_seq_short_circuit", sc, page_cache, best_of=runs,
              hit_ratio_after_http_runs=stats.get("hit_ratio"),
              short_circuit_bytes=after.get("short_circuit_bytes"))  # fmt: skip
+
+
+def hot_files_only(ctx: Context, path: str, size: int, loopback: float) -> None:
+    """The hot sequential read from a worker without a memory tier (``cache.memory_size: 0``),
+    where every page is read from its file and checked, and that way's bare ceiling."""
+    r = ctx.results
+    runs = ctx.s.runs
+    with contextlib.ExitStack() as stack:
+        ep, pid = ctx.worker("hot-files", stack, cache={"memory_size": 0})
+        fs = depot_fs(ep)
+        read_loop(fs, path)  # fills its cache from the store
+        read_loop(fs, path)
+        cpu0 = cpu_seconds(pid)
+        files = best_of(runs, lambda: gbps(*read_loop(fs, path)))
+        stats = fs.cache_stats()
+        fs.close()
+        row = r.info("hot_seq_http_files", "depot", "hot",
+                     "depot without a memory tier (cache.memory_size 0): the same hot read, "
+                     "every page read from its file and checked", files, "GB/s",
+                     best_of=runs, x_loopback=files / loopback,
+                     worker_cpu_s_all_runs=cpu_seconds(pid) - cpu0,
+                     memory_tier_hits=stats.get("memory_hits"))  # fmt: skip
+        row.ratio = files / loopback
+        row.ratio_text = f"{row.ratio:.2f} x loopback"
+    with bare_server(ctx.file(MODEL), "pread+xxh3") as bare:
+        ceiling = best_of(runs, lambda: blocking_client(bare, path, size, lanes=2))
+    row = r.info("machine_verified_server", "machine", "machine",
+                 "machine: bare server of a cached file, pread + xxh3 of every 64 KiB + sendall, "
+                 "a thread per connection; blocking client, 2 connections of 8 MiB ranges",
+                 ceiling, "GB/s", compare=("depot without a memory tier", files), best_of=runs,
+                 x_loopback=ceiling / loopback)  # fmt: skip
+    row.target = f"ceiling of the read from page files ({ceiling / loopback:.2f} x loopback)"
 
 
 def group_metadata(ctx: Context) -> None:

@@ -95,15 +95,25 @@ def data(tmp_path: Path) -> bytes:
     return payload
 
 
-def _worker(tmp_path: Path, **worker: Any) -> LocalWorker:
+def _worker(tmp_path: Path, memory_size: int | str = "auto", **worker: Any) -> LocalWorker:
+    extra: dict[str, Any] = {"cache": {"memory_size": memory_size}}
+    if worker:
+        extra["worker"] = worker
     return LocalWorker((tmp_path / "ufs").as_uri(), tmp_path / "cache", page_size=PAGE,
-                       cache_size="64MiB", metadata="max-age=600s",
-                       extra={"worker": worker} if worker else None)  # fmt: skip
+                       cache_size="64MiB", metadata="max-age=600s", extra=extra)  # fmt: skip
 
 
 @pytest.fixture
 def worker(tmp_path: Path, data: bytes) -> Iterator[LocalWorker]:
     with _worker(tmp_path) as w:
+        _warm(w)
+        yield w
+
+
+@pytest.fixture
+def files_only_worker(tmp_path: Path, data: bytes) -> Iterator[LocalWorker]:
+    """A worker without a memory tier: every lane read reads and checks the page files."""
+    with _worker(tmp_path, memory_size=0) as w:
         _warm(w)
         yield w
 
@@ -245,8 +255,9 @@ def _page_files(tmp_path: Path) -> list[Path]:
 
 
 def test_a_damaged_or_evicted_page_under_a_lane_is_read_through_the_loop(
-    tmp_path: Path, worker: LocalWorker, data: bytes
+    tmp_path: Path, files_only_worker: LocalWorker, data: bytes
 ) -> None:
+    worker = files_only_worker
     conn = Conn(worker.endpoint)
     assert conn.read("/big.bin", (0, SIZE))[2] == data  # now on a lane
     files = sorted(_page_files(tmp_path))
@@ -260,6 +271,66 @@ def test_a_damaged_or_evicted_page_under_a_lane_is_read_through_the_loop(
     stats = _stats(worker)
     assert stats["ufs_reads"] >= 13 + 2  # the two pages fetched again
     assert conn.read("/big.bin", (0, SIZE))[2] == data
+    conn.close()
+
+
+def test_hot_pages_are_sent_from_the_memory_tier_once_a_lane_read_them_whole(
+    tmp_path: Path, worker: LocalWorker, data: bytes
+) -> None:
+    conn = Conn(worker.endpoint)
+    assert conn.read("/big.bin", (PAGE + 1, 3 * PAGE))[2] == data[PAGE + 1 : 3 * PAGE]
+    assert _lanes(worker)["parts_from_memory"] == 0
+    _wait(lambda: _stats(worker)["memory_pages"] == 1, "the one whole page was not held")
+    assert conn.read("/big.bin", (0, SIZE))[2] == data  # reads the other 12 whole
+    _wait(lambda: _stats(worker)["memory_pages"] == 13, "the pages were not held")
+    assert _lanes(worker)["parts_from_memory"] == 1
+    stats = _stats(worker)
+    assert stats["memory_bytes"] == SIZE and stats["memory_capacity_bytes"] > SIZE
+    # Damage every page file: what follows is answered from memory, without opening them.
+    for path in _page_files(tmp_path):
+        flip_byte(path, 100, 0xFF)
+    hits = stats["memory_hits"]
+    ranges = [(0, SIZE), (PAGE + 7, SIZE - 3), (3 * PAGE, 7 * PAGE)]
+    for start, end in ranges:
+        status, _, body = conn.read("/big.bin", (start, end))
+        assert status == 206 and body == data[start:end], (start, end)
+    lanes = _lanes(worker)
+    parts = sum((e - 1) // PAGE - s // PAGE + 1 for s, e in ranges)
+    assert lanes["parts_from_memory"] == 1 + parts and lanes["parts_from_loop"] == 0
+    stats = _stats(worker)
+    assert stats["memory_hits"] - hits == parts and stats["corrupt_dropped"] == 0
+    # A read under the lane size, answered on the loop: from memory too.
+    loop_conn = Conn(worker.endpoint)
+    assert loop_conn.read("/big.bin", (PAGE - 5, PAGE + 5))[2] == data[PAGE - 5 : PAGE + 5]
+    assert _stats(worker)["memory_hits"] - hits == parts + 2
+    # Freed: the pages leave memory with their files, and the next read is a miss again
+    # (the damaged files are gone, so its bytes come from the under store).
+    conn.close()
+    loop_conn.close()
+    free = Conn(worker.endpoint)
+    free.send(b"POST /api/v1/cache/free?path=%2Fbig.bin HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    status, _, body = free.response()
+    assert status == 200, body
+    free.close()
+    stats = _stats(worker)
+    assert (stats["memory_pages"], stats["memory_bytes"]) == (0, 0)
+    conn = Conn(worker.endpoint)
+    assert conn.read("/big.bin", (0, SIZE))[2] == data
+    assert _stats(worker)["misses"] == 13 + 13
+    conn.close()
+
+
+def test_a_worker_without_a_memory_tier_reads_every_page_file(
+    files_only_worker: LocalWorker, data: bytes
+) -> None:
+    conn = Conn(files_only_worker.endpoint)
+    for _ in range(3):
+        assert conn.read("/big.bin", (0, SIZE))[2] == data
+    stats = _stats(files_only_worker)
+    assert (stats["memory_capacity_bytes"], stats["memory_pages"], stats["memory_hits"]) == (
+        0, 0, 0,
+    )
+    assert _lanes(files_only_worker)["parts_from_memory"] == 0
     conn.close()
 
 

@@ -24,6 +24,8 @@ DEFAULT_PAGE_SIZE = 4 * 1024 * 1024
 ENV_PREFIX = "DEPOT_"
 ENV_ALIASES = {"DEPOT_ENDPOINT": ("client", "endpoint")}
 CONFIG_ENV = "DEPOT_CONFIG"
+#: The most an "auto" memory tier takes (``cache.memory_size``).
+AUTO_MEMORY_MAX = 2 * 1024**3
 
 
 # Mount option names that carry credentials: masked by `depot config show`, never served to
@@ -36,6 +38,24 @@ def is_secret_option(name: str) -> bool:
     """Whether a mount option holds a credential."""
     lowered = name.lower()
     return lowered not in _NOT_SECRET and any(m in lowered for m in _SECRET_MARKERS)
+
+
+def usable_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 0
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (total <= 0 or int(text) < total):
+            total = int(text)
+        break
+    return max(0, total)
 
 
 class _Model(BaseModel):
@@ -78,8 +98,26 @@ class CacheConfig(_Model):
     # not evict what readers use) and VMs where filling fresh page-cache memory costs more CPU
     # than receiving the bytes; the first read of such pages comes from the disk.
     preload_direct_io: bool = False
+    # Verified pages kept in the worker's memory, so that a hot read is sent from there without
+    # reading and checking the page file again. "auto": an eighth of the memory this process
+    # may use (the cgroup's limit where it has one), at most 2 GiB; 0 turns it off.
+    memory_size: int | Literal["auto"] = "auto"
 
     _parse_size = field_validator("page_size", mode="before")(_size)
+
+    @field_validator("memory_size", mode="before")
+    @classmethod
+    def _parse_memory_size(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return _size(value)
+
+    @field_validator("memory_size")
+    @classmethod
+    def _memory_size_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("memory_size must be 0 (off), a size or 'auto'")
+        return value
 
     @field_validator("page_size")
     @classmethod
@@ -98,6 +136,13 @@ class CacheConfig(_Model):
     @property
     def capacity(self) -> int:
         return sum(d.size for d in self.dirs)
+
+    @property
+    def memory_capacity(self) -> int:
+        """Bytes of the memory tier (``memory_size`` with "auto" worked out)."""
+        if self.memory_size == "auto":
+            return min(AUTO_MEMORY_MAX, usable_memory() // 8)
+        return self.memory_size
 
     @property
     def metadata_path(self) -> Path:

@@ -120,6 +120,13 @@ PAGE_STORE: tuple[Stat, ...] = (
     _counter("depot_cache_direct_write_bytes_total",
              "Bytes of pages written with O_DIRECT, around the OS page cache (preloads).",
              "direct_write_bytes"),
+    _gauge("depot_cache_memory_bytes",
+           "Bytes of verified pages the memory tier holds.", "memory_bytes"),
+    _gauge("depot_cache_memory_capacity_bytes",
+           "The memory tier's size (cache.memory_size).", "memory_capacity_bytes"),
+    _gauge("depot_cache_memory_pages", "Pages the memory tier holds.", "memory_pages"),
+    _counter("depot_cache_memory_hits_total",
+             "Page reads answered from the memory tier (no page file read).", "memory_hits"),
 )
 
 WRITES: tuple[Stat, ...] = (

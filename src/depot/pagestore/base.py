@@ -8,6 +8,7 @@ that fails is dropped and reported as a miss. Implementations run ``depot.testin
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -29,6 +30,11 @@ class PageStoreStats:
     write_errors: int = 0
     # Bytes of pages written without filling the OS page cache (``bypass_os_cache``).
     direct_bytes: int = 0
+    # The memory tier: verified pages held in memory, and the reads it answered.
+    memory_pages: int = 0
+    memory_bytes: int = 0
+    memory_capacity_bytes: int = 0
+    memory_hits: int = 0
 
 
 class PageStore(abc.ABC):
@@ -37,12 +43,30 @@ class PageStore(abc.ABC):
     page_size: int
 
     @abc.abstractmethod
-    async def read_into(self, page: PageId, offset: int, out: memoryview) -> bool:
+    async def read_into(
+        self, page: PageId, offset: int, out: memoryview, *, check_stored: bool = False
+    ) -> bool:
         """Fill ``out`` with ``len(out)`` bytes of ``page`` starting at ``offset``.
 
         Returns False on a miss (absent, or present but corrupt, in which case it is dropped).
-        Raises ``InvalidRange`` if the request runs past the page's length.
+        Raises ``InvalidRange`` if the request runs past the page's length. ``check_stored``
+        reads (and checks) the stored copy even where the page is held in memory: a scrub.
         """
+
+    def held(self, page: PageId) -> Buffer | None:
+        """The verified bytes of ``page`` if this store holds them in memory, else None.
+
+        Safe from any thread. The bytes are never changed; the caller sends or copies them
+        and calls ``touch`` (on the loop) to count the use.
+        """
+        return None
+
+    def admission(self, page: PageId) -> Callable[[Buffer], bool] | None:
+        """Where a store has a memory tier and ``page`` is stored but not held: a callable
+        that holds bytes the caller has just read whole from the stored copy (and checked).
+        Ask from any thread; call it on the event loop. It refuses bytes if the page was
+        replaced or removed since this call. None when there is nothing to admit."""
+        return None
 
     async def get(self, page: PageId) -> bytes | None:
         """The whole page, or None on a miss."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -79,6 +80,8 @@ class _Entry:
     fd: int = -1
     readers: int = 0
     dead: bool = False
+    # Its verified bytes while the memory tier holds them (never changed once set).
+    held: Buffer | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -149,6 +152,12 @@ class LocalPageStore(PageStore):
     ``checksum_cache_bytes`` bounds the checksum tables kept in memory (8 bytes per 64 KiB of
     pages); reads longer than ``inline_read_max`` (default: a page) always go to a thread.
     ``inline_reads``/``thread_reads`` count which path reads took.
+
+    ``memory_bytes`` is the memory tier: pages read whole from their files (and so checked)
+    are held in memory, up to that many bytes, least recently used out first, so that the
+    next read of a hot page costs neither a read of its file nor its checksums. A page leaves
+    the tier with its file (evicted, deleted, replaced, found damaged): the tier holds a subset
+    of the stored pages, never a page the store no longer has.
     """
 
     def __init__(
@@ -161,6 +170,7 @@ class LocalPageStore(PageStore):
         fd_cache: int = 128,
         checksum_cache_bytes: int = 16 * 1024 * 1024,
         inline_read_max: int | None = None,
+        memory_bytes: int = 0,
     ) -> None:
         if not dirs:
             raise InvalidArgument("a page store needs at least one dir")
@@ -188,6 +198,13 @@ class LocalPageStore(PageStore):
         self._sums: OrderedDict[PageId, _Entry] = OrderedDict()
         self._sums_bytes = 0
         self._sums_budget = max(0, checksum_cache_bytes)
+        # The memory tier: held entries, oldest use first (changed on the loop only).
+        self._held: OrderedDict[PageId, _Entry] = OrderedDict()
+        self._held_bytes = 0
+        self._memory_capacity = max(0, memory_bytes)
+        # Lanes count their hits from their own threads.
+        self._memory_hits = 0
+        self._memory_hits_lock = threading.Lock()
         self._inline_max = page_size if inline_read_max is None else inline_read_max
         self._nowait = _RWF_NOWAIT != 0
         self._scratch = memoryview(bytearray(2 * BLOCK_SIZE))
@@ -220,6 +237,7 @@ class LocalPageStore(PageStore):
     @classmethod
     def from_config(cls, cache: CacheConfig, **options: Any) -> LocalPageStore:
         """A store for ``cache`` (not started yet)."""
+        options.setdefault("memory_bytes", cache.memory_capacity)
         return cls(
             [(d.path, d.size) for d in cache.dirs], cache.page_size, cache.eviction, **options
         )
@@ -320,6 +338,45 @@ class LocalPageStore(PageStore):
         if page not in self._index:
             return False
         self._policy.touch(page)
+        if page in self._held:
+            self._held.move_to_end(page)
+        return True
+
+    def held(self, page: PageId) -> Buffer | None:
+        if not self._memory_capacity:
+            return None
+        entry = self._index.get(page)
+        data = None if entry is None else entry.held
+        if data is not None:
+            with self._memory_hits_lock:
+                self._memory_hits += 1
+        return data
+
+    def admission(self, page: PageId) -> Callable[[Buffer], bool] | None:
+        if not self._memory_capacity:
+            return None
+        entry = self._index.get(page)
+        if entry is None or entry.held is not None or entry.length > self._memory_capacity:
+            return None
+        return functools.partial(self._hold, entry)
+
+    def _hold(self, entry: _Entry, data: Buffer) -> bool:
+        """Hold ``data``, read whole from ``entry``'s file, if the entry is still the page's."""
+        if (
+            entry.dead
+            or entry.held is not None
+            or self._index.get(entry.page) is not entry
+            or len(data) != entry.length
+            or entry.length > self._memory_capacity
+        ):
+            return False
+        entry.held = data
+        self._held[entry.page] = entry
+        self._held_bytes += entry.length
+        while self._held_bytes > self._memory_capacity:
+            _page, old = self._held.popitem(last=False)
+            self._held_bytes -= old.length
+            old.held = None
         return True
 
     def page_file(self, page: PageId) -> Path | None:
@@ -327,7 +384,9 @@ class LocalPageStore(PageStore):
         entry = self._index.get(page)
         return None if entry is None else Path(entry.path)
 
-    async def read_into(self, page: PageId, offset: int, out: memoryview) -> bool:
+    async def read_into(
+        self, page: PageId, offset: int, out: memoryview, *, check_stored: bool = False
+    ) -> bool:
         entry = self._index.get(page)
         if entry is None:
             return False
@@ -339,6 +398,13 @@ class LocalPageStore(PageStore):
             raise InvalidRange(f"bytes [{offset}, {end}) outside page of {entry.length}", str(page))
         if n == 0:
             self._policy.touch(page)
+            return True
+        held = entry.held
+        if held is not None and not check_stored:
+            out[:] = memoryview(held)[offset:end]
+            with self._memory_hits_lock:
+                self._memory_hits += 1
+            self.touch(page)
             return True
         fd = self._acquire_fd(entry)
         if fd < 0:
@@ -377,6 +443,8 @@ class LocalPageStore(PageStore):
         if not entry.dead:
             self._remember_sums(entry, sums)
             self._policy.touch(page)
+            if n == entry.length and entry.held is None and self._memory_capacity:
+                self._hold(entry, bytes(out))
         return True
 
     def _acquire_fd(self, entry: _Entry) -> int:
@@ -654,6 +722,11 @@ class LocalPageStore(PageStore):
         if self._sums.pop(entry.page, None) is not None and entry.sums is not None:
             self._sums_bytes -= 8 * len(entry.sums)
         entry.sums = None
+        if entry.held is not None:
+            if self._held.get(entry.page) is entry:
+                del self._held[entry.page]
+            self._held_bytes -= entry.length
+            entry.held = None
 
     # ----------------------------------------------------------------- per-page ordering
 
@@ -830,6 +903,10 @@ class LocalPageStore(PageStore):
             rejected=s.rejected,
             write_errors=s.write_errors,
             direct_bytes=s.direct_bytes,
+            memory_pages=len(self._held),
+            memory_bytes=self._held_bytes,
+            memory_capacity_bytes=self._memory_capacity,
+            memory_hits=self._memory_hits,
         )
 
     def dir_stats(self) -> list[DirStats]:

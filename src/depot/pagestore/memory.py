@@ -37,7 +37,9 @@ class MemoryPageStore(PageStore):
     def eviction(self) -> str:
         return self._policy.name
 
-    async def read_into(self, page: PageId, offset: int, out: memoryview) -> bool:
+    async def read_into(
+        self, page: PageId, offset: int, out: memoryview, *, check_stored: bool = False
+    ) -> bool:
         data = self._pages.get(page)
         if data is None:
             return False

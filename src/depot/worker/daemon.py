@@ -155,6 +155,7 @@ class Worker:
                     page_size=cfg.cache.page_size,
                     idle_timeout=self.server.idle_timeout,
                     head_timeout=self.server.head_timeout,
+                    pages=self._pages,
                 )
             pages = self._pages
             self.cluster = ClusterNode(

@@ -16,8 +16,10 @@ malformed head, a slow head) goes back to the loop with the connection (``HttpSe
 and the thread ends. Pages are read from their files with the same verified reader short-circuit
 clients use (``PageFiles``): a page file is never rewritten in place, so a page evicted while it
 is read is still read whole, and one that is gone or damaged is read through the loop's read
-path instead (``LaneHost.read_on_loop``), which also drops a damaged page. The hits, eviction
-touches and request times of each request are posted to the loop, without waiting for it.
+path instead (``LaneHost.read_on_loop``), which also drops a damaged page. A page the store's
+memory tier holds is sent from there, with no read or check of its file; a page read whole from
+its file is read into a buffer of its own and offered to the tier. The hits, eviction touches,
+admissions and request times of each request are posted to the loop, without waiting for it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 
 from depot.core.transport import timeval
 from depot.core.types import PageId
+from depot.pagestore.base import Buffer, PageStore
 from depot.pagestore.direct import BLOCK_SIZE, CorruptPage, PageFiles
 from depot.worker.http import MAX_HEAD_BYTES, HttpError, Request, bodiless_request
 
@@ -95,6 +98,7 @@ class LaneStats:
     bytes: int = 0
     handed_back: int = 0  # connections given back to the loop
     from_loop: int = 0  # parts read through the loop (page gone or damaged)
+    from_memory: int = 0  # parts sent from the page store's memory tier
 
     def to_dict(self, active: int, lanes: int) -> dict[str, int]:
         return {
@@ -105,7 +109,20 @@ class LaneStats:
             "bytes": self.bytes,
             "handed_back": self.handed_back,
             "parts_from_loop": self.from_loop,
+            "parts_from_memory": self.from_memory,
         }
+
+
+@dataclass(slots=True)
+class _Served:
+    """A read a lane answered, to account on the loop."""
+
+    read: LaneRead
+    seconds: float
+    hits: list[LanePart]  # the parts read from page files or the memory tier
+    from_memory: int
+    # Pages read whole from their files, offered to the memory tier.
+    admissions: list[tuple[Callable[[Buffer], bool], Buffer]]
 
 
 @dataclass(slots=True, eq=False)
@@ -132,9 +149,12 @@ class HotLanes:
         head_timeout: float,
         send_timeout: float = 60.0,
         senders: int | None = None,
+        pages: PageStore | None = None,
     ) -> None:
         self.host = host
         self.files = files
+        # The store whose memory tier lanes send from and fill (None: page files only).
+        self.pages = pages
         self.count = count
         self.page_size = page_size
         self.idle_timeout = idle_timeout
@@ -151,9 +171,7 @@ class HotLanes:
         self._reserved = 0
         self._lanes: set[_Lane] = set()
         # Reads served and not accounted yet (on the loop, ``flush_accounts``).
-        self._served_reads: collections.deque[tuple[LaneRead, float, list[LanePart]]] = (
-            collections.deque()
-        )
+        self._served_reads: collections.deque[_Served] = collections.deque()
         self._account_due = False
         # Page buffers, touched already: one per read being sent at most, kept for the next.
         self._buffers: list[memoryview] = []
@@ -218,11 +236,14 @@ class HotLanes:
             self._account_due = False
         served = self._served_reads
         while served:
-            read, seconds, hits = served.popleft()
+            done = served.popleft()
+            for admit, data in done.admissions:
+                admit(data)
             self.stats.requests += 1
-            self.stats.bytes += read.length
-            self.stats.from_loop += len(read.parts) - len(hits)
-            self.host.lane_served(read, seconds, hits)
+            self.stats.bytes += done.read.length
+            self.stats.from_loop += len(done.read.parts) - len(done.hits)
+            self.stats.from_memory += done.from_memory
+            self.host.lane_served(done.read, done.seconds, done.hits)
 
     def _take_back(self, sock: socket.socket, received: bytes) -> None:
         self.stats.handed_back += 1
@@ -309,30 +330,44 @@ class HotLanes:
         started = time.perf_counter()
         sock = lane.sock
         files = self.files
-        hits = read.parts
+        pages = self.pages
+        served = _Served(read, 0.0, read.parts, 0, [])
         sock.sendall(read.head)
         last = read.parts[-1]
         for part in read.parts:
-            out = buffer[: part.hi - part.lo]
-            try:
-                found = files.read_into(part.page, part.length, part.lo, out, 0, lane.scratch)
-            except (CorruptPage, OSError):
-                found = False
-            if not found:
-                if hits is read.parts:
-                    hits = list(read.parts)
-                hits.remove(part)
-                self._read_on_loop(read, part, out)
+            held = None if pages is None else pages.held(part.page)
+            if held is not None:
+                served.from_memory += 1
+                out = memoryview(held)[part.lo : part.hi]
+            else:
+                admit = None
+                if pages is not None and part.lo == 0 and part.hi == part.length:
+                    admit = pages.admission(part.page)
+                # A page offered to the memory tier is read into memory of its own.
+                whole = bytearray(part.length) if admit is not None else None
+                out = buffer[: part.hi - part.lo] if whole is None else memoryview(whole)
+                try:
+                    found = files.read_into(part.page, part.length, part.lo, out, 0, lane.scratch)
+                except (CorruptPage, OSError):
+                    found = False
+                if not found:
+                    if served.hits is read.parts:
+                        served.hits = list(read.parts)
+                    served.hits.remove(part)
+                    self._read_on_loop(read, part, out)
+                elif admit is not None and whole is not None:
+                    served.admissions.append((admit, whole))
             if part is last:
                 # Queued before the client can have the whole answer: a client that reads and
                 # then asks for the counters finds its read in them.
-                self._account(read, time.perf_counter() - started, hits)
+                served.seconds = time.perf_counter() - started
+                self._account(served)
             sock.sendall(out)
 
-    def _account(self, read: LaneRead, seconds: float, hits: list[LanePart]) -> None:
+    def _account(self, served: _Served) -> None:
         """Queue a served read for the loop, waking it at most once per ``ACCOUNT_DELAY``: a
         wake-up per read would cost the loop's thread a switch and a turn at the GIL each."""
-        self._served_reads.append((read, seconds, hits))
+        self._served_reads.append(served)
         with self._lock:
             if self._account_due:
                 return

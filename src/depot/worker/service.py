@@ -561,8 +561,16 @@ class ReadThroughService:
                 hi = min(rng.end, page_end) - page_start
                 fut = ahead.pop(index, None)
                 if fut is None:
+                    page = PageId(key, index)
+                    held = self.pages.held(page)
+                    if held is not None:  # sent from the memory tier, not copied
+                        self.pages.touch(page)
+                        self.stats.hits += 1
+                        self.stats.bytes_from_cache += hi - lo
+                        yield memoryview(held)[lo:hi]
+                        continue
                     out = view[: hi - lo]
-                    if await self.pages.read_into(PageId(key, index), lo, out):
+                    if await self.pages.read_into(page, lo, out):
                         self.stats.hits += 1
                         self.stats.bytes_from_cache += hi - lo
                         yield out
@@ -868,7 +876,9 @@ class ReadThroughService:
         if length is None:
             return False
         try:
-            return await self.pages.read_into(page, 0, memoryview(scratch)[:length])
+            return await self.pages.read_into(
+                page, 0, memoryview(scratch)[:length], check_stored=True
+            )
         except OSError as exc:
             log.warning("verify of page %s failed: %s", page, exc)
             return False
@@ -940,6 +950,10 @@ class ReadThroughService:
             corrupt_dropped=store_stats.corrupt_dropped,
             rejected_pages=store_stats.rejected,
             direct_write_bytes=store_stats.direct_bytes,
+            memory_pages=store_stats.memory_pages,
+            memory_bytes=store_stats.memory_bytes,
+            memory_capacity_bytes=store_stats.memory_capacity_bytes,
+            memory_hits=store_stats.memory_hits,
         )
         return out
 
