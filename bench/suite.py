@@ -504,9 +504,9 @@ def hot_files_only(ctx: Context, path: str, size: int, loopback: float) -> None:
         files = best_of(runs, lambda: gbps(*read_loop(fs, path)))
         stats = fs.cache_stats()
         fs.close()
-        row = r.info("hot_seq_http_files", "depot", "hot",
-                     "depot without a memory tier (cache.memory_size 0): the same hot read, "
-                     "every page read from its file and checked", files, "GB/s",
+        row = r.info("hot_seq_http_files", "reference", "hot",
+                     "reference: depot without a memory tier (cache.memory_size 0), the same hot "
+                     "read, every page read from its file and checked", files, "GB/s",
                      best_of=runs, x_loopback=files / loopback,
                      worker_cpu_s_all_runs=cpu_seconds(pid) - cpu0,
                      memory_tier_hits=stats.get("memory_hits"))  # fmt: skip
