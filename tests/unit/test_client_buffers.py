@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from depot.client.buffers import BufferPool, alloc_result, finish_result
+from depot.client.buffers import BufferPool
 from depot.client.fs import _Block, _MemoryBudget
+from depot.core.buffers import alloc_result, finish_result
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 256 * 1024, 9 * 1024 * 1024 + 7])
@@ -77,7 +78,8 @@ async def test_transfer_budget_waits_for_memory_to_come_back() -> None:
 
 _FAULTS_SCRIPT = """
 import sys
-from depot.client.buffers import alloc_result, keep_freed_blocks
+from depot.client.buffers import keep_freed_blocks
+from depot.core.buffers import alloc_result
 
 def faults():
     with open("/proc/self/stat") as f:

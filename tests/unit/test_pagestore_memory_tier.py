@@ -91,22 +91,69 @@ async def test_a_whole_page_read_is_held_and_answers_the_next_read(tmp_path: Pat
         await store.close()
 
 
-async def test_the_least_recently_used_pages_leave_first(tmp_path: Path) -> None:
+async def test_a_page_used_more_often_pushes_out_the_least_recently_used(
+    tmp_path: Path,
+) -> None:
     store = await open_store(tmp_path, memory_pages=2.5)
     try:
         for i in range(4):
             assert await store.put(page(i), payload(PAGE, i))
         for i in (0, 1):
-            await read_bytes(store, page(i), 0, PAGE)
+            await read_bytes(store, page(i), 0, PAGE)  # room: held at once
         assert store.touch(page(0))  # a use served elsewhere (a lane) counts too
         await read_bytes(store, page(2), 0, PAGE)
-        assert store.held(page(1)) is None  # the oldest use left
-        assert store.held(page(0)) is not None and store.held(page(2)) is not None
+        # Full: a page read once does not push out one read as often (page 1, the LRU).
+        assert [i for i in range(4) if store.held(page(i)) is not None] == [0, 1]
+        await read_bytes(store, page(2), 0, PAGE)  # its second use: more than page 1's one
+        assert [i for i in range(4) if store.held(page(i)) is not None] == [0, 2]
         await read_bytes(store, page(0), 0, 10)  # answered from memory: a use
-        await read_bytes(store, page(3), 0, PAGE)
+        for _ in range(3):
+            await read_bytes(store, page(3), 0, PAGE)
+        # Page 3 (three uses) pushed out page 2, the least recently used (two uses), not 0.
         assert [i for i in range(4) if store.held(page(i)) is not None] == [0, 3]
         assert store.stats().memory_bytes == 2 * PAGE <= 2.5 * PAGE
         assert store.stats().pages == 4  # the files stay
+    finally:
+        await store.close()
+
+
+async def test_a_file_larger_than_the_tier_read_again_and_again_keeps_a_part_in_memory(
+    tmp_path: Path,
+) -> None:
+    """Plain LRU would push out every page before its next use: no hits at all."""
+    store = await open_store(tmp_path, pages=8, memory_pages=3)
+    try:
+        for i in range(8):
+            assert await store.put(page(i), payload(PAGE, i))
+        held_after: list[list[int]] = []
+        hits = []
+        for _ in range(5):
+            for i in range(8):
+                assert await read_bytes(store, page(i), 0, PAGE) == payload(PAGE, i)
+            hits.append(store.stats().memory_hits)
+            held_after.append([i for i in range(8) if store.held(page(i)) is not None])
+        assert held_after == [[0, 1, 2]] * 5
+        # (``held`` counts a hit too: each look above is one.)
+        assert [b - a - 3 for a, b in zip(hits, hits[1:], strict=False)] == [3] * 4
+    finally:
+        await store.close()
+
+
+async def test_pages_that_became_hot_replace_pages_no_longer_read(tmp_path: Path) -> None:
+    store = await open_store(tmp_path, pages=8, memory_pages=2)
+    try:
+        for i in range(4):
+            assert await store.put(page(i), payload(PAGE, i))
+        for _ in range(20):  # the old working set, used often
+            for i in (0, 1):
+                await read_bytes(store, page(i), 0, PAGE)
+        reads = 0
+        while store.held(page(2)) is None or store.held(page(3)) is None:
+            for i in (2, 3):  # the new one; the counts halve as uses go by
+                await read_bytes(store, page(i), 0, PAGE)
+            reads += 1
+            assert reads < 200, "the new working set never got in"
+        assert store.held(page(0)) is None and store.held(page(1)) is None
     finally:
         await store.close()
 

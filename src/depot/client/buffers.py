@@ -3,8 +3,8 @@
 Measured facts drive this module (see BASELINES.md): on these VMs, first-touching fresh memory
 runs at 0.6-2.5 GB/s in 4 KiB page faults (slower than the network), and copying a large result
 once more costs as much again. So large results are received straight into the ``bytes`` object
-handed to the caller, and read-ahead blocks come from a pool of buffers that were touched once
-and are reused. (Asking for transparent huge pages for large results was measured too: 2.2 GB/s
+handed to the caller (``depot.core.buffers.alloc_result``), and read-ahead blocks come from a
+pool of buffers that were touched once and are reused. (Asking for transparent huge pages for large results was measured too: 2.2 GB/s
 when free huge pages exist, but 0.45 GB/s when the kernel must compact memory first, so no.)
 """
 
@@ -16,47 +16,6 @@ import sys
 import threading
 
 log = logging.getLogger(__name__)
-
-# Below this size the copy out of a bytearray is cheaper than the ctypes call that avoids it.
-_DIRECT_MIN = 256 * 1024
-
-
-def _probe_bytes_layout() -> int | None:
-    """Offset of a bytes object's data in CPython, verified by a write-and-read-back probe."""
-    if sys.implementation.name != "cpython":
-        return None
-    try:
-        offset = bytes.__basicsize__ - 1
-        make = ctypes.pythonapi.PyBytes_FromStringAndSize
-        make.restype = ctypes.py_object
-        make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-        probe = make(None, 16)
-        view = memoryview((ctypes.c_char * 16).from_address(id(probe) + offset)).cast("B")
-        view[:] = b"depot-bytes-ok!!"
-        if probe != b"depot-bytes-ok!!":
-            return None
-    except (AttributeError, OSError, TypeError, ValueError):
-        return None
-    return offset
-
-
-_BYTES_OFFSET = _probe_bytes_layout()
-
-
-def alloc_result(size: int) -> tuple[bytes | bytearray, memoryview]:
-    """A new result object of ``size`` bytes and a writable view of its storage.
-
-    In CPython, for large sizes, the result is a ``bytes`` object that the caller fills through
-    the view before anyone else sees it (what ``io.FileIO.read`` does in C); elsewhere it is a
-    ``bytearray``. Either way the bytes are received once and never copied again.
-    """
-    if _BYTES_OFFSET is not None and size >= _DIRECT_MIN:
-        result: bytes = ctypes.pythonapi.PyBytes_FromStringAndSize(None, size)
-        array = (ctypes.c_char * size).from_address(id(result) + _BYTES_OFFSET)
-        return result, memoryview(array).cast("B")
-    buf = bytearray(size)
-    return buf, memoryview(buf)
-
 
 # glibc's mallopt(3) parameters, and the ceiling of its own dynamic mmap threshold on 64-bit.
 _M_TRIM_THRESHOLD = -1
@@ -107,13 +66,6 @@ def _set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
         return False
     log.debug("malloc thresholds set: mmap %d, trim %d", mmap_threshold, trim_threshold)
     return True
-
-
-def finish_result(result: bytes | bytearray, view: memoryview, filled: int) -> bytes:
-    """``result`` as ``bytes``, cut to the ``filled`` bytes actually received."""
-    if isinstance(result, bytes) and filled == len(result):
-        return result
-    return bytes(view[:filled])
 
 
 class BufferPool:

@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from depot.client.buffers import alloc_result, finish_result
 from depot.client.fallback import UfsFallback
 from depot.client.localwrites import (
     LOCAL_WRITE_MIN,
@@ -32,6 +31,7 @@ from depot.client.prefetch import OpenPrefetcher
 from depot.client.routing import UNREACHABLE, WorkerRouter
 from depot.client.shortcircuit import ShortCircuit
 from depot.client.uploads import WriteSource, open_source
+from depot.core.buffers import alloc_result, finish_result
 from depot.core.config import DepotConfig, MountConfig, load_config
 from depot.core.directio import DirectIO
 from depot.core.errors import DepotError, InvalidArgument, IsADirectory, Unavailable

@@ -80,8 +80,10 @@ class _Entry:
     fd: int = -1
     readers: int = 0
     dead: bool = False
-    # Its verified bytes while the memory tier holds them (never changed once set).
+    # Its verified bytes while the memory tier holds them (never changed once set), and its
+    # uses since it was held (halved now and then).
     held: Buffer | None = None
+    uses: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -154,10 +156,14 @@ class LocalPageStore(PageStore):
     ``inline_reads``/``thread_reads`` count which path reads took.
 
     ``memory_bytes`` is the memory tier: pages read whole from their files (and so checked)
-    are held in memory, up to that many bytes, least recently used out first, so that the
-    next read of a hot page costs neither a read of its file nor its checksums. A page leaves
-    the tier with its file (evicted, deleted, replaced, found damaged): the tier holds a subset
-    of the stored pages, never a page the store no longer has.
+    are held in memory, up to that many bytes, so that the next read of a hot page costs
+    neither a read of its file nor its checksums. When the tier is full, a page goes in only if
+    it was used more often than the least recently used page it would push out (uses counted
+    for held pages and, for the ones not held, in a bounded record; all counts halve now and
+    then): a file larger than the tier, read again and again, then leaves the same part of it
+    in memory, where plain LRU would replace every page before its next use. A page leaves the
+    tier with its file (evicted, deleted, replaced, found damaged): the tier holds a subset of
+    the stored pages, never a page the store no longer has.
     """
 
     def __init__(
@@ -202,6 +208,12 @@ class LocalPageStore(PageStore):
         self._held: OrderedDict[PageId, _Entry] = OrderedDict()
         self._held_bytes = 0
         self._memory_capacity = max(0, memory_bytes)
+        # Uses of pages read whole but not held (bounded, oldest out first), and what a page
+        # must beat to go into a full tier: the least recently used held page's uses.
+        self._seen: OrderedDict[PageId, int] = OrderedDict()
+        self._seen_max = max(64, 4 * self._memory_capacity // page_size)
+        self._admit_over = 0
+        self._uses_until_halving = _halving_period(self._memory_capacity, page_size)
         # Lanes count their hits from their own threads.
         self._memory_hits = 0
         self._memory_hits_lock = threading.Lock()
@@ -338,9 +350,38 @@ class LocalPageStore(PageStore):
         if page not in self._index:
             return False
         self._policy.touch(page)
-        if page in self._held:
-            self._held.move_to_end(page)
+        self._note_use(page)
         return True
+
+    def _note_use(self, page: PageId) -> None:
+        """Count a use of ``page`` for the memory tier (on the loop)."""
+        if not self._memory_capacity:
+            return
+        entry = self._held.get(page)
+        if entry is not None:
+            entry.uses += 1
+            self._held.move_to_end(page)
+        else:
+            self._seen[page] = self._seen.pop(page, 0) + 1
+            if len(self._seen) > self._seen_max:
+                self._seen.popitem(last=False)
+        self._uses_until_halving -= 1
+        if self._uses_until_halving <= 0:
+            self._uses_until_halving = _halving_period(self._memory_capacity, self.page_size)
+            for held in self._held.values():
+                held.uses //= 2
+            for key in [k for k, n in self._seen.items() if n <= 1]:
+                del self._seen[key]
+            for key in self._seen:
+                self._seen[key] //= 2
+        self._set_admit_over()
+
+    def _set_admit_over(self) -> None:
+        """What a page must be used more than to go into the tier now (0: there is room)."""
+        if self._held and self._held_bytes + self.page_size > self._memory_capacity:
+            self._admit_over = next(iter(self._held.values())).uses
+        else:
+            self._admit_over = 0
 
     def held(self, page: PageId) -> Buffer | None:
         if not self._memory_capacity:
@@ -358,10 +399,14 @@ class LocalPageStore(PageStore):
         entry = self._index.get(page)
         if entry is None or entry.held is not None or entry.length > self._memory_capacity:
             return None
+        # This read is a use too (counted when the caller touches the page).
+        if self._seen.get(page, 0) + 1 <= self._admit_over:
+            return None
         return functools.partial(self._hold, entry)
 
     def _hold(self, entry: _Entry, data: Buffer) -> bool:
-        """Hold ``data``, read whole from ``entry``'s file, if the entry is still the page's."""
+        """Hold ``data``, read whole from ``entry``'s file, if the entry is still the page's and
+        it wins its place (see the class's text); the read's own use is counted by the caller."""
         if (
             entry.dead
             or entry.held is not None
@@ -370,13 +415,27 @@ class LocalPageStore(PageStore):
             or entry.length > self._memory_capacity
         ):
             return False
+        uses = self._seen.get(entry.page, 0)
+        need = self._held_bytes + entry.length - self._memory_capacity
+        if need > 0:
+            freed = 0
+            for old in self._held.values():  # least recently used first
+                if uses + 1 <= old.uses:
+                    return False  # it would push out a page used at least as often
+                freed += old.length
+                if freed >= need:
+                    break
+            while self._held_bytes + entry.length > self._memory_capacity:
+                _page, old = self._held.popitem(last=False)
+                self._held_bytes -= old.length
+                old.held = None
+                self._seen[old.page] = old.uses
+        self._seen.pop(entry.page, None)
         entry.held = data
+        entry.uses = uses
         self._held[entry.page] = entry
         self._held_bytes += entry.length
-        while self._held_bytes > self._memory_capacity:
-            _page, old = self._held.popitem(last=False)
-            self._held_bytes -= old.length
-            old.held = None
+        self._set_admit_over()
         return True
 
     def page_file(self, page: PageId) -> Path | None:
@@ -406,6 +465,7 @@ class LocalPageStore(PageStore):
                 self._memory_hits += 1
             self.touch(page)
             return True
+        whole = n == entry.length
         fd = self._acquire_fd(entry)
         if fd < 0:
             self._drop_corrupt(entry, "page file vanished")
@@ -443,8 +503,9 @@ class LocalPageStore(PageStore):
         if not entry.dead:
             self._remember_sums(entry, sums)
             self._policy.touch(page)
-            if n == entry.length and entry.held is None and self._memory_capacity:
+            if whole and entry.held is None and self.admission(page) is not None:
                 self._hold(entry, bytes(out))
+            self._note_use(page)
         return True
 
     def _acquire_fd(self, entry: _Entry) -> int:
@@ -727,6 +788,8 @@ class LocalPageStore(PageStore):
                 del self._held[entry.page]
             self._held_bytes -= entry.length
             entry.held = None
+            self._set_admit_over()
+        self._seen.pop(entry.page, None)
 
     # ----------------------------------------------------------------- per-page ordering
 
@@ -913,6 +976,11 @@ class LocalPageStore(PageStore):
         return [
             DirStats(d.root, d.capacity, d.used + d.reserved + d.dying, d.count) for d in self._dirs
         ]
+
+
+def _halving_period(memory_capacity: int, page_size: int) -> int:
+    """Uses counted between two halvings of the memory tier's counts: eight per page it holds."""
+    return 8 * max(16, memory_capacity // max(1, page_size))
 
 
 # --------------------------------------------------------------------- thread-side helpers

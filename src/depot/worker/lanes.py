@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from depot.core.buffers import alloc_result
 from depot.core.transport import timeval
 from depot.core.types import PageId
 from depot.pagestore.base import Buffer, PageStore
@@ -343,9 +344,13 @@ class HotLanes:
                 admit = None
                 if pages is not None and part.lo == 0 and part.hi == part.length:
                     admit = pages.admission(part.page)
-                # A page offered to the memory tier is read into memory of its own.
-                whole = bytearray(part.length) if admit is not None else None
-                out = buffer[: part.hi - part.lo] if whole is None else memoryview(whole)
+                # A page offered to the memory tier is read into memory of its own (not zeroed
+                # first: that would cost as much as the read).
+                whole = None
+                if admit is None:
+                    out = buffer[: part.hi - part.lo]
+                else:
+                    whole, out = alloc_result(part.length)
                 try:
                     found = files.read_into(part.page, part.length, part.lo, out, 0, lane.scratch)
                 except (CorruptPage, OSError):
