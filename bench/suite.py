@@ -457,15 +457,9 @@ def group_hot(ctx: Context) -> None:
              memory_tier_hits=held.get("memory_hits"))  # fmt: skip
     # What any server gets here, sending from memory (as the memory tier does): the ceiling
     # of the figure above.
-    with bare_server(ctx.file(MODEL), "memory") as bare:
-        ceiling = best_of(runs, lambda: blocking_client(bare, path, size, lanes=2))
-    row = r.info("machine_memory_server", "machine", "machine",
-                 "machine: bare server sending one buffer from memory, a thread per connection; "
-                 "blocking client, 2 connections of 8 MiB ranges",
-                 ceiling, "GB/s", compare=("depot hot sequential HTTP", hot), best_of=runs,
-                 x_loopback=ceiling / loopback)  # fmt: skip
-    row.target = f"ceiling of hot sequential HTTP ({ceiling / loopback:.2f} x loopback)"
-    hot_files_only(ctx, path, size, loopback)
+    bare_ceiling(ctx, "memory", "machine_memory_server", "sending one buffer from memory",
+                 ("depot hot sequential HTTP", hot), "hot sequential HTTP")  # fmt: skip
+    hot_files_only(ctx, path, loopback)
 
     def one(off: int) -> bytes:
         data: bytes = fs.cat_file(path, off, off + 4096)
@@ -490,7 +484,24 @@ def group_hot(ctx: Context) -> None:
              short_circuit_bytes=after.get("short_circuit_bytes"))  # fmt: skip
 
 
-def hot_files_only(ctx: Context, path: str, size: int, loopback: float) -> None:
+def bare_ceiling(
+    ctx: Context, mode: str, key: str, what: str, compare: tuple[str, float], of: str
+) -> None:
+    """A row for the bare threaded server (``hot_ceiling.py``) in ``mode``, serving the model
+    to a blocking client over 2 connections: the ceiling of the depot read ``compare`` names."""
+    model = ctx.file(MODEL)
+    loopback = ctx.limit("loopback")
+    with bare_server(model, mode) as bare:
+        ceiling = best_of(ctx.s.runs, lambda: blocking_client(
+            bare, f"/{MODEL}", model.stat().st_size, lanes=2))  # fmt: skip
+    row = ctx.results.info(
+        key, "machine", "machine", f"machine: bare server {what}, a thread per connection; "
+        "blocking client, 2 connections of 8 MiB ranges", ceiling, "GB/s", compare=compare,
+        best_of=ctx.s.runs, x_loopback=ceiling / loopback)  # fmt: skip
+    row.target = f"ceiling of {of} ({ceiling / loopback:.2f} x loopback)"
+
+
+def hot_files_only(ctx: Context, path: str, loopback: float) -> None:
     """The hot sequential read from a worker without a memory tier (``cache.memory_size: 0``),
     where every page is read from its file and checked, and that way's bare ceiling."""
     r = ctx.results
@@ -512,14 +523,9 @@ def hot_files_only(ctx: Context, path: str, size: int, loopback: float) -> None:
                      memory_tier_hits=stats.get("memory_hits"))  # fmt: skip
         row.ratio = files / loopback
         row.ratio_text = f"{row.ratio:.2f} x loopback"
-    with bare_server(ctx.file(MODEL), "pread+xxh3") as bare:
-        ceiling = best_of(runs, lambda: blocking_client(bare, path, size, lanes=2))
-    row = r.info("machine_verified_server", "machine", "machine",
-                 "machine: bare server of a cached file, pread + xxh3 of every 64 KiB + sendall, "
-                 "a thread per connection; blocking client, 2 connections of 8 MiB ranges",
-                 ceiling, "GB/s", compare=("depot without a memory tier", files), best_of=runs,
-                 x_loopback=ceiling / loopback)  # fmt: skip
-    row.target = f"ceiling of the read from page files ({ceiling / loopback:.2f} x loopback)"
+    bare_ceiling(ctx, "pread+xxh3", "machine_verified_server",
+                 "of a cached file, pread + xxh3 of every 64 KiB + sendall",
+                 ("depot without a memory tier", files), "the read from page files")  # fmt: skip
 
 
 def group_metadata(ctx: Context) -> None:
