@@ -363,7 +363,7 @@ class LocalPageStore(PageStore):
             self._held.move_to_end(page)
         else:
             self._seen[page] = self._seen.pop(page, 0) + 1
-            if len(self._seen) > self._seen_max:
+            while len(self._seen) > self._seen_max:
                 self._seen.popitem(last=False)
         self._uses_until_halving -= 1
         if self._uses_until_halving <= 0:
