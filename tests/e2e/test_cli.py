@@ -117,6 +117,7 @@ def test_second_read_shows_in_cache_stats(node: tuple[str, Path]) -> None:
     assert middle["bytes_from_ufs"] >= before["bytes_from_ufs"]
     text = run("cache", "stats", env=env).stdout
     assert "hit ratio" in text and "bytes from cache" in text
+    assert "memory tier" in text and f"{after['memory_hits']} hits" in text
 
 
 @pytest.mark.parametrize(

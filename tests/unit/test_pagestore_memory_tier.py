@@ -8,6 +8,7 @@ used pages leaving first, and a scrub (``check_stored``) still reads the file.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -134,7 +135,7 @@ async def test_a_file_larger_than_the_tier_read_again_and_again_keeps_a_part_in_
             held_after.append([i for i in range(8) if store.held(page(i)) is not None])
         assert held_after == [[0, 1, 2]] * 5
         # (``held`` counts a hit too: each look above is one.)
-        assert [b - a - 3 for a, b in zip(hits, hits[1:], strict=False)] == [3] * 4
+        assert [b - a - 3 for a, b in itertools.pairwise(hits)] == [3] * 4
     finally:
         await store.close()
 

@@ -432,6 +432,12 @@ def cache_stats(as_json: bool, endpoint: str | None, config_file: str | None) ->
             ("evictions", stats["evictions"]),
             ("corrupt pages dropped", stats["corrupt_dropped"]),
         ]
+        if stats.get("memory_capacity_bytes"):
+            rows.append((
+                "memory tier",
+                f"{_human(stats['memory_bytes'])} of {_human(stats['memory_capacity_bytes'])}, "
+                f"{stats['memory_hits']} hits",
+            ))
         width = max(len(r[0]) for r in rows)
         for name, value in rows:
             click.echo(f"{name:<{width}}  {value}")
