@@ -389,28 +389,36 @@ class LocalPageStore(PageStore):
         entry = self._index.get(page)
         data = None if entry is None else entry.held
         if data is not None:
-            with self._memory_hits_lock:
-                self._memory_hits += 1
+            self._count_memory_hit()
         return data
 
+    def _count_memory_hit(self) -> None:
+        with self._memory_hits_lock:
+            self._memory_hits += 1
+
     def admission(self, page: PageId) -> Callable[[Buffer], bool] | None:
-        if not self._memory_capacity:
-            return None
         entry = self._index.get(page)
-        if entry is None or entry.held is not None or entry.length > self._memory_capacity:
-            return None
-        # This read is a use too (counted when the caller touches the page).
-        if self._seen.get(page, 0) + 1 <= self._admit_over:
+        if entry is None or not self._may_hold(entry):
             return None
         return functools.partial(self._hold, entry)
+
+    def _may_hold(self, entry: _Entry) -> bool:
+        """Whether a whole read of ``entry``'s file now would be worth offering to the tier
+        (any thread; ``_hold`` decides on the loop)."""
+        if not self._memory_capacity or entry.held is not None:
+            return False
+        # This read is a use too (counted when the caller touches the page).
+        return (
+            entry.length <= self._memory_capacity
+            and self._seen.get(entry.page, 0) + 1 > self._admit_over
+        )
 
     def _hold(self, entry: _Entry, data: Buffer) -> bool:
         """Hold ``data``, read whole from ``entry``'s file, if the entry is still the page's and
         it wins its place (see the class's text); the read's own use is counted by the caller."""
         if (
-            entry.dead
-            or entry.held is not None
-            or self._index.get(entry.page) is not entry
+            entry.held is not None
+            or self._index.get(entry.page) is not entry  # replaced or removed meanwhile
             or len(data) != entry.length
             or entry.length > self._memory_capacity
         ):
@@ -461,8 +469,7 @@ class LocalPageStore(PageStore):
         held = entry.held
         if held is not None and not check_stored:
             out[:] = memoryview(held)[offset:end]
-            with self._memory_hits_lock:
-                self._memory_hits += 1
+            self._count_memory_hit()
             self.touch(page)
             return True
         whole = n == entry.length
@@ -503,7 +510,7 @@ class LocalPageStore(PageStore):
         if not entry.dead:
             self._remember_sums(entry, sums)
             self._policy.touch(page)
-            if whole and entry.held is None and self.admission(page) is not None:
+            if whole and self._may_hold(entry):
                 self._hold(entry, bytes(out))
             self._note_use(page)
         return True
