@@ -25,7 +25,7 @@ Groups and what they measure:
   ceilings of both ways: a bare threaded server sending from memory, and one doing ``pread`` +
   xxh3 + ``sendall``, each to a blocking 2-connection client (``hot_ceiling.py``);
 - ``metadata``: ``info`` of a cached file (p50 over ``--info-calls``), and ``ls`` of the
-  listing directory (the second, cached listing is the figure);
+  listing directory (the figure: the median of the 5 cached listings after the first);
 - ``multi``: ``--readers`` processes read the 2x model at once through one fresh worker (default
   client settings); bytes the store sent (its ``/__stats``) and the wall time against one
   reader's cold wall time through another fresh worker;
@@ -41,6 +41,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -79,6 +80,7 @@ ALL_PEERS = ("s3fs", "simplecache", "blockcache", "obstore", "runai")
 MODEL = "model.safetensors"
 MODEL_2X = "model-2x.safetensors"
 LISTING = "listing"
+LS_CACHED_CALLS = 5
 
 
 @dataclass
@@ -142,8 +144,8 @@ def figure_specs(s: Settings) -> dict[str, Spec]:
         "multi_wall": Spec("multi", f"{s.readers} processes cold-reading one {size2} model: wall",
                            "<=", 1.3, "s", "one reader's cold wall"),
         "info_p50": Spec("metadata", "cached info, fsspec client: p50", "<=", 0.3, "ms"),
-        "ls_cached": Spec("metadata", f"ls of a {s.ls_entries:,}-entry directory (second, cached "
-                          "listing)", "<=", 50.0, "ms"),
+        "ls_cached": Spec("metadata", f"ls of a {s.ls_entries:,}-entry directory (cached listing, "
+                          f"median of {LS_CACHED_CALLS})", "<=", 50.0, "ms"),
     }
 
 
@@ -352,6 +354,7 @@ class Context:
     def hot_worker(self) -> tuple[str, int]:
         """A worker whose cache holds the model (the cold group's, or one filled here)."""
         if self._hot is None:
+            self.file(MODEL)  # a group run on its own has not written it yet
             ep, pid = self.worker("hot")
             fs = depot_fs(ep)
             read_loop(fs, f"/{MODEL}")
@@ -549,12 +552,16 @@ def group_metadata(ctx: Context) -> None:
         return n, (time.perf_counter() - t0) * 1e3
 
     first_n, first_ms = ls()
-    n, second_ms = ls()
-    later = [ls()[1] for _ in range(3)]
+    cached = [ls() for _ in range(LS_CACHED_CALLS)]
     fs.close()
-    if first_n != ctx.s.ls_entries or n != ctx.s.ls_entries:
-        raise AssertionError(f"ls returned {first_n} then {n} entries, not {ctx.s.ls_entries}")
-    r.figure("ls_cached", second_ms, entries=n, first_listing_ms=first_ms, next_listings_ms=later)
+    counts = {first_n, *(n for n, _ in cached)}
+    if counts != {ctx.s.ls_entries}:
+        raise AssertionError(f"ls returned {sorted(counts)} entries, not {ctx.s.ls_entries}")
+    times = [ms for _, ms in cached]
+    # The median of the cached listings: one listing alone can take a garbage collection of
+    # the whole process (10,000 new dicts start one), which is the process's, not the listing's.
+    r.figure("ls_cached", statistics.median(times), entries=first_n, first_listing_ms=first_ms,
+             cached_listings_ms=times)  # fmt: skip
 
 
 @dataclass

@@ -468,6 +468,30 @@ def test_small_reads_from_plain_threads_skip_the_event_loop(ufs: Path, tmp_path:
     fs.close()
 
 
+def test_info_from_plain_threads_skips_the_event_loop(ufs: Path, tmp_path: Path) -> None:
+    """``info`` from a plain thread asks the worker from that thread: the same answers as
+    through the loop, missing files are still FileNotFoundError, a stopped worker still falls
+    back to the under store."""
+    config = DepotConfig(mounts=[MountConfig(path="/", ufs=ufs.as_uri())])
+    worker = LocalWorker(ufs_uri=ufs.as_uri(), cache_dir=tmp_path / "cache", page_size=PAGE).start()
+    fs = DepotFileSystem(endpoint=worker.endpoint, config=config, skip_instance_cache=True)
+    try:
+        through_loop = fs.ls("/data", detail=True)  # the loop: routes, pools
+        client = fs.client_now()
+        assert client is not None
+        for entry in through_loop:
+            assert fs.info(entry["name"]) == entry
+        with pytest.raises(FileNotFoundError):
+            fs.info("/data/nope")
+        assert client.stat_now_stats == {"served": len(through_loop), "handed_back": 0}
+        assert fs.info("/")["type"] == "directory"  # the root: through the loop
+    finally:
+        worker.stop()
+    assert fs.info("/data/small.txt")["size"] == len(b"hello depot\n")
+    assert client.stat_now_stats["handed_back"] == 1
+    fs.close()
+
+
 def test_stopped_worker_without_fallback_is_an_error(ufs: Path, tmp_path: Path) -> None:
     worker = LocalWorker(ufs_uri=ufs.as_uri(), cache_dir=tmp_path / "cache").start()
     endpoint = worker.endpoint

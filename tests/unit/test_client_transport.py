@@ -893,6 +893,28 @@ async def test_blocking_pool_in_a_forked_child_opens_its_own_connection(serve, m
     assert (pool.connects, server.connections) == (2, 2)
 
 
+async def test_blocking_pool_get_holds_bodies_in_memory_within_a_bound(serve) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        if req.path == "/big":
+            w.write(http(200, b"x" * 2000))
+        elif req.path == "/missing":
+            w.write(error(404, "NotFound", "no such file", "/f"))
+        else:
+            w.write(http(200, b'{"a": 1}' + b" " * 70_000))  # a body in many segments
+        return True
+
+    server = await serve(respond)
+    pool = blocking_for(server)
+    response = await asyncio.to_thread(pool.get, "/doc", [], 100_000)
+    assert (response.status, response.length, response.json()) == (200, 70_008, {"a": 1})
+    missing = await asyncio.to_thread(pool.get, "/missing")
+    assert isinstance(error_from_response(missing, "/f"), NotFound)
+    assert pool.idle_connections == 1  # both answers read whole: the connection is kept
+    with pytest.raises(WorkerUnreachable, match="2000-byte body"):
+        await asyncio.to_thread(pool.get, "/big", [], 1000)
+    assert pool.idle_connections == 0  # its body was not read: never reused
+
+
 # -- CacheClient.read_now --------------------------------------------------------------------------
 
 
@@ -944,3 +966,84 @@ async def test_read_now_hands_back_what_the_loop_must_do(serve) -> None:
             client.router._no_cluster = True
             assert await asyncio.to_thread(client.read_now, "/f", 0, 10, out, None) is None
             assert client.read_now_stats == {"served": 0, "handed_back": 1}
+
+
+# -- CacheClient.stat_now and listings -----------------------------------------------------------
+
+
+async def test_stat_now_asks_in_the_calling_thread(worker) -> None:
+    _, server = worker
+    async with CacheClient(server.endpoint, config=config()) as client:
+        # No routes known yet: the loop must fetch them first.
+        assert await asyncio.to_thread(client.stat_now, "/f") is None
+        await client.router.current_view()
+        sent = len(server.requests)
+        status = await asyncio.to_thread(client.stat_now, "/f")
+        assert status == await client.stat("/f")
+        assert len(server.requests) == sent + 2  # this one, then the loop's own
+        assert (await asyncio.to_thread(client.stat_now, "/d")).is_dir
+        with pytest.raises(NotFound):  # errors the worker reports are raised as on the loop
+            await asyncio.to_thread(client.stat_now, "/nope")
+        assert client.stat_now_stats == {"served": 2, "handed_back": 0}
+        assert client.stat_now("/f") is None  # never on an event loop's own thread
+    async with CacheClient(server.endpoint, config=config(caller_thread_reads=False)) as client:
+        await client.router.current_view()
+        assert await asyncio.to_thread(client.stat_now, "/f") is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b'{"path": "/f"}', b'{"path": "/f", "size": "big", "mtime": 1.0}', b"[1, 2]"],
+    ids=["not json", "no size", "a string size", "not an object"],
+)
+async def test_stat_now_hands_malformed_answers_to_the_loop(serve, body: bytes) -> None:
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        if req.path == "/api/v1/cluster":
+            w.write(http(404, b'{"error":{"code":"not_found","message":"no"}}'))
+        else:
+            w.write(http(200, body, {"Content-Type": "application/json"}))
+        return True
+
+    server = await serve(respond)
+    async with CacheClient(server.endpoint, config=config()) as client:
+        await client.router.current_view()
+        assert await asyncio.to_thread(client.stat_now, "/f") is None
+        assert client.stat_now_stats == {"served": 0, "handed_back": 1}
+        with pytest.raises(WorkerUnreachable, match="malformed"):
+            await client.stat("/f")  # the loop path reports it
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"path": "/d/a", "size": True, "mtime": 1.0, "type": "file"},
+        {"path": "/d/a", "size": 1, "mtime": "1", "type": "file"},
+        {"path": 5, "size": 1, "mtime": 1.0, "type": "file"},
+        {"path": "/d/a", "size": 1, "mtime": 1.0, "type": "link"},
+        {"path": "/d/a", "size": 1, "mtime": 1.0},
+        {"path": "/d/a", "size": 1, "mtime": 1.0, "type": "file", "etag": 7},
+        {"path": "/d/a", "size": 1, "mtime": 1.0, "type": "file", "version": []},
+        ["/d/a", 1],
+        None,
+    ],
+)
+async def test_malformed_listing_entries_are_refused(serve, entry: object) -> None:
+    good = {"path": "/d/b", "size": 2, "mtime": 3, "type": "file", "etag": None}
+
+    async def respond(req: Req, w: asyncio.StreamWriter) -> bool:
+        w.write(http(200, json.dumps({"path": "/d", "entries": [good, entry]}).encode()))
+        return True
+
+    server = await serve(respond)
+    async with CacheClient(server.endpoint, config=config()) as client:
+        client.router._no_cluster = True
+        with pytest.raises(WorkerUnreachable, match="malformed listing"):
+            await client.list_entries("/d")
+
+
+async def test_listing_entries_and_statuses_agree(worker) -> None:
+    _, server = worker
+    async with CacheClient(server.endpoint, config=config()) as client:
+        entries = await client.list_entries("/d")
+        assert entries == [s.to_dict() for s in await client.list("/d")]
+        assert [e["type"] for e in entries] == ["file", "directory"]

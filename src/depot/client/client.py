@@ -160,6 +160,8 @@ class CacheClient:
         self._blocking_closed = False
         #: Reads served by ``read_now`` and reads it handed back to the event loop path.
         self.read_now_stats = {"served": 0, "handed_back": 0}
+        #: The same for stats (``stat_now``: ``info`` from a plain thread).
+        self.stat_now_stats = {"served": 0, "handed_back": 0}
 
     @property
     def pool(self) -> ConnectionPool:
@@ -417,7 +419,7 @@ class CacheClient:
             data = response.json()
             try:
                 return FileStatus.from_dict(data)
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, AttributeError):
                 raise WorkerUnreachable(
                     f"worker {self.endpoint} sent a malformed status for {path}"
                 ) from None
@@ -429,17 +431,29 @@ class CacheClient:
 
     async def list(self, path: str) -> list[FileStatus]:
         """The entries of a directory, sorted by name."""
+        return [FileStatus.from_dict(entry) for entry in await self.list_entries(path)]
 
-        async def from_worker(pool: ConnectionPool) -> list[FileStatus]:
+    async def list_entries(self, path: str) -> builtins.list[dict[str, Any]]:
+        """The entries of a directory, sorted by name, as the worker sends them: dicts of
+        ``path``, ``size``, ``mtime``, ``type``, ``etag`` and ``version``, checked for shape.
+
+        Why: data loaders list directories of tens of thousands of files, and building a
+        ``FileStatus`` for each entry costs more than receiving and parsing the listing.
+        """
+
+        async def from_worker(pool: ConnectionPool) -> builtins.list[dict[str, Any]]:
             data = await self._get_json(LIST, path, pool)
-            try:
-                return [FileStatus.from_dict(e) for e in data["entries"]]
-            except (KeyError, TypeError, ValueError):
+            entries = data.get("entries") if isinstance(data, dict) else None
+            if not isinstance(entries, builtins.list) or not _are_entries(entries):
                 raise WorkerUnreachable(
                     f"worker {self.endpoint} sent a malformed listing for {path}"
-                ) from None
+                )
+            return entries
 
-        return await self._call(from_worker, lambda fb: fb.list(path), path)
+        async def from_ufs(fallback: UfsFallback) -> builtins.list[dict[str, Any]]:
+            return [status.to_dict() for status in await fallback.list(path)]
+
+        return await self._call(from_worker, from_ufs, path)
 
     # reads ---------------------------------------------------------------------------------------
     async def read_range(
@@ -703,6 +717,48 @@ class CacheClient:
             count = response.length
         stats["served"] += 1
         return count
+
+    def stat_now(self, path: str) -> FileStatus | None:
+        """``stat(path)`` asked in the calling thread, on a blocking connection to the worker
+        of the path (``caller_thread_reads``).
+
+        Why: a cached stat is a few tens of microseconds of work in the worker, and the two
+        thread hand-offs of the event loop path cost as much again; data loaders stat every
+        file. None when the loop must ask, under the same conditions as ``read_now``. An error
+        the worker reports (no such file) is raised as the loop path would.
+        """
+        if not self.caller_thread_reads or asyncio.events._get_running_loop():
+            return None  # (never block an event loop's thread)
+        router = self.router
+        if not router.view_is_current():
+            return None
+        endpoint = router.targets(path, 0)[0]
+        if router.is_down(endpoint):
+            return None
+        pool = self._blocking_pool(endpoint)
+        if pool is None:
+            return None
+        stats = self.stat_now_stats
+        try:
+            response = pool.get(path_query(STAT, path))
+        except Unavailable:  # unreachable, timed out, an oversized answer, or this client closed
+            stats["handed_back"] += 1
+            return None
+        if response.status >= 300:
+            error = error_from_response(response, path)
+            if isinstance(error, _UNREACHABLE):
+                stats["handed_back"] += 1
+                return None
+            raise error
+        try:
+            status = FileStatus.from_dict(response.json())
+        except (KeyError, TypeError, ValueError, AttributeError, Unavailable):
+            stats["handed_back"] += 1
+            return None  # the loop path asks again and reports a malformed answer
+        if self.short_circuit is not None:
+            self.short_circuit.saw(status)
+        stats["served"] += 1
+        return status
 
     def _blocking_pool(self, endpoint: str) -> BlockingPool | None:
         pool = self._blocking.get(endpoint)
@@ -992,7 +1048,7 @@ class CacheClient:
             raise error_from_response(response, path)
         try:
             return FileStatus.from_dict(response.json())
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise WorkerUnreachable(f"worker sent a malformed status for {path}") from None
 
     async def _write_call(self, send: Callable[[ConnectionPool], Awaitable[T]], path: str) -> T:
@@ -1094,6 +1150,27 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 __all__ = ["CacheClient", "resolve_endpoint", "version_of"]
+
+
+_STR_OR_NONE = frozenset((str, type(None)))
+_NUMBER = frozenset((float, int))
+
+
+def _are_entries(entries: builtins.list[Any]) -> bool:
+    """Whether every listing entry has the shape ``FileStatus.to_dict`` gives it (a pass per
+    field: a function call per entry would cost as much as the rest of a large listing)."""
+    try:
+        return (
+            {type(e) for e in entries} <= {dict}
+            and {type(e["path"]) for e in entries} <= {str}
+            and {type(e["size"]) for e in entries} <= {int}
+            and {type(e["mtime"]) for e in entries} <= _NUMBER
+            and {e["type"] for e in entries} <= {"file", "directory"}
+            and {type(e.get("etag")) for e in entries} <= _STR_OR_NONE
+            and {type(e.get("version")) for e in entries} <= _STR_OR_NONE
+        )
+    except (KeyError, TypeError):
+        return False
 
 
 def _known_length(data: WriteSource) -> int | None:

@@ -373,16 +373,40 @@ class DepotFileSystem(AsyncFileSystem):  # type: ignore[misc]
                 }
         return _info(await self.client().stat(path))
 
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        """``_info`` from a plain thread: the stat is asked in this thread
+        (``CacheClient.stat_now``) when it can be, without a trip to the event loop."""
+        if not self.asynchronous:
+            stripped = self._strip_protocol(path)
+            client = self.client_now()
+            if client is not None and stripped != "/":
+                status = client.stat_now(stripped)
+                if status is not None:
+                    return _info(status)
+        result: dict[str, Any] = sync(self.loop, self._info, path, **kwargs)
+        return result
+
     async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         path = self._strip_protocol(path)
         client = self.client()
         try:
-            entries = await client.list(path)
+            entries = await client.list_entries(path)
         except NotADirectory:
-            entries = [await client.stat(path)]
-        if detail:
-            return [_info(e) for e in entries]
-        return [e.path for e in entries]
+            status = await client.stat(path)
+            return [_info(status) if detail else status.path]
+        if not detail:
+            return [entry["path"] for entry in entries]
+        return [
+            {
+                "name": entry["path"],
+                "size": entry["size"],
+                "type": entry["type"],
+                "mtime": float(entry["mtime"]),
+                "etag": entry.get("etag"),
+                "version": entry.get("version"),
+            }
+            for entry in entries
+        ]  # _info's keys, without a call per entry
 
     async def _cache_stats(self) -> dict[str, Any]:
         client = self.client()

@@ -114,6 +114,7 @@ class ShortCircuit:
         self._locals: dict[str, _Local] = {}
         self._probes: SingleFlight[_Local] = SingleFlight()
         self._statuses: OrderedDict[str, tuple[FileStatus, float]] = OrderedDict()
+        self._statuses_lock = threading.Lock()
         self._stat_flight: SingleFlight[FileStatus] = SingleFlight()
         self._pending: dict[str, _Pending] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -200,10 +201,11 @@ class ShortCircuit:
         if status.is_dir:
             return
         key = status.path
-        self._statuses[key] = (status, time.monotonic())
-        self._statuses.move_to_end(key)
-        while len(self._statuses) > _STATUS_CACHE:
-            self._statuses.popitem(last=False)
+        with self._statuses_lock:  # plain threads report stats too (CacheClient.stat_now)
+            self._statuses[key] = (status, time.monotonic())
+            self._statuses.move_to_end(key)
+            while len(self._statuses) > _STATUS_CACHE:
+                self._statuses.popitem(last=False)
 
     async def _status(self, path: str, kind: PolicyKind, max_age: float) -> FileStatus:
         if kind is PolicyKind.IMMUTABLE:

@@ -312,9 +312,9 @@ class ClientConfig(_Model):
     # cut-off worker is then left at once for the next one. 0 turns the check off.
     probe_after: float = Field(default=1.0, ge=0)
     # Reads of up to 1 MiB that a plain thread makes through the sync API (fsspec's
-    # ``cat_file``, small reads of an open file) go out on a blocking connection from that
-    # thread, not through the event loop: no thread hand-off each way. Failures are handed to
-    # the event loop path, which fails over.
+    # ``cat_file``, small reads of an open file), and its ``info`` calls, go out on a blocking
+    # connection from that thread, not through the event loop: no thread hand-off each way.
+    # Failures are handed to the event loop path, which fails over.
     caller_thread_reads: bool = True
     # Large reads get a new result object each (a read-ahead block, a short-circuit read of
     # 1 MiB or more): let the process's allocator (glibc) keep up to 64 MiB of freed memory per

@@ -823,6 +823,23 @@ class BlockingPool:
     ) -> Response:
         """Send ``GET target``; a 2xx body is received into ``dest`` (``Response.length`` says
         how much of it), any other body into memory (at most ``MAX_HEAD_BYTES``)."""
+        return self._request(target, headers, dest, 0)
+
+    def get(
+        self, target: str, headers: Iterable[tuple[str, str]] = (), max_body: int = MAX_HEAD_BYTES
+    ) -> Response:
+        """Send ``GET target``; the body, of any status, is received into memory
+        (``Response.body``). A 2xx body over ``max_body`` closes the connection and raises
+        ``WorkerUnreachable``: the caller asks through the event loop instead."""
+        return self._request(target, headers, None, max_body)
+
+    def _request(
+        self,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        dest: memoryview | None,
+        max_body: int,
+    ) -> Response:
         if self._closed:
             raise Unavailable("the client was closed")
         payload = build_request(self._prefix, target, headers)
@@ -832,13 +849,13 @@ class BlockingPool:
             conn = self._connect()
         try:
             try:
-                response, keep_alive = self._exchange(conn, payload, dest)
+                response, keep_alive = self._exchange(conn, payload, dest, max_body)
             except _StaleConnection:
                 conn.sock.close()
                 if not reused:
                     raise
                 conn = self._connect()  # the idle one was closed by the worker: once more
-                response, keep_alive = self._exchange(conn, payload, dest)
+                response, keep_alive = self._exchange(conn, payload, dest, max_body)
         except _StaleConnection as exc:
             conn.sock.close()
             raise WorkerUnreachable(exc.message) from None
@@ -862,7 +879,7 @@ class BlockingPool:
         return response
 
     def _exchange(
-        self, conn: _BlockingConnection, payload: bytes, dest: memoryview
+        self, conn: _BlockingConnection, payload: bytes, dest: memoryview | None, max_body: int
     ) -> tuple[Response, bool]:
         label = self.endpoint.url
         sock = conn.sock
@@ -892,12 +909,19 @@ class BlockingPool:
                 f"worker {label} sent {leftover - length} bytes past the end of a response"
             )
         owner: bytearray | None = None
-        if 200 <= status < 300:
+        if 200 <= status < 300 and dest is not None:
             if length > len(dest):
                 raise WorkerUnreachable(
                     f"worker {label} sent {length} bytes for a request of {len(dest)}"
                 )
             body = dest[:length]
+        elif 200 <= status < 300:
+            if length > max_body:
+                raise WorkerUnreachable(
+                    f"worker {label} sent a {length}-byte body (at most {max_body} expected)"
+                )
+            owner = bytearray(length)
+            body = memoryview(owner)
         else:
             if length > MAX_HEAD_BYTES:
                 raise WorkerUnreachable(
