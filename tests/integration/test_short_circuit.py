@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,57 @@ async def test_hot_reads_go_through_page_files_and_are_accounted(
         assert reported["hits"] - before["hits"] == read_pages
         assert reported["bytes_from_cache"] - before["bytes_from_cache"] == sc.stats.bytes
         assert len(_store(worker).file_pages(key)) == 21
+
+
+async def test_cold_chunks_are_filled_by_the_worker_then_read_here(
+    env: tuple[LocalWorker, Path, bytes],
+) -> None:
+    """A chunk of a page or more whose pages are not stored yet: the worker fetches them into
+    its store (counted as its misses, once), and the client reads them from the page files;
+    a smaller read of a cold page goes over HTTP."""
+    worker, _, data = env
+    async with CacheClient(worker.endpoint, config=_config()) as client:
+        sc = _sc(client)
+        await client.stat("/f.bin")
+        before = _read_stats(worker)
+        assert await _read(client, 3 * PAGE - 5, 5 * PAGE + 7) == data[3 * PAGE - 5 : 5 * PAGE + 7]
+        assert (sc.stats.fills, sc.stats.fill_bytes, sc.stats.reads) == (1, 2 * PAGE + 12, 0)
+        after = _read_stats(worker)
+        assert after["misses"] - before["misses"] == 4  # pages 2-5, fetched for this reader
+        assert after["bytes_from_ufs"] - before["bytes_from_ufs"] == 4 * PAGE
+        assert after["hits"] == before["hits"]
+        # The same pages again: plain hits, from the page files.
+        assert await _read(client, 2 * PAGE, 6 * PAGE) == data[2 * PAGE : 6 * PAGE]
+        assert (sc.stats.fills, sc.stats.reads, sc.stats.pages) == (1, 1, 4)
+        # Less than a page of a cold page: over HTTP, which streams it.
+        assert await _read(client, 10 * PAGE + 1, 10 * PAGE + 100) == data[10 * PAGE + 1 : 10 * PAGE + 100]
+        assert sc.stats.fills == 1 and sc.stats.missing == 1
+        await sc.flush()
+        assert _read_stats(worker)["short_circuit_hits"] == sc.stats.pages  # fills are no hits
+
+
+async def test_fills_off_send_cold_chunks_over_http(env: tuple[LocalWorker, Path, bytes]) -> None:
+    worker, _, data = env
+    config = DepotConfig(client=ClientConfig(short_circuit=True, short_circuit_fills=False))
+    async with CacheClient(worker.endpoint, config=config) as client:
+        assert await _read(client, 0, 4 * PAGE) == data[: 4 * PAGE]
+        sc = _sc(client)
+        assert (sc.stats.fills, sc.stats.missing) == (0, 1)
+
+
+async def test_a_fill_the_store_cannot_keep_falls_back_to_http(tmp_path: Path) -> None:
+    """Pages the worker could not keep (a cache smaller than the chunk) are read over HTTP
+    after the fill: one fill, then the bytes from the worker, never a wrong byte."""
+    ufs = tmp_path / "ufs"
+    ufs.mkdir()
+    data = os.urandom(SIZE)
+    (ufs / "f.bin").write_bytes(data)
+    with LocalWorker(ufs_uri=ufs.as_uri(), cache_dir=tmp_path / "cache", page_size=PAGE,
+                     cache_size=2 * PAGE) as worker:
+        async with CacheClient(worker.endpoint, config=_config()) as client:
+            assert await _read(client, 0, SIZE) == data
+            sc = _sc(client)
+            assert sc.stats.fills >= 1 and sc.stats.fill_bytes == 0 and sc.stats.reads == 0
 
 
 async def test_hits_report_refreshes_eviction_order(env: tuple[LocalWorker, Path, bytes]) -> None:
@@ -294,6 +346,9 @@ def test_fsspec_large_local_reads_skip_read_ahead(env: tuple[LocalWorker, Path, 
             assert f.read(1000) == data[:1000]
             assert f.read(1000) == data[1000:2000]
             assert f._blocks  # small reads: one block serves many
+            in_flight = [b.future for b in f._blocks.values() if b.future is not None]
+        # A read-ahead block already running when its file closed finishes (and is counted).
+        concurrent.futures.wait(in_flight)
         client_state = fs._loops.get(fs.loop)
         assert client_state is not None
         sc = client_state.client.short_circuit

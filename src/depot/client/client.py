@@ -149,7 +149,11 @@ class CacheClient:
         self._fallback: UfsFallback | None = None
         self._retired: list[UfsFallback] = []
         #: Reads of a worker's pages on this node straight from its page files (``None``: off).
-        self.short_circuit = ShortCircuit(self.router, self.stat) if settings.short_circuit else None
+        self.short_circuit = (
+            ShortCircuit(self.router, self.stat, fills=settings.short_circuit_fills)
+            if settings.short_circuit
+            else None
+        )
         #: Whole-file loads started when a file its mount marks is opened (``prefetch_on_open``).
         self.prefetcher = OpenPrefetcher(self.router, self.config, self.stat)
         #: Aligned buffers and write-behind threads of the local writes' direct writes.

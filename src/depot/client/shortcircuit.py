@@ -40,6 +40,7 @@ from urllib.parse import quote
 from depot.client.routing import UNREACHABLE, WorkerRouter
 from depot.core.errors import DepotError
 from depot.core.singleflight import SingleFlight
+from depot.core.transport import path_query
 from depot.core.types import FileId, FileStatus, PageId
 from depot.namespace.paths import normalize_path
 from depot.namespace.policy import PolicyKind
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 INFO = "/api/v1/info"
 HITS = "/api/v1/cache/hits"
+LOAD = "/api/v1/cache/load"
 # A status from the worker is reused this long at most (never past the mount's policy).
 STATUS_REUSE = 1.0
 # How long the answer "is this worker local?" is kept before asking again.
@@ -71,12 +73,14 @@ _STATUS_CACHE = 4096
 class ShortCircuitStats:
     """What the short-circuit path did in this client."""
 
-    reads: int = 0  # chunks served from page files
+    reads: int = 0  # chunks served from page files that were there (hits, reported)
     pages: int = 0
     bytes: int = 0
     missing: int = 0  # chunks sent to HTTP: a page was not in the local store
     corrupt: int = 0  # chunks sent to HTTP: a page did not check out
     skipped: int = 0  # chunks sent to HTTP: pinned to a version that is not current
+    fills: int = 0  # chunks missing pages that the worker was asked to put into its store first
+    fill_bytes: int = 0  # bytes then read here from the pages it stored
     reports: int = 0  # hit reports sent to workers
 
     def to_dict(self) -> dict[str, int]:
@@ -106,10 +110,14 @@ class ShortCircuit:
         stat: Callable[[str], Awaitable[FileStatus]],
         *,
         report_interval: float = REPORT_INTERVAL,
+        fills: bool = True,
     ) -> None:
         self.router = router
         self._stat = stat
         self.report_interval = report_interval
+        #: Chunks of a page or more that miss pages are put into the worker's store first
+        #: (``POST /api/v1/cache/load?for_reader=1``) and then read here, not sent over HTTP.
+        self.fills = fills
         self.stats = ShortCircuitStats()
         self._locals: dict[str, _Local] = {}
         self._probes: SingleFlight[_Local] = SingleFlight()
@@ -270,15 +278,30 @@ class ShortCircuit:
         if plan is None:
             return None
         key, jobs, tag = plan
-        try:
-            done = _read_pages(files, jobs, RWF_NOWAIT, None) if RWF_NOWAIT else 0
-            if done < len(jobs):
-                done += await _in_thread(_read_pages, files, jobs[done:], 0, _scratch())
-        except (CorruptPage, _Missing, OSError) as exc:
-            self._failed(path, exc)
-            return None
+        filled = False
+        while True:
+            try:
+                done = _read_pages(files, jobs, RWF_NOWAIT, None) if RWF_NOWAIT else 0
+                if done < len(jobs):
+                    done += await _in_thread(_read_pages, files, jobs[done:], 0, _scratch())
+            except _Missing as exc:
+                if filled or not self._fills(jobs, files.page_size):
+                    self._failed(path, exc)
+                    return None
+                if not await self._fill(endpoint, path, start, min(end, status.size)):
+                    self._failed(path, exc)
+                    return None
+                filled = True
+                continue
+            except (CorruptPage, OSError) as exc:
+                self._failed(path, exc)
+                return None
+            break
         nbytes = sum(len(job[3]) for job in jobs)
-        self._served(endpoint, key, [job[0].index for job in jobs], nbytes)
+        if filled:  # the worker counted these as misses when it fetched them
+            self.stats.fill_bytes += nbytes
+        else:
+            self._served(endpoint, key, [job[0].index for job in jobs], nbytes)
         return nbytes, tag
 
     def read_into_now(
@@ -368,6 +391,30 @@ class ShortCircuit:
             pos = hi
         return key, jobs, tag
 
+    def _fills(self, jobs: list[tuple[PageId, int, int, memoryview]], page_size: int) -> bool:
+        """Whether a chunk that misses pages is filled by the worker and then read here: with
+        ``fills`` on, a chunk of a page or more (a smaller read of a cold page goes over HTTP,
+        which hands on its first bytes before the page is whole)."""
+        return self.fills and sum(len(job[3]) for job in jobs) >= page_size
+
+    async def _fill(self, endpoint: str, path: str, start: int, end: int) -> bool:
+        """Ask the local worker to put the pages of ``[start, end)`` into its store (fetching
+        the missing ones from the UFS, shared with any other reader of them), and wait."""
+        target = f"{path_query(LOAD, path)}&start={start}&end={end}&for_reader=1"
+        try:
+            response = await self.router.pool(endpoint).request(target, method="POST")
+        except (*UNREACHABLE, DepotError):
+            return False
+        if response.status >= 300:
+            return False
+        self.stats.fills += 1
+        try:
+            counts = response.json()
+            # Pages its store could not keep (a cache smaller than the chunk) are read over HTTP.
+            return bool(counts["cached"] >= counts["pages"])
+        except (*UNREACHABLE, KeyError, TypeError):
+            return False
+
     def _failed(self, path: str, exc: BaseException) -> None:
         if isinstance(exc, CorruptPage):
             self.stats.corrupt += 1
@@ -398,12 +445,18 @@ class ShortCircuit:
 
     def _report_soon(self) -> None:
         self._timer = None
-        task = asyncio.ensure_future(self.flush())
+        task = asyncio.ensure_future(self._send_pending())
         self._reporting.add(task)
         task.add_done_callback(self._reporting.discard)
 
     async def flush(self) -> None:
-        """Send the hits counted so far to their workers now."""
+        """Send the hits counted so far to their workers now, and wait for reports already on
+        their way (a caller reading the worker's stats next must find every hit in them)."""
+        await self._send_pending()
+        if self._reporting:
+            await asyncio.gather(*self._reporting, return_exceptions=True)
+
+    async def _send_pending(self) -> None:
         self._take_handoff()
         if self._timer is not None:
             self._timer.cancel()
@@ -428,8 +481,6 @@ class ShortCircuit:
     async def close(self) -> None:
         """Report what is left; later reads go over HTTP."""
         self._closed = True
-        if self._reporting:
-            await asyncio.gather(*self._reporting, return_exceptions=True)
         await self.flush()
 
     def to_dict(self) -> dict[str, Any]:

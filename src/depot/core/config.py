@@ -304,6 +304,11 @@ class ClientConfig(_Model):
     # Read pages of a worker on the same node straight from its cache dirs (verified, counted
     # as hits by the worker); used only where the node and the dirs are found to be shared.
     short_circuit: bool = True
+    # With short_circuit: a read of a page or more whose pages the local worker does not have
+    # yet asks the worker to fetch them into its store, then reads them from the page files like
+    # any other, instead of receiving them over HTTP. Many local readers of one cold file then
+    # cost the worker one fetch and no sends. Off: such reads go over HTTP.
+    short_circuit_fills: bool = True
     # Write-back writes whose owner worker is on this node: write the worker's staging file here
     # and commit it, instead of streaming the bytes to it (needs short_circuit's node check).
     local_writes: bool = True

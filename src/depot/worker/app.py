@@ -305,7 +305,8 @@ class WorkerApp:
         if end < start and start < size:
             raise InvalidArgument(f"end ({end}) is before start ({start})")
         result = await self.service.load_range(
-            opened, start, end, verify=parse_bool("verify", params.get("verify"))
+            opened, start, end, verify=parse_bool("verify", params.get("verify")),
+            for_reader=parse_bool("for_reader", params.get("for_reader")),
         )
         _json(writer, {"path": opened.status.path, "size": size, **result})
 

@@ -804,7 +804,13 @@ class ReadThroughService:
 
     # preload and free (jobs) ------------------------------------------------------------------
     async def load_range(
-        self, opened: OpenedFile, start: int, end: int, *, verify: bool = False
+        self,
+        opened: OpenedFile,
+        start: int,
+        end: int,
+        *,
+        verify: bool = False,
+        for_reader: bool = False,
     ) -> dict[str, int]:
         """Put the pages of bytes ``[start, end)`` of an opened file into the page store.
 
@@ -826,6 +832,8 @@ class ReadThroughService:
         key = opened.file_id.key
         indexes = range(start // page_size, (end - 1) // page_size + 1)
         result["pages"] = len(indexes)
+        if for_reader:
+            self._follow_stream(opened, indexes[0], indexes[-1])
         scratch = bytearray(page_size) if verify else None
         todo: builtins.list[int] = []
         for index in indexes:
@@ -839,14 +847,26 @@ class ReadThroughService:
         if verify:
             result["missing"] = len(todo)
         if todo:
-            loaded = sum(await asyncio.gather(*(self._load_page(opened, i) for i in todo)))
+            fetch = self._fill_for_reader if for_reader else self._load_page
+            loaded = sum(await asyncio.gather(*(fetch(opened, i) for i in todo)))
             result["loaded"] = len(todo)
             result["bytes_from_ufs"] = loaded
-            self.stats.loaded_pages += len(todo)
-            self.stats.loaded_bytes += loaded
+            if for_reader:  # the reader's misses, which it then reads from the page files
+                self.stats.misses += len(todo)
+                self.stats.bytes_from_ufs += loaded
+            else:
+                self.stats.loaded_pages += len(todo)
+                self.stats.loaded_bytes += loaded
             await self._stored([PageId(key, i) for i in todo])
         result["cached"] = sum(1 for i in indexes if self.pages.contains(PageId(key, i)))
         return result
+
+    async def _fill_for_reader(self, opened: OpenedFile, index: int) -> int:
+        """Fetch one page that a reader on this node reads from its file next (the caller
+        waits until it is stored). Not a load: the page goes through the OS page cache, where
+        that read finds it, whatever ``preload_direct_io`` says; the reader's own requests
+        bound how many are in flight, as for its reads over HTTP."""
+        return len(await self._fetch_page(opened, index))
 
     async def _load_page(self, opened: OpenedFile, index: int) -> int:
         """Fetch one page for a load and wait until it is stored (the bytes are not kept).
