@@ -401,10 +401,17 @@ class ShortCircuit:
         """Ask the local worker to put the pages of ``[start, end)`` into its store (fetching
         the missing ones from the UFS, shared with any other reader of them), and wait."""
         target = f"{path_query(LOAD, path)}&start={start}&end={end}&for_reader=1"
+        router = self.router
+        # A slow store makes a slow fill; a hung worker is found by the router's health check
+        # after probe_after, as for reads over HTTP, which fails this request at once.
+        timer = router.watch(endpoint)
         try:
-            response = await self.router.pool(endpoint).request(target, method="POST")
+            response = await router.pool(endpoint).request(target, method="POST")
         except (*UNREACHABLE, DepotError):
             return False
+        finally:
+            if timer is not None:
+                timer.cancel()
         if response.status >= 300:
             return False
         self.stats.fills += 1
