@@ -680,19 +680,13 @@ class CacheClient:
         not be reached or timed out (the loop path then fails over, as for any read). An error
         the worker reports (a changed file, a missing one) is raised as the loop path would.
         """
-        if not self.caller_thread_reads or end <= start or asyncio.events._get_running_loop():
-            return None  # (never block an event loop's thread)
-        router = self.router
-        if not router.view_is_current():
+        if end <= start:
             return None
-        segment_end = router.segment_end(start)
-        if segment_end is not None and end > segment_end:
-            return None
-        endpoint = router.targets(path, start)[0]
-        if router.is_down(endpoint):
-            return None
-        pool = self._blocking_pool(endpoint)
+        pool = self._caller_thread_pool(path, start)
         if pool is None:
+            return None
+        segment_end = self.router.segment_end(start)
+        if segment_end is not None and end > segment_end:
             return None
         headers = [("Range", f"bytes={start}-{end - 1}")]
         if version is not None:
@@ -731,15 +725,7 @@ class CacheClient:
         file. None when the loop must ask, under the same conditions as ``read_now``. An error
         the worker reports (no such file) is raised as the loop path would.
         """
-        if not self.caller_thread_reads or asyncio.events._get_running_loop():
-            return None  # (never block an event loop's thread)
-        router = self.router
-        if not router.view_is_current():
-            return None
-        endpoint = router.targets(path, 0)[0]
-        if router.is_down(endpoint):
-            return None
-        pool = self._blocking_pool(endpoint)
+        pool = self._caller_thread_pool(path, 0)
         if pool is None:
             return None
         stats = self.stat_now_stats
@@ -763,6 +749,21 @@ class CacheClient:
             self.short_circuit.saw(status)
         stats["served"] += 1
         return status
+
+    def _caller_thread_pool(self, path: str, offset: int) -> BlockingPool | None:
+        """The blocking connections to the worker of ``path`` at ``offset``, for a request
+        sent from this plain thread; None when the event loop must send it: the feature is off,
+        this is an event loop's thread (never blocked), the routes are not known or due for a
+        refresh, the worker is marked down, or its endpoint is TLS."""
+        if not self.caller_thread_reads or asyncio.events._get_running_loop():
+            return None
+        router = self.router
+        if not router.view_is_current():
+            return None
+        endpoint = router.targets(path, offset)[0]
+        if router.is_down(endpoint):
+            return None
+        return self._blocking_pool(endpoint)
 
     def _blocking_pool(self, endpoint: str) -> BlockingPool | None:
         pool = self._blocking.get(endpoint)
