@@ -487,6 +487,7 @@ def group_hot(ctx: Context) -> None:
 
     sfs = depot_fs(ep, short_circuit=True)
     read_loop(sfs, path)  # finds the local worker
+    ctx.limit("page_cache")  # the machine row; it also brings the model into the page cache
     model = ctx.file(MODEL)
     sc, sc_reference, rounds = paired_rounds(
         lambda: page_cache_read(model), lambda: gbps(*read_loop(sfs, path)))
