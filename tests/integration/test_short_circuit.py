@@ -366,6 +366,49 @@ def test_fsspec_large_local_reads_skip_read_ahead(env: tuple[LocalWorker, Path, 
         fs.close()
 
 
+def test_caller_thread_reads_wake_the_loop_once_a_report(
+    env: tuple[LocalWorker, Path, bytes],
+) -> None:
+    """Reads served in the caller's thread are counted at once, and their hits reach the worker,
+    but they wake the event loop only to arm the report timer, not once a read."""
+    import fsspec
+
+    worker, _, data = env
+    fs = fsspec.filesystem("depot", endpoint=worker.endpoint, config=_config(),
+                           skip_instance_cache=True)  # fmt: skip
+    try:
+        with fs.open("/f.bin", "rb") as f:
+            assert f.read() == data  # warms the pages and finds the local worker
+        client = fs.client_now()
+        assert client is not None
+        sc = _sc(client)
+        before = fs.cache_stats()  # reports what was read so far; no timer is armed after it
+        sc.report_interval = 60.0  # no report in the middle of the reads below
+        wakes: list[int] = []
+        take = sc._take_handoff
+
+        def counted() -> None:
+            wakes.append(1)
+            take()
+
+        sc._take_handoff = counted  # type: ignore[method-assign]
+        reads, pages = sc.stats.reads, sc.stats.pages
+        out = bytearray(16 * PAGE)  # a read-ahead block or more: read in this thread
+        with fs.open("/f.bin", "rb") as f:
+            for i in range(4):  # the file has 21 pages
+                f.seek(i * PAGE)
+                assert f.readinto(out) == len(out)
+                assert out == data[i * PAGE : (i + 16) * PAGE]
+                assert sc.stats.reads == reads + i + 1  # counted by the reading thread
+        assert sc.stats.pages == pages + 4 * 16
+        assert len(wakes) == 1
+        stats = fs.cache_stats()  # takes what was handed over, and reports it
+        assert stats["short_circuit_bytes"] - before["short_circuit_bytes"] == 4 * 16 * PAGE
+        assert stats["short_circuit_hits"] - before["short_circuit_hits"] == 4 * 16
+    finally:
+        fs.close()
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_large_local_reads_keep_freed_results(
     env: tuple[LocalWorker, Path, bytes], monkeypatch: pytest.MonkeyPatch, keep: bool
