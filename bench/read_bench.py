@@ -186,6 +186,18 @@ def read_loop(fs: Any, path: str, chunk: int = 8 * MiB) -> tuple[int, float]:
     return total, time.perf_counter() - t0
 
 
+def readinto_loop(fs: Any, path: str, chunk: int = 8 * MiB) -> tuple[int, float]:
+    """``read_loop`` in the shape of the page-cache and loopback references: ``readinto`` one
+    reused buffer of ``chunk`` bytes."""
+    view = memoryview(bytearray(chunk))
+    total = 0
+    t0 = time.perf_counter()
+    with fs.open(path, "rb") as f:
+        while n := f.readinto(view):
+            total += n
+    return total, time.perf_counter() - t0
+
+
 def random_latencies(read: Callable[[int], bytes], size: int, count: int) -> list[float]:
     rnd = random.Random(7)
     out = []

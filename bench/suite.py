@@ -69,6 +69,7 @@ from read_bench import (
     pct,
     random_latencies,
     read_loop,
+    readinto_loop,
 )
 
 from depot.core.config import DepotConfig
@@ -131,8 +132,9 @@ def figure_specs(s: Settings) -> dict[str, Spec]:
                              f"loopback (read(8 MiB) loop; median of {PAIRED_ROUNDS} paired rounds)",
                              ">=", 0.80, "GB/s", "loopback TCP, 1 stream, same round"),
         "hot_seq_short_circuit": Spec("hot", f"hot sequential read {size}, short-circuit local "
-                                      f"reads (read(8 MiB) loop; median of {PAIRED_ROUNDS} paired "
-                                      "rounds)", ">=", 0.50, "GB/s",
+                                      "reads (readinto(8 MiB buffer) loop, the reference's "
+                                      f"shape; median of {PAIRED_ROUNDS} paired rounds)", ">=",
+                                      0.50, "GB/s",
                                       "page-cache read of the same bytes, same round"),
         "hot_rand4k_p50": Spec("hot", "hot 4 KiB random read, client <-> worker: p50", "<=", 0.3,
                                "ms"),
@@ -467,6 +469,10 @@ def group_hot(ctx: Context) -> None:
              memory_tier_bytes=held.get("memory_bytes"),
              memory_tier_capacity_bytes=held.get("memory_capacity_bytes"),
              memory_tier_hits=held.get("memory_hits"))  # fmt: skip
+    other_shape(r, "hot_seq_http_readinto", "the hot HTTP read above as a readinto(8 MiB "
+                "buffer) loop (a copy out of each read-ahead block)", "loopback",
+                *paired_rounds(lambda: loopback_tcp(ctx.loopback_bytes()),
+                               lambda: gbps(*readinto_loop(fs, path))))  # fmt: skip
     # What any server gets here, sending from memory (as the memory tier does): the ceiling
     # of the figure above.
     bare_ceiling(ctx, "memory", "machine_memory_server", "sending one buffer from memory",
@@ -490,12 +496,30 @@ def group_hot(ctx: Context) -> None:
     ctx.limit("page_cache")  # the machine row; it also brings the model into the page cache
     model = ctx.file(MODEL)
     sc, sc_reference, rounds = paired_rounds(
-        lambda: page_cache_read(model), lambda: gbps(*read_loop(sfs, path)))
+        lambda: page_cache_read(model), lambda: gbps(*readinto_loop(sfs, path)))
+    # A read() loop's results are new objects, two alive at a time: a copy into memory out of
+    # the cache ("Ninth look" in docs/benchmarks.md). The peers' rows compare with this one.
+    other_shape(r, "hot_seq_short_circuit_read", "the short-circuit read above as a read(8 MiB) "
+                "loop (each result a new bytes object)", "page-cache read",
+                *paired_rounds(lambda: page_cache_read(model),
+                               lambda: gbps(*read_loop(sfs, path))))  # fmt: skip
     sfs.close()  # reports its local hits to the worker
     after = fs.cache_stats()
     r.figure("hot_seq_short_circuit", sc, sc_reference, **rounds,
              hit_ratio_after_http_runs=stats.get("hit_ratio"),
              short_circuit_bytes=after.get("short_circuit_bytes"))  # fmt: skip
+
+
+def other_shape(
+    r: Results, key: str, what: str, limit: str, value: float, reference: float,
+    rounds: dict[str, Any],
+) -> None:
+    """A reference row: a hot figure's read in its other shape (``read`` for ``readinto`` or
+    the other way round), taken in paired rounds with its limit as the figure is."""
+    row = r.info(key, "reference", "hot", f"reference: {what}; median of {PAIRED_ROUNDS} "
+                 "paired rounds", value, "GB/s", **rounds)  # fmt: skip
+    row.ratio = value / reference
+    row.ratio_text = f"{row.ratio:.2f} x {limit}, same round"
 
 
 def paired_rounds(
@@ -700,7 +724,8 @@ def group_peers(ctx: Context) -> None:
     s3 = ctx.ufs
     depot = {
         "cold": ("depot cold read", r.value("cold_vs_plain_get")),
-        "hot": ("depot short-circuit hot read", r.value("hot_seq_short_circuit")),
+        # The peers' hot rows are read(8 MiB) loops: compared with depot's loop of that shape.
+        "hot": ("depot short-circuit hot read(8 MiB) loop", r.value("hot_seq_short_circuit_read")),
     }
 
     def run(peer: str) -> dict[str, tuple[float, dict[str, Any]]]:
