@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -366,11 +367,11 @@ def test_fsspec_large_local_reads_skip_read_ahead(env: tuple[LocalWorker, Path, 
         fs.close()
 
 
-def test_caller_thread_reads_wake_the_loop_once_a_report(
+def test_caller_thread_reads_share_a_wake_of_the_loop(
     env: tuple[LocalWorker, Path, bytes],
 ) -> None:
     """Reads served in the caller's thread are counted at once, and their hits reach the worker,
-    but they wake the event loop only to arm the report timer, not once a read."""
+    but the reads of a while share one wake of the event loop, not one each."""
     import fsspec
 
     worker, _, data = env
@@ -382,16 +383,16 @@ def test_caller_thread_reads_wake_the_loop_once_a_report(
         client = fs.client_now()
         assert client is not None
         sc = _sc(client)
-        before = fs.cache_stats()  # reports what was read so far; no timer is armed after it
-        sc.report_interval = 60.0  # no report in the middle of the reads below
+        before = fs.cache_stats()  # reports what was read so far
+        sc.handoff_delay = 60.0  # the reads below all come within one while
         wakes: list[int] = []
-        take = sc._take_handoff
+        take_later = sc._take_handoff_later
 
         def counted() -> None:
             wakes.append(1)
-            take()
+            take_later()
 
-        sc._take_handoff = counted  # type: ignore[method-assign]
+        sc._take_handoff_later = counted  # type: ignore[method-assign]
         reads, pages = sc.stats.reads, sc.stats.pages
         out = bytearray(16 * PAGE)  # a read-ahead block or more: read in this thread
         with fs.open("/f.bin", "rb") as f:
@@ -402,9 +403,19 @@ def test_caller_thread_reads_wake_the_loop_once_a_report(
                 assert sc.stats.reads == reads + i + 1  # counted by the reading thread
         assert sc.stats.pages == pages + 4 * 16
         assert len(wakes) == 1
-        stats = fs.cache_stats()  # takes what was handed over, and reports it
+        stats = fs.cache_stats()  # takes what was handed over (not waiting for the while)
         assert stats["short_circuit_bytes"] - before["short_circuit_bytes"] == 4 * 16 * PAGE
         assert stats["short_circuit_hits"] - before["short_circuit_hits"] == 4 * 16
+        # Without a flush, what reads hand over reaches the worker by itself.
+        sc.handoff_delay = sc.report_interval = 0.05
+        sc._take_handoff_later = take_later  # type: ignore[method-assign]
+        hits = _read_stats(worker)["short_circuit_hits"]
+        with fs.open("/f.bin", "rb") as f:
+            assert f.readinto(out) == len(out)
+        deadline = time.monotonic() + 10
+        while _read_stats(worker)["short_circuit_hits"] < hits + 16:
+            assert time.monotonic() < deadline, "the hits of a read were never reported"
+            time.sleep(0.02)
     finally:
         fs.close()
 
