@@ -63,7 +63,8 @@ class PageStore(abc.ABC):
 
     def admission(self, page: PageId) -> Callable[[Buffer], bool] | None:
         """Where a store has a memory tier and ``page`` is stored but not held: a callable
-        that holds bytes the caller has just read whole from the stored copy (and checked).
+        that holds bytes the caller has just read whole from the stored copy (and checked), or
+        has just stored (``put``); they must not change afterwards.
         Ask from any thread; call it on the event loop. It refuses bytes if the page was
         replaced or removed since this call. None when there is nothing to admit."""
         return None
