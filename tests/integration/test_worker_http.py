@@ -212,19 +212,32 @@ def test_restarted_worker_serves_its_old_cache(tmp_path: Path, data_dir: Path) -
         assert stats["metadata"]["revalidations"] == 0  # status came from RocksDB
 
 
-def test_corrupt_page_is_dropped_and_read_again(worker: LocalWorker, data_dir: Path, tmp_path: Path) -> None:
-    api = Http(worker.endpoint)
-    expected = (data_dir / "a.bin").read_bytes()
-    api.read("/a.bin")
-    page_files = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.stat().st_size >= PAGE)
-    assert page_files
-    for p in page_files:
-        raw = bytearray(p.read_bytes())
-        raw[100] ^= 0xFF
-        p.write_bytes(bytes(raw))
-    status, _, body = api.read("/a.bin")
-    assert status == 200 and body == expected
-    assert api.stats()["corrupt_dropped"] >= 1
+@pytest.mark.parametrize("memory_size", [0, "auto"])
+def test_corrupt_page_is_dropped_and_read_again(
+    data_dir: Path, tmp_path: Path, memory_size: int | str
+) -> None:
+    """A damaged page file is found and its page fetched again; with a memory tier, the pages
+    a cold read fetched are held as fetched and answered from memory, files damaged or not."""
+    with LocalWorker(data_dir.as_uri(), tmp_path / "cache", page_size=PAGE, cache_size="64MiB",
+                     metadata="always", extra={"cache": {"memory_size": memory_size}}) as worker:
+        api = Http(worker.endpoint)
+        expected = (data_dir / "a.bin").read_bytes()
+        api.read("/a.bin")
+        page_files = sorted(p for p in (tmp_path / "cache").rglob("*")
+                            if p.is_file() and p.stat().st_size >= PAGE)
+        assert page_files
+        for p in page_files:
+            raw = bytearray(p.read_bytes())
+            raw[100] ^= 0xFF
+            p.write_bytes(bytes(raw))
+        status, _, body = api.read("/a.bin")
+        assert status == 200 and body == expected
+        stats = api.stats()
+        if memory_size == 0:
+            assert stats["corrupt_dropped"] >= 1
+        else:
+            assert stats["corrupt_dropped"] == 0
+            assert stats["memory_hits"] == -(-len(expected) // PAGE)  # every page
 
 
 def test_concurrent_misses_share_one_ufs_read(worker: LocalWorker, data_dir: Path) -> None:
