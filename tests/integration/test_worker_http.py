@@ -298,3 +298,18 @@ def test_416_names_the_size(worker: LocalWorker) -> None:
 def test_etag_is_a_valid_entity_tag(worker: LocalWorker) -> None:
     etag = Http(worker.endpoint).read("/a.bin", "bytes=0-0")[1]["etag"]
     assert etag.startswith('"') and etag.endswith('"') and '"' not in etag[1:-1]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_worker_asks_the_allocator_to_keep_freed_blocks(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+) -> None:
+    """``worker.keep_freed_blocks`` (default on): fetched pages' freed blocks are reused."""
+    import depot.worker.daemon as daemon
+
+    calls: list[int] = []
+    monkeypatch.setattr(daemon, "keep_freed_blocks", lambda: calls.append(1) or True)
+    with LocalWorker(data_dir.as_uri(), tmp_path / "cache", page_size=PAGE,
+                     extra={"worker": {"keep_freed_blocks": keep}}) as worker:
+        assert Http(worker.endpoint).read("/a.bin")[0] == 200
+    assert calls == ([1] if keep else [])

@@ -78,8 +78,7 @@ async def test_transfer_budget_waits_for_memory_to_come_back() -> None:
 
 _FAULTS_SCRIPT = """
 import sys
-from depot.client.buffers import keep_freed_blocks
-from depot.core.buffers import alloc_result
+from depot.core.buffers import alloc_result, keep_freed_blocks
 
 def faults():
     with open("/proc/self/stat") as f:

@@ -31,7 +31,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from fsspec.spec import AbstractBufferedFile
 from fsspec.utils import stringify_path
 
-from depot.client.buffers import BufferPool, keep_freed_blocks
+from depot.client.buffers import BufferPool
 from depot.client.client import (
     MIN_CHUNK,
     SMALL_READ,
@@ -41,7 +41,7 @@ from depot.client.client import (
 )
 from depot.client.localwrites import LocalWrite
 from depot.client.shortcircuit import ShortCircuit
-from depot.core.buffers import alloc_result, finish_result
+from depot.core.buffers import alloc_result, finish_result, keep_freed_blocks
 from depot.core.config import DepotConfig, load_config
 from depot.core.errors import IsADirectory, NotADirectory, StaleVersion, Unsupported
 from depot.core.types import FileStatus, parse_size

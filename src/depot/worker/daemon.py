@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from depot import __version__
+from depot.core.buffers import keep_freed_blocks
 from depot.core.config import DepotConfig
 from depot.core.errors import ConfigError
 from depot.metastore import MetadataStore
@@ -103,6 +104,8 @@ class Worker:
 
     async def start(self) -> None:
         cfg = self.config
+        if cfg.worker.keep_freed_blocks:
+            keep_freed_blocks()
         cache_root = cfg.cache.dirs[0].path
         # Fail fast on bad mount options/URIs, before anything is opened or logged; the
         # stores opened here are the ones the service uses.
