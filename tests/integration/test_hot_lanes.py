@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -285,27 +284,25 @@ def test_a_damaged_or_evicted_page_under_a_lane_is_read_through_the_loop(
     conn.close()
 
 
-def test_pages_fetched_for_http_readers_are_held_as_stored_and_loaded_ones_are_not(
+def test_a_cold_read_fills_no_memory_and_the_next_whole_read_does(
     tmp_path: Path, data: bytes
 ) -> None:
-    """A cold read's pages go into the memory tier with the bytes fetched (no read of the page
-    file back); a load's pages stay on disk only, until a read takes one whole."""
+    """A page goes into the memory tier on a whole read after its first use: a cold read (its
+    pages stored by the worker's read-ahead before they are asked for) holds none; the read
+    after it holds every page, and the one after that is answered from memory."""
     with _worker(tmp_path) as worker:
         _warm(worker)  # a cold read over HTTP
-        _wait(lambda: _stats(worker)["memory_pages"] == 13, "the fetched pages were not held")
-        for path in _page_files(tmp_path):
-            flip_byte(path, 100, 0xFF)  # served from memory: the files are not read
+        assert _stats(worker)["memory_pages"] == 0
         conn = Conn(worker.endpoint)
+        assert conn.read("/big.bin", (0, SIZE))[2] == data
+        _wait(lambda: _stats(worker)["memory_pages"] == 13, "the pages were not held")
+        for path in _page_files(tmp_path):
+            flip_byte(path, 100, 0xFF)  # answered from memory: the files are not read
         hits = _stats(worker)["memory_hits"]
         assert conn.read("/big.bin", (0, SIZE))[2] == data
         stats = _stats(worker)
         assert stats["memory_hits"] - hits == 13 and stats["corrupt_dropped"] == 0
         conn.close()
-    shutil.rmtree(tmp_path / "cache")
-    with _worker(tmp_path) as worker:
-        _load(worker)
-        stats = _stats(worker)
-        assert (stats["pages"], stats["memory_pages"]) == (13, 0)
 
 
 def test_hot_pages_are_sent_from_the_memory_tier_once_a_lane_read_them_whole(
@@ -313,6 +310,10 @@ def test_hot_pages_are_sent_from_the_memory_tier_once_a_lane_read_them_whole(
 ) -> None:
     with _worker(tmp_path) as worker:
         _load(worker)  # stored, not held
+        conn = Conn(worker.endpoint)
+        assert conn.read("/big.bin", (0, SIZE))[2] == data  # every page's first use
+        conn.close()
+        assert _stats(worker)["memory_pages"] == 0
         _lane_admission(tmp_path, worker, data)
 
 

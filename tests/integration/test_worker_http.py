@@ -216,8 +216,8 @@ def test_restarted_worker_serves_its_old_cache(tmp_path: Path, data_dir: Path) -
 def test_corrupt_page_is_dropped_and_read_again(
     data_dir: Path, tmp_path: Path, memory_size: int | str
 ) -> None:
-    """A damaged page file is found and its page fetched again; with a memory tier, the pages
-    a cold read fetched are held as fetched and answered from memory, files damaged or not."""
+    """A damaged page file is found and its page fetched again, with or without a memory tier
+    (a cold read's pages are not held: the next read reads their files)."""
     with LocalWorker(data_dir.as_uri(), tmp_path / "cache", page_size=PAGE, cache_size="64MiB",
                      metadata="always", extra={"cache": {"memory_size": memory_size}}) as worker:
         api = Http(worker.endpoint)
@@ -233,11 +233,7 @@ def test_corrupt_page_is_dropped_and_read_again(
         status, _, body = api.read("/a.bin")
         assert status == 200 and body == expected
         stats = api.stats()
-        if memory_size == 0:
-            assert stats["corrupt_dropped"] >= 1
-        else:
-            assert stats["corrupt_dropped"] == 0
-            assert stats["memory_hits"] == -(-len(expected) // PAGE)  # every page
+        assert stats["corrupt_dropped"] >= 1 and stats["memory_hits"] == 0
 
 
 def test_concurrent_misses_share_one_ufs_read(worker: LocalWorker, data_dir: Path) -> None:

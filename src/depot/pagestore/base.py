@@ -63,8 +63,7 @@ class PageStore(abc.ABC):
 
     def admission(self, page: PageId) -> Callable[[Buffer], bool] | None:
         """Where a store has a memory tier and ``page`` is stored but not held: a callable
-        that holds bytes the caller has just read whole from the stored copy (and checked), or
-        has just stored (``put``); they must not change afterwards.
+        that holds bytes the caller has just read whole from the stored copy (and checked).
         Ask from any thread; call it on the event loop. It refuses bytes if the page was
         replaced or removed since this call. None when there is nothing to admit."""
         return None
@@ -98,7 +97,8 @@ class PageStore(abc.ABC):
 
     def touch(self, page: PageId) -> bool:
         """Count a use of ``page`` served without this store (a short-circuit read by a local
-        client) towards its eviction order; True if the page is stored."""
+        client, a miss served as fetched) towards its eviction order and its place in a memory
+        tier; True if the page is stored."""
         return self.contains(page)
 
     @abc.abstractmethod

@@ -157,7 +157,9 @@ class LocalPageStore(PageStore):
 
     ``memory_bytes`` is the memory tier: pages read whole from their files (and so checked)
     are held in memory, up to that many bytes, so that the next read of a hot page costs
-    neither a read of its file nor its checksums. When the tier is full, a page goes in only if
+    neither a read of its file nor its checksums. A page goes in on a read after its first
+    use, never on its first: a file read once (a cold read, whose pages the worker's
+    read-ahead stored just before) costs no new memory. When the tier is full, a page goes in only if
     it was used more often than the least recently used page it would push out (uses counted
     for held pages and, for the ones not held, in a bounded record; all counts halve now and
     then): a file larger than the tier, read again and again, then leaves the same part of it
@@ -347,10 +349,12 @@ class LocalPageStore(PageStore):
         return sorted(self._by_file.get(file_key, ()))
 
     def touch(self, page: PageId) -> bool:
+        # A use of a page not stored (yet: a miss served as fetched) counts for the memory
+        # tier too, whose pages go in on a read after their first use.
+        self._note_use(page)
         if page not in self._index:
             return False
         self._policy.touch(page)
-        self._note_use(page)
         return True
 
     def _note_use(self, page: PageId) -> None:
@@ -407,11 +411,11 @@ class LocalPageStore(PageStore):
         (any thread; ``_hold`` decides on the loop)."""
         if not self._memory_capacity or entry.held is not None:
             return False
-        # This read is a use too (counted when the caller touches the page).
-        return (
-            entry.length <= self._memory_capacity
-            and self._seen.get(entry.page, 0) + 1 > self._admit_over
-        )
+        # This read is a use too (counted when the caller touches the page); it must not be
+        # the page's first. Holding a page means new memory, which costs this VM as much as
+        # filling the page file: a read-once file (a cold read) is not worth it.
+        uses = self._seen.get(entry.page, 0)
+        return entry.length <= self._memory_capacity and uses >= 1 and uses + 1 > self._admit_over
 
     def _hold(self, entry: _Entry, data: Buffer) -> bool:
         """Hold ``data``, read whole from ``entry``'s file, if the entry is still the page's and

@@ -581,6 +581,7 @@ class ReadThroughService:
                         fut.cancel()  # joined the same flight; the fill has the bytes first
                     elif index != streaming:
                         self.stats.ufs_read_shared += 1
+                    self.pages.touch(PageId(key, index))  # a use (the memory tier counts it)
                     self.stats.misses += 1
                     self.stats.bytes_from_ufs += hi - lo
                     # Hand on each stretch of [lo, hi) as soon as it is in.
@@ -602,6 +603,7 @@ class ReadThroughService:
                 if fut is None:
                     fut = asyncio.ensure_future(self._fetch_page(opened, index))
                 data = await fut
+                self.pages.touch(PageId(key, index))  # a use (the memory tier counts it)
                 self.stats.misses += 1
                 self.stats.bytes_from_ufs += hi - lo
                 yield memoryview(data)[lo:hi]
@@ -703,13 +705,7 @@ class ReadThroughService:
                 continue
             ahead[index] = asyncio.ensure_future(self._fetch_page(opened, index))
 
-    async def _fetch_page(self, opened: OpenedFile, index: int, *, hold: bool = True) -> Buffer:
-        """The bytes of page ``index``: being filled, cached, or fetched now (single flight).
-
-        ``hold``: a page fetched now goes into the memory tier (where there is room) once
-        stored, for the reads over HTTP that come for it; loads and fills for short-circuit
-        readers, whose bytes are read from the page file if at all, pass False.
-        """
+    async def _fetch_page(self, opened: OpenedFile, index: int) -> Buffer:
         page = PageId(opened.file_id.key, index)
         filling = self._filling.get(page)
         if filling is not None:
@@ -725,21 +721,13 @@ class ReadThroughService:
             if cached is not None:
                 return cached
         before = self._page_flight.shared
-        data = await self._page_flight.do(
-            page, lambda: self._fill_page(opened, index, page, hold=hold)
-        )
+        data = await self._page_flight.do(page, lambda: self._fill_page(opened, index, page))
         if self._page_flight.shared != before:
             self.stats.ufs_read_shared += 1
         return data
 
     async def _fill_page(
-        self,
-        opened: OpenedFile,
-        index: int,
-        page: PageId,
-        fill: _Fill | None = None,
-        *,
-        hold: bool = True,
+        self, opened: OpenedFile, index: int, page: PageId, fill: _Fill | None = None
     ) -> Buffer:
         start, end = self._page_bounds(opened, index)
         status = opened.status
@@ -768,7 +756,7 @@ class ReadThroughService:
             self._forget(opened)
             raise StaleVersion("the file changed while it was being read", opened.resolved.path)
         self._filling[page] = data
-        self._spawn(self._store_page(page, data, hold))
+        self._spawn(self._store_page(page, data))
         return data
 
     async def _stream_page(
@@ -791,16 +779,11 @@ class ReadThroughService:
         self.metadata.invalidate(opened.file_id.ufs_uri)
         self._spawn(self.pages.delete_file(opened.file_id.key))
 
-    async def _store_page(self, page: PageId, data: Buffer, hold: bool = True) -> None:
+    async def _store_page(self, page: PageId, data: Buffer) -> None:
         try:
-            bypass = self._load_bypass and page in self._loading
-            await self.pages.put(page, data, bypass_os_cache=bypass)
-            # The fetched bytes, just stored, go into the memory tier as they are: the first
-            # read over HTTP then sends them without reading the page file back into new
-            # memory (a cold read's pages are mostly stored by read-ahead before asked for).
-            admit = None if bypass or not hold else self.pages.admission(page)
-            if admit is not None:
-                admit(data)
+            await self.pages.put(
+                page, data, bypass_os_cache=self._load_bypass and page in self._loading
+            )
         except OSError as exc:  # DepotError included: a full or failing disk costs a miss only
             log.warning("could not cache page %s: %s", page, exc)
         finally:
@@ -885,7 +868,7 @@ class ReadThroughService:
         waits until it is stored). Not a load: the page goes through the OS page cache, where
         that read finds it, whatever ``preload_direct_io`` says; the reader's own requests
         bound how many are in flight, as for its reads over HTTP."""
-        return len(await self._fetch_page(opened, index, hold=False))
+        return len(await self._fetch_page(opened, index))
 
     async def _load_page(self, opened: OpenedFile, index: int) -> int:
         """Fetch one page for a load and wait until it is stored (the bytes are not kept).
@@ -900,7 +883,7 @@ class ReadThroughService:
         async with self._load_slots:
             loading[page] = loading.get(page, 0) + 1
             try:
-                nbytes = len(await self._fetch_page(opened, index, hold=False))
+                nbytes = len(await self._fetch_page(opened, index))
                 await self._stored([page])
             finally:
                 if loading[page] == 1:
