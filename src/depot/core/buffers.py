@@ -1,7 +1,9 @@
-"""Result objects filled in place: a large read lands in the ``bytes`` object its caller gets.
+"""Large buffers without needless memory work, for the client and the worker.
 
-Used by the client (results of reads) and the worker (pages its memory tier holds): copying 4-8
-MiB once more, or zero-filling it first, costs about as much as receiving it (BASELINES.md).
+Result objects filled in place: a large read lands in the ``bytes`` object its caller gets
+(the client's results of reads, the pages the worker's memory tier holds); copying 4-8 MiB once
+more, or zero-filling it first, costs about as much as receiving it (BASELINES.md). And
+``keep_freed_blocks``: the allocator reuses freed large blocks instead of faulting in new memory.
 """
 
 from __future__ import annotations
@@ -73,15 +75,15 @@ _kept: bool | None = None  # None: not asked yet in this process
 def keep_freed_blocks() -> bool:
     """Let this process's allocator reuse the memory of freed large blocks (once per process).
 
-    Why, in a client: a ``read(8 MiB)`` loop over HTTP gets a new result object per block, with two more in
-    flight. glibc's heap grows by those blocks when a file's read starts, and is trimmed back
-    when they are freed at its end (its dynamic trim threshold is twice the largest block freed
-    so far), so every file faults ~32 MiB of fresh, kernel-zeroed memory in again: 8,160 faults
+    Why, in a client: a ``read(8 MiB)`` loop over HTTP gets a new result object per block, with
+    two more in flight. glibc's heap grows by those blocks when a file's read starts, and is
+    trimmed back when they are freed at its end (its dynamic trim threshold is twice the largest
+    block freed so far), so every file faults ~32 MiB of fresh, kernel-zeroed memory in again: 8,160 faults
     per file here, a fifth of the client's CPU for a hot 1 GiB file (docs/fsspec.md). This sets
     the thresholds glibc's own rule reaches after a 32 MiB block is freed (mmap 32 MiB, trim
     64 MiB): freed blocks stay mapped for the next file, at most 64 MiB of free memory per heap.
-    In a worker, the pages a cold read fetches from the under store (``worker.keep_freed_blocks``).
-    Returns whether the setting is in effect (glibc only).
+    In a worker: the pages a cold read fetches from the under store, new blocks each
+    (``worker.keep_freed_blocks``). Returns whether the setting is in effect (glibc only).
     """
     global _kept
     if _kept is not None:  # asked before: no lock on the read path

@@ -159,8 +159,8 @@ class LocalPageStore(PageStore):
     are held in memory, up to that many bytes, so that the next read of a hot page costs
     neither a read of its file nor its checksums. A page goes in on a read after its first
     use, never on its first: a file read once (a cold read, whose pages the worker's
-    read-ahead stored just before) costs no new memory. When the tier is full, a page goes in only if
-    it was used more often than the least recently used page it would push out (uses counted
+    read-ahead stored just before) costs no new memory. When the tier is full, a page goes in
+    only if it was used more often than the least recently used page it would push out (uses counted
     for held pages and, for the ones not held, in a bounded record; all counts halve now and
     then): a file larger than the tier, read again and again, then leaves the same part of it
     in memory, where plain LRU would replace every page before its next use. A page leaves the
