@@ -78,10 +78,11 @@ def keep_freed_blocks() -> bool:
     Why, in a client: a ``read(8 MiB)`` loop over HTTP gets a new result object per block, with
     two more in flight. glibc's heap grows by those blocks when a file's read starts, and is
     trimmed back when they are freed at its end (its dynamic trim threshold is twice the largest
-    block freed so far), so every file faults ~32 MiB of fresh, kernel-zeroed memory in again: 8,160 faults
-    per file here, a fifth of the client's CPU for a hot 1 GiB file (docs/fsspec.md). This sets
-    the thresholds glibc's own rule reaches after a 32 MiB block is freed (mmap 32 MiB, trim
-    64 MiB): freed blocks stay mapped for the next file, at most 64 MiB of free memory per heap.
+    block freed so far), so every file faults ~32 MiB of fresh, kernel-zeroed memory in again:
+    8,160 faults per file here, a fifth of the client's CPU for a hot 1 GiB file
+    (docs/fsspec.md). This sets the thresholds glibc's own rule reaches after a 32 MiB block is
+    freed (mmap 32 MiB, trim 64 MiB): freed blocks stay mapped for the next file, at most 64 MiB
+    of free memory per heap.
     In a worker: the pages a cold read fetches from the under store, new blocks each
     (``worker.keep_freed_blocks``). Returns whether the setting is in effect (glibc only).
     """
