@@ -165,6 +165,22 @@ async def test_pages_that_became_hot_replace_pages_no_longer_read(tmp_path: Path
         await store.close()
 
 
+async def test_a_page_used_once_long_ago_is_held_on_its_next_read(tmp_path: Path) -> None:
+    """Counts halve as uses go by, but a page used once stays known: a file read again after
+    many other reads (a large dataset's next epoch) still goes into a tier with room."""
+    store = await open_store(tmp_path, memory_pages=2)
+    try:
+        assert await store.put(page(1), payload(PAGE, 1))
+        await read_bytes(store, page(1), 0, PAGE)  # its first use
+        for i in range(1000):  # uses of other pages: several halvings of every count
+            store.touch(page(i, "other"))
+        assert store.held(page(1)) is None
+        await read_bytes(store, page(1), 0, PAGE)
+        assert store.held(page(1)) is not None
+    finally:
+        await store.close()
+
+
 async def test_a_page_leaves_memory_with_its_file(tmp_path: Path) -> None:
     store = await open_store(tmp_path, pages=3, memory_pages=3)
     try:

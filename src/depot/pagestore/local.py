@@ -212,8 +212,10 @@ class LocalPageStore(PageStore):
         self._memory_capacity = max(0, memory_bytes)
         # Uses of pages read whole but not held (bounded, oldest out first), and what a page
         # must beat to go into a full tier: the least recently used held page's uses.
+        # A page is known here from its first use until it is held (or forgotten, oldest
+        # first): enough of them for a file 16 times the tier to be read twice.
         self._seen: OrderedDict[PageId, int] = OrderedDict()
-        self._seen_max = max(64, 4 * self._memory_capacity // page_size)
+        self._seen_max = max(1024, 16 * self._memory_capacity // page_size)
         self._admit_over = 0
         self._uses_until_halving = _halving_period(self._memory_capacity, page_size)
         # Lanes count their hits from their own threads.
@@ -374,8 +376,7 @@ class LocalPageStore(PageStore):
             self._uses_until_halving = _halving_period(self._memory_capacity, self.page_size)
             for held in self._held.values():
                 held.uses //= 2
-            for key in [k for k, n in self._seen.items() if n <= 1]:
-                del self._seen[key]
+            # A page used once stays known at 0 uses (its next read is not its first).
             for key in self._seen:
                 self._seen[key] //= 2
         self._set_admit_over()
@@ -414,8 +415,11 @@ class LocalPageStore(PageStore):
         # This read is a use too (counted when the caller touches the page); it must not be
         # the page's first. Holding a page means new memory, which costs this VM as much as
         # filling the page file: a read-once file (a cold read) is not worth it.
-        uses = self._seen.get(entry.page, 0)
-        return entry.length <= self._memory_capacity and uses >= 1 and uses + 1 > self._admit_over
+        uses = self._seen.get(entry.page)
+        return (
+            uses is not None and entry.length <= self._memory_capacity
+            and uses + 1 > self._admit_over
+        )
 
     def _hold(self, entry: _Entry, data: Buffer) -> bool:
         """Hold ``data``, read whole from ``entry``'s file, if the entry is still the page's and
