@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ls-entries", type=int, default=defaults.ls_entries)
     parser.add_argument("--readers", type=int, default=defaults.readers,
                         help="processes of the multi-reader figure (default %(default)s)")
+    parser.add_argument("--multi-rounds", type=int, default=defaults.multi_rounds,
+                        help="paired rounds of the multi-reader figure (default %(default)s)")
     parser.add_argument("--first-byte-ms", type=float, default=defaults.first_byte_ms,
                         help="the store's time to first byte (default %(default)s)")
     parser.add_argument("--rate-per-conn", default=defaults.rate_per_conn,
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = suite.Settings(
         size=parse_size(args.size), runs=args.runs, random_reads=args.random_reads,
         info_calls=args.info_calls, ls_entries=args.ls_entries, readers=args.readers,
+        multi_rounds=args.multi_rounds,
         first_byte_ms=args.first_byte_ms, rate_per_conn=args.rate_per_conn,
         page_size=args.page_size, peers=chosen, tmp=args.tmp,
     )  # fmt: skip
