@@ -49,7 +49,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -527,11 +527,12 @@ def other_shape(
 
 
 def paired_rounds(
-    reference: Callable[[], float], measure: Callable[[], float], rounds: int = PAIRED_ROUNDS
+    reference: Callable[[], float], measure: Callable[[], float], rounds: int = PAIRED_ROUNDS,
+    best: Callable[[Iterable[float]], float] = max,
 ) -> tuple[float, float, dict[str, Any]]:
     """``measure`` against ``reference`` in rounds, each pair taken back to back (the order
     alternating); returns the measured value and the reference of the round whose ratio is the
-    median, and every round.
+    median, and every round (``best``: max for rates, min for times).
 
     Why: this VM's rates swing by a third or more within a minute (loopback TCP measured 4.6 and
     8.4 GB/s in consecutive runs), and a machine limit measured minutes before a reader, in
@@ -549,8 +550,8 @@ def paired_rounds(
     got, ref = sorted(pairs, key=lambda pair: pair[0] / pair[1])[len(pairs) // 2]
     return got, ref, {
         "rounds": [{"measured": g, "reference": r, "ratio": g / r} for g, r in pairs],
-        "best_measured": max(g for g, _ in pairs),
-        "best_reference": max(r for _, r in pairs),
+        "best_measured": best(g for g, _ in pairs),
+        "best_reference": best(r for _, r in pairs),
     }
 
 
@@ -702,7 +703,7 @@ def group_multi(ctx: Context) -> None:
             manys.append((many, ufs_bytes(s3) - b0, cpu_seconds(pid) - cpu0))
         return many.wall
 
-    wall, one_wall, rounds = paired_rounds(one_reader, many_readers, ctx.s.multi_rounds)
+    wall, one_wall, rounds = paired_rounds(one_reader, many_readers, ctx.s.multi_rounds, min)
     many, _, worker_cpu = next(m for m in manys if m[0].wall == wall)
     one, _ = next(o for o in ones if o[0].wall == one_wall)
     most = max(b for _, b, _ in manys)
