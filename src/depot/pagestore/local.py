@@ -160,9 +160,9 @@ class LocalPageStore(PageStore):
     neither a read of its file nor its checksums. A page goes in on a read after its first
     use, never on its first: a file read once (a cold read, whose pages the worker's
     read-ahead stored just before) costs no new memory. When the tier is full, a page goes in
-    only if it was used more often than the least recently used page it would push out (uses counted
-    for held pages and, for the ones not held, in a bounded record; all counts halve now and
-    then): a file larger than the tier, read again and again, then leaves the same part of it
+    only if it was used more often than the least recently used page it would push out (uses
+    counted for held pages and, for the ones not held, in a bounded record; all counts halve
+    now and then): a file larger than the tier, read again and again, then leaves the same part of it
     in memory, where plain LRU would replace every page before its next use. A page leaves the
     tier with its file (evicted, deleted, replaced, found damaged): the tier holds a subset of
     the stored pages, never a page the store no longer has.
@@ -210,10 +210,9 @@ class LocalPageStore(PageStore):
         self._held: OrderedDict[PageId, _Entry] = OrderedDict()
         self._held_bytes = 0
         self._memory_capacity = max(0, memory_bytes)
-        # Uses of pages read whole but not held (bounded, oldest out first), and what a page
-        # must beat to go into a full tier: the least recently used held page's uses.
-        # A page is known here from its first use until it is held (or forgotten, oldest
-        # first): enough of them for a file 16 times the tier to be read twice.
+        # Uses of pages not held, from a page's first use until it is held (bounded, oldest out
+        # first: enough for a file 16 times the tier to be read twice), and what a page must
+        # beat to go into a full tier: the least recently used held page's uses.
         self._seen: OrderedDict[PageId, int] = OrderedDict()
         self._seen_max = max(1024, 16 * self._memory_capacity // page_size)
         self._admit_over = 0
