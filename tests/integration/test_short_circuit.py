@@ -454,3 +454,41 @@ def test_large_local_reads_keep_freed_results(
         assert bool(calls) is keep
     finally:
         fs.close()
+
+
+def test_results_of_reads_the_loop_serves_are_made_in_the_callers_thread(
+    env: tuple[LocalWorker, Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold local read goes to the event loop (the worker fills the pages first), but its
+    result is made in the caller's thread: glibc gave the loop thread a heap of its own, which
+    it unmaps when empty, so each such result faulted in fresh memory."""
+    import threading
+
+    import fsspec
+
+    import depot.client.client as client_module
+    import depot.client.fs as fs_module
+
+    worker, _, data = env
+    made: list[tuple[int, str]] = []  # (size, thread) of each result made
+
+    def recording(alloc: Any) -> Any:
+        def alloc_result(size: int) -> Any:
+            made.append((size, threading.current_thread().name))
+            return alloc(size)
+
+        return alloc_result
+
+    for module in (fs_module, client_module):
+        monkeypatch.setattr(module, "alloc_result", recording(module.alloc_result))
+    fs = fsspec.filesystem("depot", endpoint=worker.endpoint, config=_config(),
+                           skip_instance_cache=True)  # fmt: skip
+    try:
+        with fs.open("/f.bin", "rb") as f:
+            assert f.read() == data  # cold: filled by the worker, then read from its files
+            client = fs.client_now()
+            assert client is not None
+            assert _sc(client).stats.fills >= 1
+    finally:
+        fs.close()
+    assert made == [(SIZE, threading.current_thread().name)]

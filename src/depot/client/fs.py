@@ -970,8 +970,7 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
                     if got < want:
                         break
                     continue
-                now = self._read_now_bytes(pos, hi)
-                piece = now if now is not None else self.fs._run(self._fetch(pos, hi))
+                piece = self._read_result(pos, hi)
                 hi = pos + len(piece)
                 if hi == pos:
                     break
@@ -995,9 +994,22 @@ class DepotFile(AbstractBufferedFile):  # type: ignore[misc]
         """Bytes read in this thread, or None (then the event loop serves the read)."""
         return self.fs.read_now(self.path, start, stop, dest, self.version)
 
-    def _read_now_bytes(self, start: int, stop: int) -> bytes | None:
-        """``_read_now`` into a new result (None if the loop must serve it)."""
-        return self.fs.read_now_bytes(self.path, start, stop, self.version)
+    def _read_result(self, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` as a new result, made in this thread whoever fills it.
+
+        Made on the loop thread, a large result came from that thread's own malloc heap, which
+        glibc unmaps whenever it empties: every 8 MiB read the loop served (a cold page that a
+        local reader had the worker fill) faulted in fresh memory, about a seventh of the CPU
+        of eight such readers (docs/benchmarks.md, tenth look). This thread's heap keeps freed
+        blocks (``large_results``).
+        """
+        fs = self.fs
+        fs.large_results(stop - start)
+        result, view = alloc_result(stop - start)
+        count = self._read_now(start, stop, view)
+        if count is None:
+            count = fs._run(self._fetch_into(start, stop, view))
+        return finish_result(result, view, count)
 
     def _direct_end(self, pos: int, stop: int) -> int:
         """Where a direct fetch from ``pos`` should stop: ``stop`` or the next read-ahead block."""
