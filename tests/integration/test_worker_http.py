@@ -300,12 +300,13 @@ def test_etag_is_a_valid_entity_tag(worker: LocalWorker) -> None:
 def test_worker_asks_the_allocator_to_keep_freed_blocks(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
 ) -> None:
-    """``worker.keep_freed_blocks`` (default on): fetched pages' freed blocks are reused."""
+    """``worker.keep_freed_blocks`` (default on): fetched pages' freed blocks are reused, and
+    every thread of the worker allocates from the one heap that keeps them."""
     import depot.worker.daemon as daemon
 
-    calls: list[int] = []
-    monkeypatch.setattr(daemon, "keep_freed_blocks", lambda: calls.append(1) or True)
+    calls: list[dict[str, bool]] = []
+    monkeypatch.setattr(daemon, "keep_freed_blocks", lambda **kw: calls.append(kw) or True)
     with LocalWorker(data_dir.as_uri(), tmp_path / "cache", page_size=PAGE,
                      extra={"worker": {"keep_freed_blocks": keep}}) as worker:
         assert Http(worker.endpoint).read("/a.bin")[0] == 200
-    assert calls == ([1] if keep else [])
+    assert calls == ([{"one_heap": True}] if keep else [])

@@ -124,3 +124,53 @@ def test_kept_freed_blocks_are_reused_without_page_faults() -> None:
     plain, kept = faults("plain"), faults("keep")
     assert plain >= 4 * 2048, plain  # the default: at least a block of fresh pages per file
     assert kept <= 64, kept
+
+
+_HEAPS_SCRIPT = """
+import ctypes, os, sys, tempfile, threading
+from depot.core.buffers import alloc_result, keep_freed_blocks
+
+if sys.argv[1] == "one":
+    assert keep_freed_blocks(one_heap=True) is True
+else:
+    assert keep_freed_blocks() is True
+
+def fetch():  # an under-store client's thread: pages arrive in new blocks
+    held = [alloc_result(4 << 20)[0] for _ in range(4)]
+    held.clear()
+
+thread = threading.Thread(target=fetch)
+thread.start()
+thread.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+libc.fclose.argtypes = (ctypes.c_void_p,)
+libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "info.xml")
+    stream = libc.fopen(path.encode(), b"w")
+    assert libc.malloc_info(0, stream) == 0
+    libc.fclose(stream)
+    print(open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's arenas",
+)
+def test_one_heap_keeps_other_threads_blocks_in_the_main_heap() -> None:
+    """glibc gives a thread that allocates a heap of its own, and unmaps such a heap when it
+    empties, thresholds or not: with ``one_heap`` (the worker's setting) a thread's blocks come
+    from the main heap, whose freed memory is kept. ``malloc_info`` lists the heaps in use."""
+
+    def heaps(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _HEAPS_SCRIPT, mode],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return int(out.stdout)
+
+    assert heaps("plain") >= 2
+    assert heaps("one") == 1

@@ -66,13 +66,14 @@ def finish_result(result: bytes | bytearray, view: memoryview, filled: int) -> b
 # glibc's mallopt(3) parameters, and the ceiling of its own dynamic mmap threshold on 64-bit.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 KEPT_BLOCK_MAX = 32 * 1024 * 1024
 KEPT_FREE_MAX = 2 * KEPT_BLOCK_MAX
 _kept_lock = threading.Lock()
 _kept: bool | None = None  # None: not asked yet in this process
 
 
-def keep_freed_blocks() -> bool:
+def keep_freed_blocks(*, one_heap: bool = False) -> bool:
     """Let this process's allocator reuse the memory of freed large blocks (once per process).
 
     Why, in a client: a ``read(8 MiB)`` loop over HTTP gets a new result object per block, with
@@ -84,18 +85,23 @@ def keep_freed_blocks() -> bool:
     freed (mmap 32 MiB, trim 64 MiB): freed blocks stay mapped for the next file, at most 64 MiB
     of free memory per heap.
     In a worker: the pages a cold read fetches from the under store, new blocks each
-    (``worker.keep_freed_blocks``). Returns whether the setting is in effect (glibc only).
+    (``worker.keep_freed_blocks``), made by the under-store client's own threads. glibc gives
+    such threads heaps of their own, and unmaps one whenever it empties, whatever the
+    thresholds: the worker asks for ``one_heap`` (every thread allocates from the main heap,
+    whose freed blocks are kept), as early as it can, since a thread keeps the heap it has.
+    Not for a client, which lives in its user's process. Returns whether the setting is in
+    effect (glibc only).
     """
     global _kept
     if _kept is not None:  # asked before: no lock on the read path
         return _kept
     with _kept_lock:
         if _kept is None:
-            _kept = _set_malloc_thresholds(KEPT_BLOCK_MAX, KEPT_FREE_MAX)
+            _kept = _set_malloc_thresholds(KEPT_BLOCK_MAX, KEPT_FREE_MAX, 1 if one_heap else 0)
         return _kept
 
 
-def _set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+def _set_malloc_thresholds(mmap_threshold: int, trim_threshold: int, heaps: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -112,5 +118,8 @@ def _set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
         return False
     if mallopt(_M_TRIM_THRESHOLD, trim_threshold) != 1:
         return False
-    log.debug("malloc thresholds set: mmap %d, trim %d", mmap_threshold, trim_threshold)
+    if heaps and mallopt(_M_ARENA_MAX, heaps) != 1:
+        return False
+    log.debug("malloc thresholds set: mmap %d, trim %d, heaps %s", mmap_threshold,
+              trim_threshold, heaps or "glibc's own")
     return True

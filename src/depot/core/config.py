@@ -251,7 +251,8 @@ class WorkerConfig(_Model):
     hot_lanes: int = Field(default=4, ge=0, le=256)
     # Pages fetched from the under store are new 4 MiB blocks: let the allocator (glibc) keep up
     # to 64 MiB of freed memory per heap, so the next fetch reuses it instead of page-faulting
-    # in fresh memory (as ``client.keep_freed_blocks`` does for a client). Off: left as it is.
+    # in fresh memory (as ``client.keep_freed_blocks`` does for a client), and put every thread
+    # on the main heap (glibc unmaps a thread's own heap when it empties). Off: left as it is.
     keep_freed_blocks: bool = True
 
     _parse_size = field_validator(

@@ -105,7 +105,7 @@ class Worker:
     async def start(self) -> None:
         cfg = self.config
         if cfg.worker.keep_freed_blocks:
-            keep_freed_blocks()
+            keep_freed_blocks(one_heap=True)
         cache_root = cfg.cache.dirs[0].path
         # Fail fast on bad mount options/URIs, before anything is opened or logged; the
         # stores opened here are the ones the service uses.
