@@ -104,6 +104,15 @@ print(faults() - before)
 """
 
 
+def _count_in_process(script: str, mode: str) -> int:
+    """The number ``script`` prints, run in a process of its own (allocator settings are per
+    process)."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, timeout=60
+    )
+    return int(out.stdout)
+
+
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="glibc's malloc thresholds",
@@ -113,15 +122,8 @@ def test_kept_freed_blocks_are_reused_without_page_faults() -> None:
     heap is trimmed when a file's last blocks are freed, and the next file faults its blocks'
     pages in again; with the thresholds set, the freed memory is reused. Each run is a process
     of its own: the setting is per process."""
-
-    def faults(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _FAULTS_SCRIPT, mode],
-            capture_output=True, text=True, check=True, timeout=60,
-        )  # fmt: skip
-        return int(out.stdout)
-
-    plain, kept = faults("plain"), faults("keep")
+    plain = _count_in_process(_FAULTS_SCRIPT, "plain")
+    kept = _count_in_process(_FAULTS_SCRIPT, "keep")
     assert plain >= 4 * 2048, plain  # the default: at least a block of fresh pages per file
     assert kept <= 64, kept
 
@@ -165,12 +167,5 @@ def test_one_heap_keeps_other_threads_blocks_in_the_main_heap() -> None:
     empties, thresholds or not: with ``one_heap`` (the worker's setting) a thread's blocks come
     from the main heap, whose freed memory is kept. ``malloc_info`` lists the heaps in use."""
 
-    def heaps(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _HEAPS_SCRIPT, mode],
-            capture_output=True, text=True, check=True, timeout=60,
-        )  # fmt: skip
-        return int(out.stdout)
-
-    assert heaps("plain") >= 2
-    assert heaps("one") == 1
+    assert _count_in_process(_HEAPS_SCRIPT, "plain") >= 2
+    assert _count_in_process(_HEAPS_SCRIPT, "one") == 1

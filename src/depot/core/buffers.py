@@ -89,8 +89,8 @@ def keep_freed_blocks(*, one_heap: bool = False) -> bool:
     such threads heaps of their own, and unmaps one whenever it empties, whatever the
     thresholds: the worker asks for ``one_heap`` (every thread allocates from the main heap,
     whose freed blocks are kept), as early as it can, since a thread keeps the heap it has.
-    Not for a client, which lives in its user's process. Returns whether the setting is in
-    effect (glibc only).
+    Not for a client, which lives in its user's process. The first call decides. Returns
+    whether the setting is in effect (glibc only).
     """
     global _kept
     if _kept is not None:  # asked before: no lock on the read path
