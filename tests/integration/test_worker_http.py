@@ -121,6 +121,38 @@ def test_stat_and_list(worker: LocalWorker) -> None:
     assert names == ["/a.bin", "/dir", "/empty", "/sp ace é.txt"]
 
 
+def test_a_listing_is_written_one_entry_dict_at_a_time(
+    worker: LocalWorker, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker writes a listing's statuses without a list of their dicts: ten thousand
+    dicts alive at once lived through the collector's young generations and brought on a full
+    collection every few listings. The answer is the same JSON as ``to_dict`` gives."""
+    from depot.core.types import FileStatus
+
+    for i in range(200):
+        (data_dir / "dir" / f"f{i:03d}").write_bytes(b"x")
+    alive = [0, 0]  # entry dicts alive now, the most at once
+
+    class EntryDict(dict[str, Any]):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            alive[0] += 1
+            alive[1] = max(alive)
+
+        def __del__(self) -> None:
+            alive[0] -= 1
+
+    plain = FileStatus.to_dict
+    monkeypatch.setattr(FileStatus, "to_dict", lambda status: EntryDict(plain(status)))
+    listing = Http(worker.endpoint).json("/api/v1/list", "/dir")
+    monkeypatch.undo()
+    entries = listing["entries"]
+    assert [e["path"] for e in entries[:2]] == ["/dir/b.txt", "/dir/f000"]
+    assert {frozenset(e) for e in entries} == {frozenset(FileStatus("/x", 0, 0.0).to_dict())}
+    assert (entries[0]["size"], entries[0]["type"]) == (12, "file")
+    assert 1 <= alive[1] <= 2
+
+
 @pytest.mark.parametrize(
     ("route", "query", "status", "code"),
     [

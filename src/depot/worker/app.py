@@ -25,7 +25,7 @@ from depot.core.errors import (
     StaleVersion,
     Unavailable,
 )
-from depot.core.types import Attributes, ByteRange, PageId
+from depot.core.types import Attributes, ByteRange, FileStatus, PageId
 from depot.namespace.paths import normalize_path
 from depot.observability.metrics import WorkerMetrics
 from depot.pagestore.direct import decode_touched, describe
@@ -58,6 +58,13 @@ JOB_ROUTE = JOBS_PREFIX + "{job_id}"
 JOB_STOP_ROUTE = JOBS_PREFIX + "{job_id}/stop"
 #: Ranges one ``POST /api/v1/cache/load?ranges=`` may name (its query stays well under 64 KiB).
 MAX_LOAD_RANGES = 1024
+
+
+def _status_json(obj: object) -> dict[str, Any]:
+    """orjson's hook for the statuses of a listing (``OPT_PASSTHROUGH_DATACLASS``)."""
+    if isinstance(obj, FileStatus):
+        return obj.to_dict()
+    raise TypeError(f"not JSON: {type(obj).__name__}")
 
 
 def _json(writer: ResponseWriter, data: Any, status: int = 200) -> None:
@@ -480,7 +487,15 @@ class WorkerApp:
         params = query_params(request)
         path = _require_path(params)
         entries = await self.service.list(path)
-        _json(writer, {"path": normalize_path(path), "entries": [e.to_dict() for e in entries]})
+        # Each status becomes its dict only while orjson writes it. A list of ten thousand
+        # dicts lived through the collector's young generations and brought on a full
+        # collection (33 ms here) every few listings of a large directory.
+        body = orjson.dumps(
+            {"path": normalize_path(path), "entries": entries},
+            default=_status_json,
+            option=orjson.OPT_PASSTHROUGH_DATACLASS,
+        )
+        writer.send(200, body, JSON)
 
     async def read(self, request: Request, writer: ResponseWriter) -> None:
         params = query_params(request)
