@@ -31,7 +31,8 @@ Groups and what they measure:
 - ``multi``: ``--readers`` processes read the 2x model at once through one fresh worker (default
   client settings); bytes the store sent (its ``/__stats``) and the wall time against one
   reader's cold wall time through another fresh worker, in ``--multi-rounds`` paired rounds
-  (the median round's ratio; the most bytes of any round);
+  (the median round's ratio; the most bytes of any round); then the same rounds with nothing of
+  depot in them, its machine row (``bare_pipeline.py``: a fetch into files, bare readers);
 - ``peers``: s3fs, fsspec ``simplecache`` and ``blockcache`` over s3fs (first and second read),
   obstore (one stream, 16 concurrent ranges), Run:ai Model Streamer (CPU): see ``peers.py``.
 """
@@ -44,9 +45,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -636,19 +639,24 @@ def group_metadata(ctx: Context) -> None:
 class Readers:
     wall: float
     seconds: list[float]
+    #: seconds from the round's start (its worker's, or its processes') to the start signal
+    setup: float = 0.0
 
 
-def run_readers(endpoint: str, path: str, count: int, short_circuit: bool, size: int) -> Readers:
-    """``count`` reader processes (``suite_reader.py``) started at once; the wall time runs
-    from the start signal to the last reader's last byte."""
-    args = [PY, str(BENCH / "suite_reader.py"), endpoint, path, "1" if short_circuit else "0"]
+def run_at_once(
+    commands: list[list[str]], not_before: float = 0.0
+) -> tuple[float, list[dict[str, Any]]]:
+    """Processes that print ``ready``, wait for a line, work, then print one JSON line: all
+    started, then all signalled at once (not before ``not_before``, a ``perf_counter`` time).
+    Returns the wall time from the signal to the last one's line, and their lines in order."""
     procs = [subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for _ in range(count)]  # fmt: skip
+             for args in commands]  # fmt: skip
     try:
         for proc in procs:
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError("a reader did not start")
+                raise RuntimeError(f"{commands[0][1]} did not start")
+        time.sleep(max(0.0, not_before - time.perf_counter()))
         t0 = time.perf_counter()
         for proc in procs:
             assert proc.stdin is not None
@@ -659,18 +667,46 @@ def run_readers(endpoint: str, path: str, count: int, short_circuit: bool, size:
             assert proc.stdout is not None
             line = proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"a reader failed (exit {proc.wait(30)})")
+                raise RuntimeError(f"a process failed (exit {proc.wait(30)})")
             results.append(json.loads(line))
-        wall = time.perf_counter() - t0
-        for res in results:
-            if res["bytes"] != size:
-                raise AssertionError(f"a reader got {res['bytes']} bytes of {size}")
-        return Readers(wall, [res["seconds"] for res in results])
+        return time.perf_counter() - t0, results
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
             proc.wait(30)
+
+
+def _checked(results: list[dict[str, Any]], size: int) -> list[float]:
+    for res in results:
+        if res["bytes"] != size:
+            raise AssertionError(f"a reader got {res['bytes']} bytes of {size}")
+    return [res["seconds"] for res in results]
+
+
+def run_readers(endpoint: str, path: str, count: int, short_circuit: bool, size: int) -> Readers:
+    """``count`` reader processes (``suite_reader.py``) started at once; the wall time runs
+    from the start signal to the last reader's last byte."""
+    args = [PY, str(BENCH / "suite_reader.py"), endpoint, path, "1" if short_circuit else "0"]
+    wall, results = run_at_once([args] * count)
+    return Readers(wall, _checked(results, size))
+
+
+def run_bare(ufs: str, tmp: Path, key: str, count: int, size: int, setup: float) -> Readers:
+    """The bare pipeline (``bare_pipeline.py``): one fetch of ``key`` into new files and
+    ``count`` readers of them, signalled ``setup`` seconds after the round starts."""
+    start = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix="bare-", dir=tmp))
+    script = str(BENCH / "bare_pipeline.py")
+    try:
+        wall, results = run_at_once(
+            [[PY, script, "fetch", ufs, key, str(size), str(folder)]]
+            + [[PY, script, "read", str(folder), str(size)]] * count,
+            not_before=start + setup,
+        )
+        return Readers(wall, _checked(results[1:], size), setup=time.perf_counter() - start - wall)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def group_multi(ctx: Context) -> None:
@@ -687,19 +723,23 @@ def group_multi(ctx: Context) -> None:
     manys: list[tuple[Readers, int, float]] = []
 
     def one_reader() -> float:
+        start = time.perf_counter()
         with contextlib.ExitStack() as stack:
             ep, _ = ctx.worker(f"multi-1-{len(ones)}", stack)
             b0 = ufs_bytes(s3)
             one = run_readers(ep, path, 1, short_circuit, size)
+            one.setup = time.perf_counter() - start - one.wall
             ones.append((one, ufs_bytes(s3) - b0))
         return one.wall
 
     def many_readers() -> float:
+        start = time.perf_counter()
         with contextlib.ExitStack() as stack:
             ep, pid = ctx.worker(f"multi-n-{len(manys)}", stack)
             b0 = ufs_bytes(s3)
             cpu0 = cpu_seconds(pid)
             many = run_readers(ep, path, ctx.s.readers, short_circuit, size)
+            many.setup = time.perf_counter() - start - many.wall
             manys.append((many, ufs_bytes(s3) - b0, cpu_seconds(pid) - cpu0))
         return many.wall
 
@@ -713,7 +753,31 @@ def group_multi(ctx: Context) -> None:
              one_reader_ufs_bytes=[b for _, b in ones], **common)  # fmt: skip
     r.figure("multi_wall", wall, one_wall, **rounds, reader_seconds=many.seconds,
              one_reader_seconds=one.seconds, worker_cpu_s=worker_cpu,
-             delivered_gbps=gbps(size * ctx.s.readers, wall), **common)  # fmt: skip
+             delivered_gbps=gbps(size * ctx.s.readers, wall),
+             setup_s={"one": [o.setup for o, _ in ones], "many": [m.setup for m, _, _ in manys]},
+             **common)  # fmt: skip
+    bare_multi(ctx, size, statistics.median(o.setup for o, _ in ones),
+               statistics.median(m.setup for m, _, _ in manys))
+
+
+def bare_multi(ctx: Context, size: int, one_setup: float, many_setup: float) -> None:
+    """The machine row of the 8-reader figure: the same rounds with nothing of depot in them
+    (``bare_pipeline.py``). Each round is signalled as long after its start as depot's rounds
+    of the same reader count were (worker and readers starting): the VM charges for memory
+    by how recently it was freed, so an earlier start would find it cheaper."""
+    ufs, tmp, readers = ctx.ufs, ctx.tmp, ctx.s.readers
+    wall, one_wall, rounds = paired_rounds(
+        lambda: run_bare(ufs, tmp, MODEL_2X, 1, size, one_setup).wall,
+        lambda: run_bare(ufs, tmp, MODEL_2X, readers, size, many_setup).wall,
+        ctx.s.multi_rounds, min)  # fmt: skip
+    row = ctx.results.info(
+        "machine_bare_multi", "machine", "multi", f"machine: one fetch into new files (obstore, "
+        f"4 MiB ranges, 32 in flight) and {readers} bare readers of them (pread + xxh3 of every "
+        f"64 KiB), against one bare reader (median of {ctx.s.multi_rounds} paired rounds)",
+        wall, "s", one_reader_s=one_wall, setup_s=[one_setup, many_setup], **rounds)  # fmt: skip
+    row.target = f"bound of the {readers}-reader wall figure"
+    row.ratio = wall / one_wall
+    row.ratio_text = f"{row.ratio:.2f} x one bare reader, same round"
 
 
 #: peer -> its rows: (key, name, which depot figure it is compared with)
@@ -856,9 +920,6 @@ def table(rows: list[Row], specs: dict[str, Spec]) -> str:
 
 @contextlib.contextmanager
 def _tempdir(parent: str | None) -> Iterator[Path]:
-    import shutil
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix="depot-suite-", dir=parent))
     try:
         yield path
@@ -910,9 +971,9 @@ def run(groups: list[str], settings: Settings, json_path: Path) -> int:
                              "first_byte_ms": settings.first_byte_ms,
                              "rate_per_conn": settings.rate_per_conn}},
         "environment": env,
-        "machine_limits": {r.key.removeprefix("machine_"): {"name": r.name, "value": r.value,
-                                                            "unit": r.unit}
-                           for r in results.rows if r.kind == "machine"},
+        "machine_limits": {r.key.removeprefix("machine_"): {
+            "name": r.name, "value": r.value, "unit": r.unit, "target": r.target,
+            "ratio": r.ratio, "details": r.details} for r in results.rows if r.kind == "machine"},
         "figures": [asdict(r) for r in figures],
         "references": [asdict(r) for r in results.rows if r.kind == "reference"],
         "peers": [asdict(r) for r in results.rows if r.kind == "peer"],

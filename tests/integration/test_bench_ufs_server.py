@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import obstore
 import pytest
@@ -301,3 +302,35 @@ def test_depot_write_back_through_the_emulated_store(store: Emulated, tmp_path: 
         assert fs.cat_file("/ckpt/big.bin") == big
     stats = store.stats()
     assert stats["multipart_completed"] == 1 and stats["multipart_aborted"] == 0
+
+
+def _bench_suite() -> Any:
+    sys.path.insert(0, str(REPO / "bench"))
+    import suite
+
+    return suite
+
+
+def test_every_bare_reader_gets_the_whole_object(store: Emulated, tmp_path: Path) -> None:
+    """The 8-reader figure's machine row (``bench/bare_pipeline.py``): a fetch into files and
+    readers that take each page as it appears, the last one short."""
+    suite = _bench_suite()
+    data = os.urandom(9 * MiB + 123)
+    (store.root / "bucket" / "model.bin").write_bytes(data)
+    rounds = tmp_path / "rounds"
+    rounds.mkdir()
+    result = suite.run_bare(store.endpoint, rounds, "model.bin", 3, len(data), setup=0.0)
+    assert len(result.seconds) == 3 and result.wall > 0
+    assert list(rounds.iterdir()) == []  # a round's files go with it
+
+
+def test_a_bare_round_fails_instead_of_waiting_for_pages_that_never_come(
+    store: Emulated, tmp_path: Path
+) -> None:
+    suite = _bench_suite()
+    data = os.urandom(5 * MiB)
+    (store.root / "bucket" / "model.bin").write_bytes(data)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="failed"):
+        suite.run_bare(store.endpoint, tmp_path, "model.bin", 2, len(data) + 8 * MiB, setup=0.0)
+    assert time.monotonic() - t0 < 30
