@@ -652,10 +652,10 @@ def run_at_once(
     procs = [subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for args in commands]  # fmt: skip
     try:
-        for proc in procs:
+        for proc, args in zip(procs, commands, strict=True):
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"{commands[0][1]} did not start")
+                raise RuntimeError(f"{' '.join(args[1:3])} did not start")
         time.sleep(max(0.0, not_before - time.perf_counter()))
         t0 = time.perf_counter()
         for proc in procs:
@@ -663,11 +663,11 @@ def run_at_once(
             proc.stdin.write("go\n")
             proc.stdin.flush()
         results = []
-        for proc in procs:
+        for proc, args in zip(procs, commands, strict=True):
             assert proc.stdout is not None
             line = proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"a process failed (exit {proc.wait(30)})")
+                raise RuntimeError(f"{' '.join(args[1:3])} failed (exit {proc.wait(30)})")
             results.append(json.loads(line))
         return time.perf_counter() - t0, results
     finally:
