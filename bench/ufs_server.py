@@ -32,11 +32,12 @@ Uploads in progress and temp files live in ``<root>/.ufs-server/<pid>-<id>`` (sa
 so the final rename is atomic), made at the first write and removed when the server stops;
 names starting with ``.`` are not buckets.
 
-``GET /__stats`` answers ``{"requests", "gets", "bytes_sent", "puts", "bytes_received",
-"multipart_completed", "multipart_aborted", "deletes"}`` (counters since start: ``gets`` and
-``bytes_sent`` are body-carrying GETs and their bytes, ``puts`` and ``bytes_received`` are
-PutObject/UploadPart requests and their body bytes), so a benchmark can count what its clients
-cost the object store.
+``GET /__stats`` answers ``{"requests", "gets", "bytes_sent", "active_gets", "puts",
+"bytes_received", "multipart_completed", "multipart_aborted", "deletes"}`` (counters since start:
+``gets`` and ``bytes_sent`` are body-carrying GETs and their bytes, ``puts`` and
+``bytes_received`` are PutObject/UploadPart requests and their body bytes; ``active_gets`` is a
+gauge, the body-carrying GETs under way now, first-byte wait included), so a benchmark can count
+what its clients cost the object store and how many reads they keep in flight.
 
 Run: ``python bench/ufs_server.py DIR --port 9000 --first-byte-ms 20 --rate-per-conn 100MB``
 """
@@ -303,6 +304,7 @@ class ObjectServer:
         self.requests = 0
         self.gets = 0
         self.bytes_sent = 0
+        self.active_gets = 0  # body-carrying GETs begun and not yet ended
         self.puts = 0
         self.bytes_received = 0
         self.multipart_completed = 0
@@ -317,6 +319,7 @@ class ObjectServer:
 
     def stats(self) -> dict[str, int]:
         return {"requests": self.requests, "gets": self.gets, "bytes_sent": self.bytes_sent,
+                "active_gets": self.active_gets,
                 "puts": self.puts, "bytes_received": self.bytes_received,
                 "multipart_completed": self.multipart_completed,
                 "multipart_aborted": self.multipart_aborted, "deletes": self.deletes}
@@ -760,8 +763,19 @@ class ObjectServer:
                 start, end = max(0, st.st_size - int(b)), st.st_size
             status = "206 Partial Content"
             extra = f"Content-Range: bytes {start}-{end - 1}/{st.st_size}\r\n"
-        await asyncio.sleep(self.first_byte)
         length = end - start if method == "GET" else 0
+        if length:
+            self.active_gets += 1
+        try:
+            await asyncio.sleep(self.first_byte)
+            await self._send_range(writer, file, status, etag, st, extra, start, end, length, pacer)
+        finally:
+            if length:
+                self.active_gets -= 1
+
+    async def _send_range(self, writer: asyncio.StreamWriter, file: Path, status: str, etag: str,
+                          st: os.stat_result, extra: str, start: int, end: int, length: int,
+                          pacer: Pacer) -> None:
         writer.write(
             (f"HTTP/1.1 {status}\r\nContent-Length: {end - start}\r\nETag: {etag}\r\n"
              f"Last-Modified: {email.utils.formatdate(st.st_mtime, usegmt=True)}\r\n"

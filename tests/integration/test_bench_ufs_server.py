@@ -275,6 +275,25 @@ def test_put_is_paced_and_answers_after_first_byte(tmp_path: Path) -> None:
         assert bytes(obstore.get(s3, "paced.bin").bytes()) == data
 
 
+def test_stats_count_the_gets_under_way(tmp_path: Path) -> None:
+    """``active_gets`` counts body-carrying GETs from their start (the first-byte wait) to their
+    last byte, and is back at 0 once they end, a HEAD not among them."""
+    with emulated_store(tmp_path / "slow", "--first-byte-ms", "400", "--rate-per-conn", "0") as slow:
+        s3 = slow.store()
+        obstore.put(s3, "a.bin", b"y" * 1000)
+        assert slow.stats()["active_gets"] == 0
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(contextlib.closing(slow.conn())) for _ in range(3)]
+            for conn in conns[:2]:
+                conn.request("GET", "/bucket/a.bin", headers={"Range": "bytes=0-99"})
+            conns[2].request("HEAD", "/bucket/a.bin")
+            time.sleep(0.15)
+            assert slow.stats()["active_gets"] == 2
+            bodies = [conn.getresponse().read() for conn in conns]
+        assert bodies == [b"y" * 100, b"y" * 100, b""]
+        assert slow.stats()["active_gets"] == 0
+
+
 def test_depot_write_back_through_the_emulated_store(store: Emulated, tmp_path: Path) -> None:
     options = {"endpoint": store.endpoint, "region": "us-east-1", "skip_signature": "true",
                "path_style": "true"}
