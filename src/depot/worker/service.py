@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -110,6 +111,16 @@ class OpenedFile:
     status: FileStatus
     file_id: FileId
     store: UnderStore
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A file read in order: the read-ahead state the worker keeps for it (``_follow_stream``)."""
+
+    opened: OpenedFile
+    last: int  # the highest page asked for lately
+    next: int  # the first page read-ahead has not yet looked at
+    inflight: int = 0  # read-ahead fetches started and not yet ended
 
 
 @dataclass(slots=True)
@@ -247,8 +258,8 @@ class ReadThroughService:
         # Pages a load is fetching: stored with ``bypass_os_cache`` (nobody reads them yet).
         self._loading: dict[PageId, int] = {}
         self._load_bypass = load_bypass_os_cache
-        # file key -> highest page read lately, in least-recently-used order (sequential detection)
-        self._streams: dict[str, int] = {}
+        # file key -> its read-ahead state, in least-recently-used order (sequential detection)
+        self._streams: dict[str, _Stream] = {}
         self.stats = ReadStats()
         # Write-back: staged writes are served before the metadata cache (set by the daemon).
         self.staged: StagedLookup | None = None
@@ -265,6 +276,7 @@ class ReadThroughService:
         return store
 
     async def close(self) -> None:
+        self._streams.clear()  # no read-ahead beyond the fetches under way
         # Background work started while waiting (a fetched page's store) is waited for too.
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
@@ -656,25 +668,46 @@ class ReadThroughService:
         read), so the pages after it are fetched into the cache now: a store that serves
         ~100 MB/s per connection needs many requests in flight. Random reads start far from the
         remembered page and cost no extra UFS traffic.
+
+        The window counts fetches in flight (``prefetch_pages``), not pages ahead of the last
+        request: a local reader serves the pages already fetched from their files without asking
+        the worker, so a window of pages ahead would empty while it does. Each fetch that ends
+        starts the next, up to twice the window ahead of the last request.
         """
         window = self._prefetch_pages
         if window == 0:
             return
         key = opened.file_id.key
         streams = self._streams
-        prev = streams.pop(key, None)
-        streams[key] = last if prev is None else max(prev, last)
+        stream = streams.pop(key, None)
+        if stream is None:
+            stream = _Stream(opened, last, last + 1)
+            sequential = False
+        else:
+            sequential = stream.last - 2 * window <= first <= stream.last + window + 1
+            stream.opened = opened
+            stream.last = max(stream.last, last)
+            stream.next = max(stream.next, last + 1)
+        streams[key] = stream
         if len(streams) > 4096:
             del streams[next(iter(streams))]
-        if prev is None or not (prev - 2 * window <= first <= prev + window + 1):
-            return
+        if sequential:
+            self._read_ahead(stream)
+
+    def _read_ahead(self, stream: _Stream) -> None:
+        """Start read-ahead fetches of ``stream`` until ``prefetch_pages`` are in flight."""
+        window = self._prefetch_pages
+        opened = stream.opened
+        key = opened.file_id.key
         page_size = self.pages.page_size
-        last_page = (opened.status.size - 1) // page_size
+        limit = min((opened.status.size - 1) // page_size, stream.last + 2 * window)
         segment = self._segment_size
         if segment:
-            segment_end = ((last * page_size) // segment + 1) * segment
-            last_page = min(last_page, (segment_end - 1) // page_size)
-        for ahead in range(last + 1, min(last + 1 + window, last_page + 1)):
+            segment_end = ((stream.last * page_size) // segment + 1) * segment
+            limit = min(limit, (segment_end - 1) // page_size)
+        while stream.inflight < window and stream.next <= limit:
+            ahead = stream.next
+            stream.next += 1
             page = PageId(key, ahead)
             if (
                 page in self._filling
@@ -683,7 +716,18 @@ class ReadThroughService:
                 or self.pages.contains(page)
             ):
                 continue
-            self._spawn(self._prefetch(opened, ahead))
+            if self._closed:
+                return
+            stream.inflight += 1
+            task = asyncio.ensure_future(self._prefetch(opened, ahead))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(functools.partial(self._prefetched, stream))
+
+    def _prefetched(self, stream: _Stream, _task: asyncio.Task[None]) -> None:
+        stream.inflight -= 1
+        if self._streams.get(stream.opened.file_id.key) is stream:  # not dropped or closed
+            self._read_ahead(stream)
 
     async def _prefetch(self, opened: OpenedFile, index: int) -> None:
         try:
