@@ -98,3 +98,54 @@ def test_load_pages_bypass_the_os_cache_and_read_pages_do_not(tmp_path: Path) ->
     hints, _, _ = asyncio.run(go(False))
     assert len(hints) == 8
     assert not any(hints.values())
+
+
+class CountingPages(MemoryPageStore):
+    """A page store that counts whole-page reads."""
+
+    gets = 0
+
+    async def get(self, page: PageId) -> bytes | None:
+        self.gets += 1
+        return await super().get(page)
+
+
+class CountingStore(MemoryUnderStore):
+    """An under store that counts range reads."""
+
+    ranges = 0
+
+    async def get_range(self, key: str, start: int, end: int, *, etag: str | None = None) -> Buffer:
+        self.ranges += 1
+        return await super().get_range(key, start, end, etag=etag)
+
+
+def test_a_fill_for_a_reader_does_not_read_back_a_page_stored_meanwhile(tmp_path: Path) -> None:
+    """A reader's fill (``load_range(..., for_reader=True)``) whose page was stored between its
+    look and its fetch (by the read-ahead or another reader) neither reads the page back from the
+    store nor fetches it again: the reader reads it from its file."""
+
+    async def go() -> None:
+        bucket = MemoryBucket()
+        bucket.store("f.bin", bytes(range(256)) * (PAGE * 3 // 256) + b"tail")
+        store = CountingStore(bucket)
+        pages = CountingPages(1 << 30, page_size=PAGE)
+        meta = MetadataStore(tmp_path / "meta")
+        service = ReadThroughService(
+            MountTable([Mount("/", "memory://b")]), pages, meta, lambda m: store,
+            prefetch_pages=0,
+        )
+        try:
+            opened = await service.open("/f.bin")
+            await service.load_range(opened, 0, opened.status.size)
+            assert store.ranges == 4
+            assert [await service._fill_for_reader(opened, i) for i in range(4)] == [
+                PAGE, PAGE, PAGE, 4
+            ]
+            assert pages.gets == 0
+            assert store.ranges == 4
+        finally:
+            await service.close()
+            meta.close()
+
+    asyncio.run(go())

@@ -911,7 +911,19 @@ class ReadThroughService:
         """Fetch one page that a reader on this node reads from its file next (the caller
         waits until it is stored). Not a load: the page goes through the OS page cache, where
         that read finds it, whatever ``preload_direct_io`` says; the reader's own requests
-        bound how many are in flight, as for its reads over HTTP."""
+        bound how many are in flight, as for its reads over HTTP.
+
+        A page stored since the caller looked (by the read-ahead or another reader's fill) is
+        not read back: the reader reads it, and the length is all this needs."""
+        page = PageId(opened.file_id.key, index)
+        if (
+            page not in self._page_flight
+            and page not in self._filling
+            and page not in self._partial
+            and self.pages.contains(page)
+        ):
+            start, end = self._page_bounds(opened, index)
+            return end - start
         return len(await self._fetch_page(opened, index))
 
     async def _load_page(self, opened: OpenedFile, index: int) -> int:
