@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,14 +286,19 @@ class ReadThroughService:
                 await store.close()
         self._stores.clear()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
         if self._closed:
             # The stores are closed: a page not stored now is a miss later, nothing more.
             coro.close()
-            return
+            return None
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def _coming(self, page: PageId) -> bool:
+        """Whether ``page`` is being fetched or written to the page store right now."""
+        return page in self._filling or page in self._page_flight or page in self._partial
 
     # metadata --------------------------------------------------------------------------------
     def resolve(self, path: str) -> Resolved:
@@ -631,13 +636,7 @@ class ReadThroughService:
         already being fetched whole (read-ahead, prefetch, load) is waited for as before.
         """
         page = PageId(opened.file_id.key, index)
-        if (
-            not opened.status.etag
-            or page in self._partial
-            or page in self._filling
-            or page in self._page_flight
-            or self.pages.contains(page)
-        ):
+        if not opened.status.etag or self._coming(page) or self.pages.contains(page):
             return False
         start, end = self._page_bounds(opened, index)
         fill = _Fill(end - start)
@@ -709,22 +708,15 @@ class ReadThroughService:
             ahead = stream.next
             stream.next += 1
             page = PageId(key, ahead)
-            if (
-                page in self._filling
-                or page in self._page_flight
-                or page in self._partial
-                or self.pages.contains(page)
-            ):
+            if self._coming(page) or self.pages.contains(page):
                 continue
-            if self._closed:
+            task = self._spawn(self._prefetch(opened, ahead))
+            if task is None:
                 return
             stream.inflight += 1
-            task = asyncio.ensure_future(self._prefetch(opened, ahead))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
             task.add_done_callback(functools.partial(self._prefetched, stream))
 
-    def _prefetched(self, stream: _Stream, _task: asyncio.Task[None]) -> None:
+    def _prefetched(self, stream: _Stream, _task: asyncio.Task[Any]) -> None:
         stream.inflight -= 1
         if self._streams.get(stream.opened.file_id.key) is stream:  # not dropped or closed
             self._read_ahead(stream)
@@ -915,13 +907,7 @@ class ReadThroughService:
 
         A page stored since the caller looked (by the read-ahead or another reader's fill) is
         not read back: the reader reads it, and the length is all this needs."""
-        page = PageId(opened.file_id.key, index)
-        if (
-            page not in self._page_flight
-            and page not in self._filling
-            and page not in self._partial
-            and self.pages.contains(page)
-        ):
+        if self.pages.contains(page := PageId(opened.file_id.key, index)) and not self._coming(page):
             start, end = self._page_bounds(opened, index)
             return end - start
         return len(await self._fetch_page(opened, index))
