@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from depot.core.types import ByteRange, PageId
 from depot.metastore.store import MetadataStore
@@ -15,6 +16,15 @@ from depot.ufs.memory import MemoryBucket, MemoryUnderStore
 from depot.worker.service import ReadThroughService
 
 PAGE = 4096
+
+
+def _service(
+    pages: MemoryPageStore, meta: MetadataStore, store: MemoryUnderStore, **settings: Any
+) -> ReadThroughService:
+    """A read-through service over one mount of ``store`` at ``/``."""
+    return ReadThroughService(
+        MountTable([Mount("/", "memory://b")]), pages, meta, lambda m: store, **settings
+    )
 
 
 class SlowPages(MemoryPageStore):
@@ -41,10 +51,7 @@ def test_load_waits_for_the_page_store_instead_of_buffering(tmp_path: Path) -> N
         store = MemoryUnderStore(bucket)
         pages = SlowPages(1 << 30, page_size=PAGE)
         meta = MetadataStore(tmp_path / "meta")
-        service = ReadThroughService(
-            MountTable([Mount("/", "memory://b")]), pages, meta, lambda m: store,
-            ufs_concurrency=3,
-        )
+        service = _service(pages, meta, store, ufs_concurrency=3)
         pages.service = service
         try:
             opened = await service.open("/f.bin")
@@ -70,10 +77,7 @@ def test_load_pages_bypass_the_os_cache_and_read_pages_do_not(tmp_path: Path) ->
         store = MemoryUnderStore(bucket)
         pages = SlowPages(1 << 30, page_size=PAGE)
         meta = MetadataStore(tmp_path / f"meta{load_bypass}")
-        service = ReadThroughService(
-            MountTable([Mount("/", "memory://b")]), pages, meta, lambda m: store,
-            prefetch_pages=0, load_bypass_os_cache=load_bypass,
-        )
+        service = _service(pages, meta, store, prefetch_pages=0, load_bypass_os_cache=load_bypass)
         pages.service = service
         try:
             loaded = await service.open("/a.bin")
@@ -131,10 +135,7 @@ def test_a_fill_for_a_reader_does_not_read_back_a_page_stored_meanwhile(tmp_path
         store = CountingStore(bucket)
         pages = CountingPages(1 << 30, page_size=PAGE)
         meta = MetadataStore(tmp_path / "meta")
-        service = ReadThroughService(
-            MountTable([Mount("/", "memory://b")]), pages, meta, lambda m: store,
-            prefetch_pages=0,
-        )
+        service = _service(pages, meta, store, prefetch_pages=0)
         try:
             opened = await service.open("/f.bin")
             await service.load_range(opened, 0, opened.status.size)
